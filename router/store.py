@@ -1,0 +1,201 @@
+"""Where sessions live, remembered: the `LocationStore` protocol and the in-memory store.
+
+A store maps a session id to the pod that holds it (a `Location`). It is shared by router
+replicas (Redis, `router.redis_store`) or private to one process (`MemoryStore`, the embedded
+default). The store is a cache of the pods' truth, never the truth itself: everything in it can
+be rebuilt from the pods' WatchSessions feeds.
+
+Invariants every implementation keeps (checked by one conformance suite for all stores):
+- A session id maps to at most one pod.
+- `reserve(sid, pod)` is an atomic insert-if-absent: it never overwrites an existing entry and
+  returns the owner that won (the caller's pod, or the one already recorded).
+- `delete(sid, pod)` and `drop_pod_sessions(pod, keep)` remove an entry only while its owner is
+  still `pod` (compare-and-delete), so a late invalidation never erases someone else's entry.
+- `put` is the authoritative write of a pod's own feed: it overwrites, and keeps the per-pod index
+  consistent when the owner changes.
+- Terminal entries (`resolved`, `expired`, `cancelled`) expire after the retention window;
+  reservations expire after `reservation_ttl_s` unless a feed confirms them.
+- A failing backend raises `StoreUnavailable` (never a library exception) and sets `degraded`;
+  callers keep routing without the store and the store reports recovery through `on_recovered`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+RESERVED = "reserved"
+OPEN = "open"
+SUSPENDED = "suspended"
+RESOLVED = "resolved"
+EXPIRED = "expired"
+CANCELLED = "cancelled"
+
+STATES = frozenset({RESERVED, OPEN, SUSPENDED, RESOLVED, EXPIRED, CANCELLED})
+TERMINAL_STATES = frozenset({RESOLVED, EXPIRED, CANCELLED})
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """One session's home: the pod that holds it and what the router last learned about it."""
+
+    pod: str
+    state: str = OPEN
+    incarnation: str = ""
+    """Which life of the pod reported it (the feed's connection id); "" when unknown."""
+    updated_at_ms: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class BroadcastRecord:
+    """A registry call (RegisterPolicy, RegisterExtMode, ...) to replay on pods that join."""
+
+    key: str
+    method: str
+    request: bytes
+
+
+class StoreUnavailable(Exception):
+    """The store's backend did not answer; the caller should route without it."""
+
+
+@runtime_checkable
+class LocationStore(Protocol):
+    name: str
+
+    @property
+    def degraded(self) -> bool: ...
+
+    on_recovered: Callable[[], Awaitable[None]] | None
+
+    async def start(self) -> None: ...
+    async def aclose(self) -> None: ...
+
+    async def get(self, sid: str) -> Location | None: ...
+    async def put(self, sid: str, location: Location) -> None: ...
+    async def put_many(self, items: Iterable[tuple[str, Location]]) -> None: ...
+    async def reserve(self, sid: str, pod: str) -> str: ...
+    async def delete(self, sid: str, pod: str) -> bool: ...
+    async def pod_sessions(self, pod: str) -> set[str]: ...
+    async def drop_pod_sessions(self, pod: str, keep: set[str]) -> int: ...
+
+    async def record_broadcast(self, record: BroadcastRecord) -> None: ...
+    async def forget_broadcast(self, key: str) -> None: ...
+    async def broadcasts(self) -> list[BroadcastRecord]: ...
+
+
+class MemoryStore:
+    """The embedded default: one process, no I/O, never degraded."""
+
+    name = "memory"
+
+    def __init__(self, *, retention_s: float = 600.0, reservation_ttl_s: float = 300.0) -> None:
+        self._entries: dict[str, Location] = {}
+        self._expires: dict[str, float] = {}
+        self._by_pod: dict[str, set[str]] = {}
+        self._broadcasts: dict[str, BroadcastRecord] = {}
+        self._retention_s = retention_s
+        self._reservation_ttl_s = reservation_ttl_s
+        self.on_recovered: Callable[[], Awaitable[None]] | None = None
+
+    @property
+    def degraded(self) -> bool:
+        return False
+
+    async def start(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    def _live(self, sid: str) -> Location | None:
+        location = self._entries.get(sid)
+        if location is None:
+            return None
+        deadline = self._expires.get(sid)
+        if deadline is not None and deadline <= time.monotonic():
+            self._remove(sid, location.pod)
+            return None
+        return location
+
+    def _remove(self, sid: str, pod: str) -> None:
+        del self._entries[sid]
+        self._expires.pop(sid, None)
+        members = self._by_pod.get(pod)
+        if members is not None:
+            members.discard(sid)
+            if not members:
+                del self._by_pod[pod]
+
+    def _set(self, sid: str, location: Location, ttl_s: float | None) -> None:
+        previous = self._entries.get(sid)
+        if previous is not None and previous.pod != location.pod:
+            self._remove(sid, previous.pod)
+        self._entries[sid] = location
+        self._by_pod.setdefault(location.pod, set()).add(sid)
+        if ttl_s is None:
+            self._expires.pop(sid, None)
+        else:
+            self._expires[sid] = time.monotonic() + ttl_s
+
+    def _ttl_for(self, location: Location) -> float | None:
+        if location.terminal:
+            return self._retention_s
+        if location.state == RESERVED:
+            return self._reservation_ttl_s
+        return None
+
+    async def get(self, sid: str) -> Location | None:
+        return self._live(sid)
+
+    async def put(self, sid: str, location: Location) -> None:
+        self._set(sid, location, self._ttl_for(location))
+
+    async def put_many(self, items: Iterable[tuple[str, Location]]) -> None:
+        for sid, location in items:
+            self._set(sid, location, self._ttl_for(location))
+
+    async def reserve(self, sid: str, pod: str) -> str:
+        current = self._live(sid)
+        if current is not None:
+            return current.pod
+        self._set(sid, Location(pod, RESERVED, "", now_ms()), self._reservation_ttl_s)
+        return pod
+
+    async def delete(self, sid: str, pod: str) -> bool:
+        current = self._live(sid)
+        if current is None or current.pod != pod:
+            return False
+        self._remove(sid, pod)
+        return True
+
+    async def pod_sessions(self, pod: str) -> set[str]:
+        return {sid for sid in list(self._by_pod.get(pod, ())) if self._live(sid) is not None}
+
+    async def drop_pod_sessions(self, pod: str, keep: set[str]) -> int:
+        dropped = 0
+        for sid in list(self._by_pod.get(pod, ())):
+            if sid not in keep:
+                self._remove(sid, pod)
+                dropped += 1
+        return dropped
+
+    async def record_broadcast(self, record: BroadcastRecord) -> None:
+        self._broadcasts.pop(record.key, None)
+        self._broadcasts[record.key] = record
+
+    async def forget_broadcast(self, key: str) -> None:
+        self._broadcasts.pop(key, None)
+
+    async def broadcasts(self) -> list[BroadcastRecord]:
+        return list(self._broadcasts.values())

@@ -1,0 +1,1 @@
+"""Placeholder; the Redis fixture module is written by the store work."""
