@@ -425,6 +425,7 @@ class _Servicer(core_pb2_grpc.MACPRuntimeServiceServicer):
     ) -> AsyncIterator[core_pb2.WatchSessionsResponse]:
         pod = self.pod
         pod._authenticate(_identity_of(context))
+        await context.send_initial_metadata(())  # headers now, as tonic does
         sub = _Sub()
         snapshot = pod._snapshot_events()  # taken together with the subscription: no gap
         pod._session_watchers.add(sub)
@@ -442,6 +443,7 @@ class _Servicer(core_pb2_grpc.MACPRuntimeServiceServicer):
     ) -> AsyncIterator[core_pb2.WatchSignalsResponse]:
         pod = self.pod
         pod._authenticate(_identity_of(context))
+        await context.send_initial_metadata(())
         sub = _Sub()
         pod._signal_watchers.add(sub)
         try:
@@ -457,6 +459,7 @@ class _Servicer(core_pb2_grpc.MACPRuntimeServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[core_pb2.StreamSessionResponse]:
         pod = self.pod
+        await context.send_initial_metadata(())
         stream = _SessionStream(pod, _identity_of(context))
         reader = pod._spawn(stream.read(request_iterator))
         try:
@@ -752,7 +755,13 @@ class SimPod:
 
     @property
     def watcher_count(self) -> int:
+        """Open WatchSessions streams."""
         return len(self._session_watchers)
+
+    @property
+    def signal_watcher_count(self) -> int:
+        """Open WatchSignals streams."""
+        return len(self._signal_watchers)
 
     def session_state(self, session_id: str) -> int | None:
         rec = self.sessions.get(session_id)
