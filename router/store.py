@@ -185,7 +185,8 @@ class MemoryStore:
     async def drop_pod_sessions(self, pod: str, keep: set[str]) -> int:
         dropped = 0
         for sid in list(self._by_pod.get(pod, ())):
-            if sid not in keep:
+            # _live drops an already-expired entry itself: it was not dropped here, so not counted.
+            if sid not in keep and self._live(sid) is not None:
                 self._remove(sid, pod)
                 dropped += 1
         return dropped
