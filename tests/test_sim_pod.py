@@ -7,6 +7,9 @@ states and stream items.
 from __future__ import annotations
 
 import asyncio
+import logging
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +21,7 @@ from macp.v1 import core_pb2, core_pb2_grpc, envelope_pb2, policy_pb2
 from macp_sdk import AuthConfig, DecisionSession, MacpClient
 from macp_sdk.watchers import SessionLifecycleWatcher
 
-from router.sim import SimPod
+from router.sim import SimPod, serve_pod
 
 DECISION = "macp.mode.decision.v1"
 T = 5.0  # deadline (s) for every RPC
@@ -676,3 +679,83 @@ async def test_without_state_file_restart_forgets(pod: SimPod) -> None:
     await pod.stop()
     await pod.start()
     assert pod.sessions == {}
+
+
+async def test_state_file_written_behind_without_stop(tmp_path: Path) -> None:
+    path = tmp_path / "pod-1.json"
+    async with SimPod("pod-1", state_file=str(path)) as pod:
+        async with grpc.aio.insecure_channel(pod.address) as channel:
+            stub = core_pb2_grpc.MACPRuntimeServiceStub(channel)
+            sid = new_sid()
+            assert (await send(stub, start_env(sid))).ok
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + T
+            while not (path.exists() and sid in path.read_text()):
+                assert loop.time() < deadline
+                await asyncio.sleep(0.01)
+            await pod.flush()
+            assert sid in path.read_text()
+
+
+# ── serve_pod ────────────────────────────────────────────────────────────
+
+
+async def test_serve_pod_logs_ready_and_stops_on_cancel(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="router.sim")
+    task = asyncio.ensure_future(serve_pod("127.0.0.1:0", "pod-7", None))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + T
+    while not [r for r in caplog.records if "ready" in r.getMessage()]:
+        assert loop.time() < deadline and not task.done()
+        await asyncio.sleep(0.01)
+    (line,) = [r.getMessage() for r in caplog.records if "ready" in r.getMessage()]
+    address = line.rsplit(" ", 1)[-1]
+    assert address.startswith("127.0.0.1:")
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = core_pb2_grpc.MACPRuntimeServiceStub(channel)
+        init = await stub.Initialize(
+            core_pb2.InitializeRequest(supported_protocol_versions=["1.0"]), timeout=T
+        )
+        assert init.runtime_info.name == "pod-7"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_serve_pod_process_exits_cleanly_on_sigterm() -> None:
+    code = (
+        "import asyncio, logging; from router.sim import serve_pod; "
+        "logging.basicConfig(level=logging.INFO); "
+        "asyncio.run(serve_pod('127.0.0.1:0', 'pod-9', None))"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stderr is not None
+        line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+        assert "ready" in line and "127.0.0.1:" in line
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_expired_session_rejects_messages(
+    pod: SimPod, stub: core_pb2_grpc.MACPRuntimeServiceStub
+) -> None:
+    sid = new_sid()
+    assert (await send(stub, start_env(sid, ttl_ms=1))).ok
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + T
+    while pod.session_state(sid) != envelope_pb2.SESSION_STATE_EXPIRED:
+        assert loop.time() < deadline
+        await asyncio.sleep(0.01)
+    ack = await send(stub, msg_env(sid))
+    assert not ack.ok and ack.error.code == "SESSION_NOT_OPEN"
+    resp = await stub.GetSession(
+        core_pb2.GetSessionRequest(session_id=sid), metadata=md("alice"), timeout=T
+    )
+    assert resp.metadata.state == envelope_pb2.SESSION_STATE_EXPIRED

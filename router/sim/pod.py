@@ -678,6 +678,8 @@ class SimPod:
         self._persist_handle: asyncio.TimerHandle | None = None
         self._persist_task: asyncio.Task[None] | None = None
         self._dirty = False
+        self._dirty_sids: set[str] = set()
+        self._encoded: dict[str, str] = {}  # sid -> its JSON entry in the state file
 
     # ── lifecycle ──────────────────────────────────────────────────────
     async def start(self) -> None:
@@ -773,6 +775,8 @@ class SimPod:
                 rec.timer.cancel()
         self.sessions.clear()
         self._order.clear()
+        self._dirty_sids.clear()
+        self._encoded.clear()
         self._session_watchers.clear()
         self._signal_watchers.clear()
 
@@ -1016,6 +1020,8 @@ class SimPod:
             return self._ambient(env)
         if mtype == "SessionStart":
             return self._start(env, sender)
+        if mtype == "Progress":
+            return self._session_progress(env)
         return self._message(env, sender)
 
     def _ambient(self, env: envelope_pb2.Envelope) -> envelope_pb2.Ack:
@@ -1033,6 +1039,22 @@ class SimPod:
             for sub in self._signal_watchers:
                 sub.push(item)
         return _ack(env, state=OPEN)
+
+    def _session_progress(self, env: envelope_pb2.Envelope) -> envelope_pb2.Ack:
+        """Session-scoped Progress: published like a signal, never enters the session log.
+
+        The runtime accepts it without looking the session up; the sim answers
+        SESSION_NOT_FOUND for an unknown session so a stale route stays visible.
+        """
+        rec = self.sessions.get(env.session_id)
+        if rec is None:
+            return _ack(
+                env, code=SESSION_NOT_FOUND, message=f"Session '{env.session_id}' not found"
+            )
+        ack = self._ambient(env)
+        if ack.ok:
+            ack.session_state = rec.metadata.state
+        return ack
 
     def _start(self, env: envelope_pb2.Envelope, sender: str) -> envelope_pb2.Ack:
         existing = self.sessions.get(env.session_id)
@@ -1088,7 +1110,7 @@ class SimPod:
         self._arm_ttl(rec)
         self._accept(rec, env)
         self._emit(EV_CREATED, rec, now)
-        self._mark_dirty()
+        self._mark_dirty(rec)
         return _ack(env, state=OPEN)
 
     def _message(self, env: envelope_pb2.Envelope, sender: str) -> envelope_pb2.Ack:
@@ -1121,7 +1143,7 @@ class SimPod:
             meta.state = RESOLVED
             self._disarm(rec)
             self._emit(EV_RESOLVED, rec, now)
-        self._mark_dirty()
+        self._mark_dirty(rec)
         return _ack(env, state=meta.state)
 
     def _record_activity(self, rec: SessionRecord, sender: str, now: int) -> None:
@@ -1185,7 +1207,7 @@ class SimPod:
             rec.banked_ms = 0
             self._arm_ttl(rec)
             self._emit(EV_RESUMED, rec, now)
-        self._mark_dirty()
+        self._mark_dirty(rec)
         return _control_ack(session_id, state=meta.state)
 
     # ── expiry timers ──────────────────────────────────────────────────
@@ -1230,7 +1252,7 @@ class SimPod:
         self._disarm(rec)
         rec.metadata.state = EXPIRED
         self._emit(EV_EXPIRED, rec, now_ms())
-        self._mark_dirty()
+        self._mark_dirty(rec)
 
     # ── lifecycle feed ─────────────────────────────────────────────────
     def _emit(self, event_type: int, rec: SessionRecord, now: int) -> None:
@@ -1275,9 +1297,11 @@ class SimPod:
         return resp
 
     # ── persistence ────────────────────────────────────────────────────
-    def _mark_dirty(self) -> None:
+    def _mark_dirty(self, rec: SessionRecord | None = None) -> None:
         if not self.state_file or self._stopping:
             return
+        if rec is not None:
+            self._dirty_sids.add(rec.metadata.session_id)
         self._dirty = True
         if self._persist_handle is None and self._persist_task is None:
             loop = asyncio.get_running_loop()
@@ -1309,27 +1333,35 @@ class SimPod:
             _atomic_write(self.state_file, self._serialize())
 
     def _serialize(self) -> bytes:
-        def b64(msg: Any) -> str:
-            return base64.b64encode(msg.SerializeToString()).decode("ascii")
-
-        doc = {
-            "version": 1,
-            "name": self.name,
-            "sessions": [
+        """The state file's bytes; only sessions changed since the last call are re-encoded."""
+        cache = self._encoded
+        for sid in self._dirty_sids:
+            rec = self.sessions[sid]
+            cache[sid] = json.dumps(
                 {
-                    "metadata": b64(rec.metadata),
-                    "seen": sorted(rec.seen),
-                    "log": [b64(env) for env in rec.log],
+                    "session_id": sid,
+                    "state": envelope_pb2.SessionState.Name(rec.metadata.state),
+                    "metadata": _b64(rec.metadata),
+                    "seen": list(rec.seen),
+                    "log": [_b64(env) for env in rec.log],
                     "max_suspend_ms": rec.max_suspend_ms,
                     "banked_ms": rec.banked_ms,
-                }
-                for rec in self.sessions.values()
-            ],
-            "policies": [b64(d) for d in self.policies.values()],
-            "ext_modes": [b64(d) for d in self.ext_modes.values()],
-            "promoted_modes": [b64(d) for d in self.promoted_modes.values()],
-        }
-        return json.dumps(doc, separators=(",", ":")).encode()
+                },
+                separators=(",", ":"),
+            )
+        self._dirty_sids.clear()
+        head = json.dumps(
+            {
+                "version": 1,
+                "name": self.name,
+                "policies": [_b64(d) for d in self.policies.values()],
+                "ext_modes": [_b64(d) for d in self.ext_modes.values()],
+                "promoted_modes": [_b64(d) for d in self.promoted_modes.values()],
+            },
+            separators=(",", ":"),
+        )
+        sessions = ",".join(cache[sid] for sid in self._order)
+        return f'{head[:-1]},"sessions":[{sessions}]}}'.encode()
 
     def _load_state(self) -> None:
         path = self.state_file
@@ -1355,6 +1387,7 @@ class SimPod:
                 rec.activity[act.participant_id] = act
             self.sessions[meta.session_id] = rec
             self._order.append(meta.session_id)
+            self._dirty_sids.add(meta.session_id)
         self.policies = {
             d.policy_id: d
             for d in (unb64(policy_pb2.PolicyDescriptor, t) for t in doc.get("policies", []))
@@ -1366,6 +1399,10 @@ class SimPod:
             d.mode: d
             for d in (unb64(core_pb2.ModeDescriptor, t) for t in doc.get("promoted_modes", []))
         }
+
+
+def _b64(msg: Any) -> str:
+    return base64.b64encode(msg.SerializeToString()).decode("ascii")
 
 
 def _encode_page_token(offset: int) -> str:
