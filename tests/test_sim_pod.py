@@ -18,7 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from macp.v1 import core_pb2, core_pb2_grpc, envelope_pb2, policy_pb2
-from macp_sdk import AuthConfig, DecisionSession, MacpClient
+from macp_sdk import AsyncDecisionSession, AsyncMacpClient, AuthConfig, DecisionSession, MacpClient
 from macp_sdk.watchers import SessionLifecycleWatcher
 
 from router.sim import SimPod, serve_pod
@@ -759,3 +759,26 @@ async def test_expired_session_rejects_messages(
         core_pb2.GetSessionRequest(session_id=sid), metadata=md("alice"), timeout=T
     )
     assert resp.metadata.state == envelope_pb2.SESSION_STATE_EXPIRED
+
+
+async def test_async_sdk_stream_in_the_same_loop(pod: SimPod) -> None:
+    client = AsyncMacpClient(
+        target=pod.address,
+        allow_insecure=True,
+        auth=AuthConfig.for_dev_agent("coordinator"),
+        default_timeout=T,
+    )
+    try:
+        await client.initialize()
+        session = AsyncDecisionSession(client)
+        await session.start(intent="i", participants=["alice"], ttl_ms=60_000)
+        errors: list[str] = []
+        async with client.open_stream() as stream:
+            stream.on_inline_error(lambda err: errors.append(err.code))
+            await stream.send_subscribe(session.session_id)
+            assert (await stream.read(timeout=T)).message_type == "SessionStart"
+            await session.propose("p1", "o")  # unary Send, echoed to the stream
+            assert (await stream.read(timeout=T)).message_type == "Proposal"
+        assert errors == []
+    finally:
+        await client.close()

@@ -723,12 +723,12 @@ class SimPod:
             if rec.timer is not None:
                 rec.timer.cancel()
                 rec.timer = None
+        await self.flush()  # first: a write-behind in flight must finish, not be cut off
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        await self.flush()
 
     async def __aenter__(self) -> SimPod:
         await self.start()
@@ -1309,7 +1309,9 @@ class SimPod:
 
     def _persist_soon(self) -> None:
         self._persist_handle = None
-        self._persist_task = self._spawn(self._persist())
+        # Not in `_tasks`: stop() awaits it through flush() instead of cancelling it, so a
+        # write already handed to a thread can never land after the final write.
+        self._persist_task = asyncio.ensure_future(self._persist())
 
     async def _persist(self) -> None:
         try:
@@ -1326,8 +1328,7 @@ class SimPod:
             self._persist_handle.cancel()
             self._persist_handle = None
         if self._persist_task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._persist_task
+            await self._persist_task
         if self.state_file:
             self._dirty = False
             _atomic_write(self.state_file, self._serialize())
