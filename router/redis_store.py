@@ -437,7 +437,7 @@ class RedisStore:
         self._health_task: asyncio.Task[None] | None = None
         self._started = False
         self._closed = False
-        self._corrupt_last_warn = 0.0
+        self._corrupt_last_warn = -_CORRUPT_WARN_INTERVAL_S
         self._corrupt_suppressed = 0
 
     def __repr__(self) -> str:

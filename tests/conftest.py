@@ -1,3 +1,61 @@
 """Shared fixtures: real servers on loopback (simulated pods, routers, Redis)."""
 
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from router.app import Router
+from router.config import RouterConfig
+from router.pods import PodSpec
+from router.sim import SimPod
+
 pytest_plugins = ["tests.redis_fixture"]
+
+PodsFactory = Callable[..., Awaitable[list[SimPod]]]
+RouterFactory = Callable[..., Awaitable[Router]]
+
+
+@pytest.fixture
+async def sim_pods() -> AsyncIterator[PodsFactory]:
+    """`await sim_pods(3)` -> started simulated pods a, b, c on free loopback ports."""
+    started: list[SimPod] = []
+
+    async def make(count: int = 3, **kwargs: object) -> list[SimPod]:
+        pods = []
+        for index in range(count):
+            pod = SimPod(chr(ord("a") + len(started)), "127.0.0.1:0", **kwargs)  # type: ignore[arg-type]
+            await pod.start()
+            started.append(pod)
+            pods.append(pod)
+        return pods
+
+    yield make
+    for pod in started:
+        await pod.stop()
+
+
+@pytest.fixture
+async def make_router() -> AsyncIterator[RouterFactory]:
+    """`await make_router(pods, **config)` -> an in-process router whose feeds are up."""
+    routers: list[Router] = []
+
+    async def make(pods: list[SimPod], *, wait: bool = True, **overrides: object) -> Router:
+        settings: dict[str, object] = {
+            "listen": "127.0.0.1:0",
+            "pods": tuple(PodSpec(pod.name, pod.address) for pod in pods),
+            "token": "router",
+            "health_interval_ms": 200,
+        }
+        settings.update(overrides)
+        router = Router(RouterConfig(**settings))  # type: ignore[arg-type]
+        await router.start()
+        routers.append(router)
+        if wait:
+            assert await router.wait_ready(10), "router feeds did not come up"
+        return router
+
+    yield make
+    for router in routers:
+        await router.stop(grace=0)

@@ -1,0 +1,125 @@
+"""`router.v1.RouterAdmin`: the operator's view of the router, on the router's gRPC port.
+
+SessionStatus gives the answer the router routes by (ACP `session/status` semantics: live /
+not_found, and unknown when a pod is silent). ListPods shows the pod table. DrainPod and
+UndrainPod stop and resume placements on a pod; its sessions keep routing either way.
+
+Invariant: nothing here changes where an existing session is routed.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from router import __version__
+from router.locator import LIVE, NOT_FOUND, SOURCE_CACHE, Locator
+from router.metrics import Metrics
+from router.pods import Pod, PodSet
+from router.store import TERMINAL_STATES, LocationStore
+from router.v1 import router_pb2, router_pb2_grpc
+from router.watch import WatchFeed
+
+
+class RouterAdmin(router_pb2_grpc.RouterAdminServicer):
+    def __init__(
+        self,
+        *,
+        pods: PodSet,
+        locator: Locator,
+        store: LocationStore,
+        feeds: dict[str, WatchFeed],
+        metrics: Metrics,
+    ) -> None:
+        self.pods = pods
+        self.locator = locator
+        self.store = store
+        self.feeds = feeds
+        self.metrics = metrics
+
+    async def SessionStatus(
+        self, request: router_pb2.SessionStatusRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.SessionStatusResponse:
+        sid = request.session_id
+        if not sid:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is required")
+        if request.probe:
+            await self._forget_cached(sid)
+        entry = self.locator.near.entry(sid)
+        if entry is not None:
+            located_pod, source, status = entry[0], SOURCE_CACHE, LIVE
+            unknown: tuple[str, ...] = ()
+            detail = ""
+        else:
+            located = await self.locator.lookup(sid, use_negative=False)
+            located_pod, source, status = located.pod or "", located.source, located.status
+            unknown = located.unknown_pods
+            detail = (
+                located.describe_unknown(sid, self.locator.probe_timeout_s)
+                if located.unknown_pods else ""
+            )
+            entry = self.locator.near.entry(sid)
+        state = entry[1] if entry is not None else ""
+        if status == LIVE and state in TERMINAL_STATES:
+            status = NOT_FOUND
+            detail = f"session ended ({state}); pod {located_pod} still answers GetSession for it"
+        return router_pb2.SessionStatusResponse(
+            status=status, pod=located_pod, source=source, state=state,
+            unknown_pods=list(unknown), detail=detail,
+        )
+
+    async def _forget_cached(self, sid: str) -> None:
+        entry = self.locator.near.entry(sid)
+        if entry is not None:
+            self.locator.near.discard(sid, entry[0])
+
+    def pod_status(self, pod: Pod) -> router_pb2.PodStatus:
+        counts = self.locator.near.counts()
+        cached = sum(count for (name, _), count in counts.items() if name == pod.name)
+        feed = self.feeds.get(pod.name)
+        return router_pb2.PodStatus(
+            name=pod.name,
+            address=pod.address,
+            healthy=pod.healthy,
+            draining=pod.draining,
+            feed_up=pod.feed_up,
+            open_sessions=self.locator.near.open_counts().get(pod.name, 0),
+            cached_sessions=cached,
+            last_error=pod.last_error or (feed.last_error if feed and not pod.feed_up else ""),
+            feed_reconnects=feed.reconnects if feed else 0,
+        )
+
+    async def ListPods(
+        self, request: router_pb2.ListPodsRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ListPodsResponse:
+        return router_pb2.ListPodsResponse(
+            pods=[self.pod_status(pod) for pod in self.pods],
+            store=self.store.name,
+            store_degraded=self.store.degraded,
+            version=__version__,
+            cached_sessions=len(self.locator.near),
+        )
+
+    async def _set_draining(
+        self, request: router_pb2.DrainPodRequest, context: grpc.aio.ServicerContext,
+        draining: bool,
+    ) -> router_pb2.DrainPodResponse:
+        pod = self.pods.get(request.name)
+        if pod is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no pod named {request.name!r}; pods: {', '.join(self.pods.names())}",
+            )
+        assert pod is not None
+        pod.draining = draining
+        self.metrics.set_pod_health(pod.name, pod.healthy, pod.draining)
+        return router_pb2.DrainPodResponse(pod=self.pod_status(pod))
+
+    async def DrainPod(
+        self, request: router_pb2.DrainPodRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.DrainPodResponse:
+        return await self._set_draining(request, context, True)
+
+    async def UndrainPod(
+        self, request: router_pb2.DrainPodRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.DrainPodResponse:
+        return await self._set_draining(request, context, False)

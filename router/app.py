@@ -1,0 +1,295 @@
+"""One running router: builds every component from a `RouterConfig` and owns their lifetimes.
+
+`Router` is the only place that creates background work: pods (health loops), watch feeds,
+the locator's store writer, the store's health loop, the gRPC server and the HTTP endpoint for
+metrics and health. `start()` brings them up in dependency order; `stop()` takes them down in
+reverse: stop accepting calls, let in-flight calls finish within the grace period, close feeds,
+close the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+from typing import Any
+from wsgiref.simple_server import WSGIServer, make_server
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+
+from router import routes
+from router.admin import RouterAdmin
+from router.config import RouterConfig, parse_host_port
+from router.locator import Locator
+from router.metrics import Metrics
+from router.placement import make_policy
+from router.pods import Pod, PodSet
+from router.proxy import MacpProxy
+from router.store import LocationStore, MemoryStore
+from router.v1 import router_pb2_grpc
+from router.watch import WatchFeed
+
+log = logging.getLogger("macp_router")
+
+
+class ListenError(RuntimeError):
+    """The listen address cannot be bound."""
+
+
+def make_store(config: RouterConfig, metrics: Metrics) -> LocationStore:
+    if not config.redis_url:
+        return MemoryStore(retention_s=config.retention_s)
+    from router.redis_store import RedisStore
+
+    return RedisStore(
+        config.redis_url,
+        prefix=config.redis_prefix,
+        password=config.redis_password,
+        retention_s=config.retention_s,
+        required=config.redis_required,
+        observe_latency=metrics.observe_redis,
+    )
+
+
+class Router:
+    def __init__(self, config: RouterConfig, *, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.store = make_store(config, self.metrics)
+        self.pods = PodSet(
+            channels=config.channels_per_pod,
+            health_interval_s=config.health_interval_ms / 1000,
+            channel_options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+            ],
+        )
+        self.locator = Locator(
+            roster=self.pods,
+            store=self.store,
+            probe=self._probe,
+            placement=make_policy(config.placement),
+            metrics=self.metrics,
+            protocol="macp",
+            probe_timeout_s=config.probe_timeout_s,
+            negative_ttl_s=config.negative_cache_ms / 1000,
+            retention_s=config.retention_s,
+        )
+        self.proxy = MacpProxy(
+            pods=self.pods,
+            locator=self.locator,
+            store=self.store,
+            metrics=self.metrics,
+            router_metadata=config.router_metadata,
+        )
+        self.feeds: dict[str, WatchFeed] = {}
+        self.health = health.aio.HealthServicer()
+        self.admin = RouterAdmin(
+            pods=self.pods, locator=self.locator, store=self.store, feeds=self.feeds,
+            metrics=self.metrics,
+        )
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self._http: WSGIServer | None = None
+        self._http_thread: threading.Thread | None = None
+        self.metrics_port = 0
+        self._health_snapshot: dict[str, Any] = {"ready": False, "reason": "starting"}
+        self._status_task: asyncio.Task[None] | None = None
+        self._status_changed = asyncio.Event()
+        self._feed_closers: set[asyncio.Task[None]] = set()
+        self.pods.on_join.append(self._pod_joined)
+        self.pods.on_leave.append(self._pod_left)
+        self.pods.on_health_change.append(self._pod_health_changed)
+
+    async def _probe(self, pod: str, sid: str) -> str:
+        return await self.proxy.probe(pod, sid)
+
+    # -- pods joining and leaving --------------------------------------------------------------
+    def _pod_joined(self, pod: Pod) -> None:
+        self.metrics.add_pod(pod.name)
+        feed = WatchFeed(
+            pod, self.locator, self.metrics,
+            metadata=self.config.router_metadata,
+            on_connect=self.proxy.replay_broadcasts,
+        )
+        self.feeds[pod.name] = feed
+        feed.start()
+
+    def _pod_left(self, pod: Pod) -> None:
+        feed = self.feeds.pop(pod.name, None)
+        if feed is not None:
+            task = asyncio.ensure_future(feed.aclose())
+            self._feed_closers.add(task)
+            task.add_done_callback(self._feed_closers.discard)
+
+    def _pod_health_changed(self, pod: Pod) -> None:
+        self.metrics.set_pod_health(pod.name, pod.healthy, pod.draining)
+        self._refresh_health()
+
+    def _refresh_health(self) -> None:
+        healthy = [pod.name for pod in self.pods if pod.healthy]
+        feeds_up = [pod.name for pod in self.pods if pod.feed_up]
+        ready = bool(healthy)
+        reason = "" if ready else "no healthy pod"
+        self._health_snapshot = {
+            "ready": ready,
+            "reason": reason,
+            "pods": {
+                pod.name: {
+                    "address": pod.address, "healthy": pod.healthy, "draining": pod.draining,
+                    "feed_up": pod.feed_up, "last_error": pod.last_error,
+                }
+                for pod in self.pods
+            },
+            "healthy_pods": len(healthy),
+            "feeds_up": len(feeds_up),
+            "store": {"kind": self.store.name, "degraded": self.store.degraded},
+            "cached_sessions": len(self.locator.near),
+        }
+        self.metrics.store_degraded.set(1 if self.store.degraded else 0)
+        self._status_changed.set()
+
+    async def _status_loop(self) -> None:
+        """Keeps grpc.health.v1 and /readyz in step with pods, feeds and the store."""
+        serving: bool | None = None
+        while True:
+            self._status_changed.clear()
+            self._refresh_health()
+            self._status_changed.clear()
+            ready = bool(self._health_snapshot["ready"])
+            if ready != serving:
+                serving = ready
+                status = (health_pb2.HealthCheckResponse.SERVING if ready
+                          else health_pb2.HealthCheckResponse.NOT_SERVING)
+                for service in ("", routes.SERVICE):
+                    await self.health.set(service, status)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._status_changed.wait(), 1.0)
+
+    # -- HTTP: /metrics, /healthz, /readyz -----------------------------------------------------
+    def _wsgi(self):  # type: ignore[no-untyped-def]
+        metrics_app = make_wsgi_app(self.metrics.registry)
+
+        def app(environ, start_response):  # type: ignore[no-untyped-def]
+            path = environ.get("PATH_INFO", "")
+            if path in ("/healthz", "/livez"):
+                body = b'{"alive": true}\n'
+                start_response("200 OK", [("Content-Type", "application/json")])
+                return [body]
+            if path == "/readyz":
+                snapshot = self._health_snapshot
+                body = (json.dumps(snapshot, sort_keys=True) + "\n").encode()
+                status = "200 OK" if snapshot.get("ready") else "503 Service Unavailable"
+                start_response(status, [("Content-Type", "application/json")])
+                return [body]
+            return metrics_app(environ, start_response)
+
+        return app
+
+    def _start_http(self) -> None:
+        if not self.config.metrics_listen:
+            return
+        host, port = parse_host_port(self.config.metrics_listen, "--metrics-listen")
+        try:
+            self._http = make_server(host, port, self._wsgi(), ThreadingWSGIServer,
+                                     handler_class=_SilentHandler)
+        except OSError as exc:
+            raise ListenError(
+                f"cannot listen on --metrics-listen {self.config.metrics_listen}: {exc.strerror}"
+            ) from None
+        self.metrics_port = self._http.server_port
+        self._http_thread = threading.Thread(
+            target=self._http.serve_forever, name="metrics-http", daemon=True
+        )
+        self._http_thread.start()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.store.start()
+        await self.locator.start()
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1 if self.config.workers > 1 else 0),
+                ("grpc.max_receive_message_length", self.config.max_message_bytes),
+                ("grpc.max_send_message_length", self.config.max_message_bytes),
+            ]
+        )
+        router_pb2_grpc.add_RouterAdminServicer_to_server(self.admin, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        server.add_generic_rpc_handlers((self.proxy.generic_handler(),))
+        server.add_generic_rpc_handlers((self.proxy.unimplemented_handler(),))
+        try:
+            self.port = server.add_insecure_port(self.config.listen)
+        except RuntimeError as exc:
+            self.port = 0
+            detail = str(exc)
+        else:
+            detail = "port unavailable"
+        if not self.port:
+            await self.store.aclose()
+            await self.locator.aclose()
+            raise ListenError(
+                f"cannot listen on --listen {self.config.listen}: {detail} "
+                "(is another process using it?)"
+            )
+        self.server = server
+        self._start_http()
+        for spec in self.config.pods:
+            self.pods.add(spec)
+        self._refresh_health()
+        await server.start()
+        self._status_task = asyncio.create_task(self._status_loop(), name="router-status")
+
+    @property
+    def address(self) -> str:
+        host, _ = parse_host_port(self.config.listen, "--listen")
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    async def wait_ready(self, timeout: float = 10.0) -> bool:
+        """Until every pod's feed has reconciled once (or `timeout`)."""
+        async def all_up() -> None:
+            for feed in list(self.feeds.values()):
+                await feed.wait_for(lambda f: f.reconciles > 0, timeout)
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_up(), timeout)
+        return all(feed.reconciles > 0 for feed in self.feeds.values())
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        if self.server is not None:
+            for service in ("", routes.SERVICE):
+                await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self.server.stop(grace)
+            self.server = None
+        if self._status_task is not None:
+            self._status_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._status_task
+        for feed in list(self.feeds.values()):
+            await feed.aclose()
+        self.feeds.clear()
+        if self._feed_closers:
+            await asyncio.gather(*self._feed_closers, return_exceptions=True)
+        await self.locator.flush()
+        await self.locator.aclose()
+        await self.pods.aclose()
+        await self.store.aclose()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+    async def __aenter__(self) -> Router:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop(grace=0)

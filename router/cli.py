@@ -1,0 +1,387 @@
+"""`macp-router`: the command line. The only module that reads flags and the environment.
+
+Every flag of every subcommand can also be given as `MACP_ROUTER_<FLAG>` (dashes become
+underscores: `--redis-url` -> `MACP_ROUTER_REDIS_URL`); a flag on the command line wins.
+Bad input exits with status 2 and one line saying what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from router import __version__
+
+ENV_PREFIX = "MACP_ROUTER_"
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def _env(flag: str) -> str | None:
+    return os.environ.get(ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper())
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one clear line, exit 2
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _flag(parser: argparse.ArgumentParser, flag: str, *, help: str, **kwargs: object) -> None:
+    """A flag whose default comes from MACP_ROUTER_<FLAG> when set."""
+    env_value = _env(flag)
+    env_name = ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+    if kwargs.get("action") == "store_true":
+        if env_value is not None:
+            kwargs["default"] = env_value.lower() in ("1", "true", "yes", "on")
+    elif env_value is not None:
+        kwargs["default"] = env_value
+        kwargs.pop("required", None)
+    parser.add_argument(flag, help=f"{help} [env {env_name}]", **kwargs)  # type: ignore[arg-type]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="macp-router",
+        description=(
+            "Route MACP sessions to the runtime pod that holds them. Clients talk to the "
+            "router exactly as to one runtime (macp.v1.MACPRuntimeService); the router keeps a "
+            "session->pod cache fed by each pod's WatchSessions stream, probes all pods on a "
+            "miss, and places new sessions on a chosen pod."
+        ),
+        epilog="Every flag can also be set as MACP_ROUTER_<FLAG>, e.g. MACP_ROUTER_PODS.",
+    )
+    parser.add_argument("--version", action="version", version=f"macp-router {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    serve = sub.add_parser(
+        "serve", help="run the router",
+        description="Run the router in front of runtime pods. Logs one line when ready; "
+        "SIGTERM stops accepting calls, drains in-flight ones and exits.",
+    )
+    _flag(serve, "--listen", default="0.0.0.0:50051", metavar="HOST:PORT",
+          help="where clients connect (gRPC)")
+    _flag(serve, "--pods", metavar="NAME=HOST:PORT[,...]",
+          help="runtime pods by stable name, e.g. a=10.0.0.5:50051,b=10.0.0.6:50051")
+    _flag(serve, "--pods-dns", metavar="HOST:PORT",
+          help="discover pods from a headless Service's DNS name instead of --pods")
+    _flag(serve, "--redis-url", metavar="URL",
+          help="share the session->pod store with other router replicas "
+          "(redis://HOST:PORT/DB, rediss:// for TLS); default: in-memory store")
+    _flag(serve, "--redis-prefix", default="mrouter:", metavar="PREFIX",
+          help="key prefix in Redis")
+    _flag(serve, "--redis-required", action="store_true",
+          help="exit instead of starting degraded when Redis is unreachable at start-up")
+    _flag(serve, "--metrics-listen", metavar="HOST:PORT",
+          help="serve Prometheus /metrics and /healthz, /readyz over HTTP here")
+    _flag(serve, "--token", metavar="TOKEN",
+          help="the router's own bearer token (an observer identity) for its watch feeds, "
+          "probes and registry replays; client calls always carry the client's token")
+    _flag(serve, "--admin-token", metavar="TOKEN",
+          help="bearer token required by the admin API's mutating calls")
+    _flag(serve, "--probe-timeout-ms", type=int, default=250, metavar="MS",
+          help="how long a miss waits for each pod's status answer")
+    _flag(serve, "--negative-cache-ms", type=int, default=1000, metavar="MS",
+          help="how long 'no pod holds this session' is remembered")
+    _flag(serve, "--retention-s", type=float, default=600.0, metavar="SECONDS",
+          help="how long ended sessions stay routable")
+    _flag(serve, "--channels-per-pod", type=int, default=2, metavar="N",
+          help="gRPC connections per pod (the runtime limits streams per connection)")
+    _flag(serve, "--placement", default="least-sessions-p2c",
+          choices=["least-sessions-p2c", "round-robin"], help="placement policy for new sessions")
+    _flag(serve, "--shutdown-grace-s", type=float, default=10.0, metavar="SECONDS",
+          help="how long SIGTERM waits for in-flight calls")
+    _flag(serve, "--workers", default="1", metavar="N|auto",
+          help="router processes sharing the listen port (SO_REUSEPORT); auto = cores")
+    _flag(serve, "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+          help="log verbosity")
+
+    pod = sub.add_parser(
+        "pod", help="run a simulated MACP runtime pod (tests, demo, load tests)",
+        description="A faithful in-memory MACP runtime pod for tests and demos.",
+    )
+    _flag(pod, "--listen", required=True, metavar="HOST:PORT", help="where the pod listens")
+    _flag(pod, "--name", required=True, metavar="NAME", help="the pod's stable name")
+    _flag(pod, "--state-file", metavar="PATH",
+          help="persist sessions here so a restarted pod replays them")
+    _flag(pod, "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+          help="log verbosity")
+
+    demo = sub.add_parser(
+        "demo", help="3 simulated pods + a router + the macp_sdk client, end to end",
+        description="Start 3 simulated pods and a router on free loopback ports (in-memory "
+        "store), drive a real session flow through the router with the macp_sdk client, and "
+        "show which pod holds each session and how the router located it.",
+    )
+    demo.add_argument("--sessions", type=int, default=6, help="sessions to start (default 6)")
+
+    status = sub.add_parser(
+        "status", help="where does a session live? live | not_found | unknown",
+        description="Ask a running router where a session lives (the answer it routes by).",
+    )
+    status.add_argument("session_id", metavar="SESSION_ID")
+    _flag(status, "--router", default="127.0.0.1:50051", metavar="HOST:PORT",
+          help="the router's gRPC address")
+    status.add_argument("--probe", action="store_true",
+                        help="ask the pods now instead of answering from the cache")
+    _flag(status, "--admin-token", metavar="TOKEN", help="bearer token for the admin API")
+
+    pods = sub.add_parser("pods", help="the pod table: health, feeds, sessions, draining")
+    _flag(pods, "--router", default="127.0.0.1:50051", metavar="HOST:PORT",
+          help="the router's gRPC address")
+    _flag(pods, "--admin-token", metavar="TOKEN", help="bearer token for the admin API")
+
+    for name, verb in (("drain", "stop"), ("undrain", "resume")):
+        drain = sub.add_parser(name, help=f"{verb} placing new sessions on a pod")
+        drain.add_argument("pod", metavar="NAME")
+        _flag(drain, "--router", default="127.0.0.1:50051", metavar="HOST:PORT",
+              help="the router's gRPC address")
+        _flag(drain, "--admin-token", metavar="TOKEN", help="bearer token for the admin API")
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_async(main: Callable[[], object]) -> object:
+    """Run a coroutine function on uvloop when installed, else asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main())  # type: ignore[arg-type]
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())  # type: ignore[arg-type]
+
+
+# -- serve -------------------------------------------------------------------------------------
+def _config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from router.config import RouterConfig, resolve_workers
+    from router.pods import parse_pod_list
+
+    pods = tuple(parse_pod_list(args.pods)) if args.pods else ()
+    return RouterConfig(
+        listen=args.listen,
+        pods=pods,
+        pods_dns=args.pods_dns,
+        redis_url=args.redis_url,
+        redis_prefix=args.redis_prefix,
+        redis_password=os.environ.get(ENV_PREFIX + "REDIS_PASSWORD"),
+        redis_required=args.redis_required,
+        metrics_listen=args.metrics_listen,
+        token=args.token,
+        admin_token=args.admin_token,
+        probe_timeout_ms=int(args.probe_timeout_ms),
+        negative_cache_ms=int(args.negative_cache_ms),
+        retention_s=float(args.retention_s),
+        channels_per_pod=int(args.channels_per_pod),
+        placement=args.placement,
+        shutdown_grace_s=float(args.shutdown_grace_s),
+        log_level=args.log_level,
+        workers=resolve_workers(args.workers),
+    )
+
+
+async def _serve(config) -> int:  # type: ignore[no-untyped-def]
+    from router.app import ListenError, Router
+    from router.store import StoreUnavailable
+
+    log = logging.getLogger("macp_router")
+    router = Router(config)
+    try:
+        await router.start()
+    except (ListenError, StoreUnavailable) as exc:
+        print(f"macp-router serve: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    pods = ", ".join(f"{p.name}={p.address}" for p in config.pods) or config.pods_dns
+    log.info(
+        "ready: serving macp.v1.MACPRuntimeService on %s (pods %s; store %s%s%s)",
+        router.address, pods, router.store.name,
+        "; metrics on " + f"{config.metrics_listen.rpartition(':')[0]}:{router.metrics_port}"
+        if config.metrics_listen else "",
+        f"; pid {os.getpid()}",
+    )
+    await stop.wait()
+    log.info("SIGTERM: no new calls; draining in-flight calls for up to %.1fs",
+             config.shutdown_grace_s)
+    await router.stop()
+    log.info("stopped")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = _config_from_args(args)
+    except ValueError as exc:
+        print(f"macp-router serve: error: {exc} (see macp-router serve --help)", file=sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(config.log_level)
+    if config.workers > 1:
+        from router.workers import run_workers
+
+        return run_workers(config, lambda: int(run_async(lambda: _serve(config))))  # type: ignore[arg-type]
+    return int(run_async(lambda: _serve(config)))  # type: ignore[arg-type]
+
+
+# -- pod ---------------------------------------------------------------------------------------
+def cmd_pod(args: argparse.Namespace) -> int:
+    from router.config import parse_host_port
+    from router.sim import serve_pod
+
+    try:
+        parse_host_port(args.listen, "--listen")
+    except ValueError as exc:
+        print(f"macp-router pod: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(args.log_level)
+
+    async def main() -> int:
+        task = asyncio.ensure_future(serve_pod(args.listen, args.name, args.state_file))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            return 0
+        except (OSError, RuntimeError) as exc:
+            print(f"macp-router pod: error: cannot serve on {args.listen}: {exc}",
+                  file=sys.stderr)
+            return EXIT_FAILURE
+        return 0
+
+    return int(run_async(main))  # type: ignore[arg-type]
+
+
+# -- admin clients -----------------------------------------------------------------------------
+def _admin_call(args: argparse.Namespace, method: str, request: object) -> object:
+    from router.v1 import router_pb2_grpc
+
+    metadata = [("authorization", f"Bearer {args.admin_token}")] if args.admin_token else []
+    with grpc.insecure_channel(args.router) as channel:
+        stub = router_pb2_grpc.RouterAdminStub(channel)
+        return getattr(stub, method)(request, metadata=metadata, timeout=10)
+
+
+def _admin_error(command: str, args: argparse.Namespace, exc: grpc.RpcError) -> int:
+    code = exc.code()  # type: ignore[attr-defined]
+    if code is grpc.StatusCode.UNAVAILABLE:
+        hint = f"is a router listening on {args.router}? (--router HOST:PORT)"
+    elif code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        hint = "pass the router's admin token with --admin-token"
+    else:
+        hint = exc.details()  # type: ignore[attr-defined]
+    print(f"macp-router {command}: error: {code.name}: {hint}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from router.v1 import router_pb2
+
+    try:
+        reply = _admin_call(args, "SessionStatus",
+                            router_pb2.SessionStatusRequest(session_id=args.session_id,
+                                                            probe=args.probe))
+    except grpc.RpcError as exc:
+        return _admin_error("status", args, exc)
+    line = f"{args.session_id}: {reply.status}"  # type: ignore[attr-defined]
+    if reply.pod:  # type: ignore[attr-defined]
+        line += f" on pod {reply.pod}"  # type: ignore[attr-defined]
+    line += f" (source: {reply.source}"  # type: ignore[attr-defined]
+    if reply.state:  # type: ignore[attr-defined]
+        line += f", state: {reply.state}"  # type: ignore[attr-defined]
+    line += ")"
+    print(line)
+    if reply.detail:  # type: ignore[attr-defined]
+        print(f"  {reply.detail}")  # type: ignore[attr-defined]
+    return 0 if reply.status != "unknown" else 3  # type: ignore[attr-defined]
+
+
+def format_pod_table(reply) -> str:  # type: ignore[no-untyped-def]
+    header = ("POD", "ADDRESS", "HEALTH", "FEED", "DRAINING", "OPEN", "CACHED", "LAST ERROR")
+    rows = [header]
+    for pod in reply.pods:
+        rows.append((
+            pod.name, pod.address, "healthy" if pod.healthy else "DOWN",
+            "up" if pod.feed_up else "down", "yes" if pod.draining else "no",
+            str(pod.open_sessions), str(pod.cached_sessions), pod.last_error[:60],
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    store = f"store: {reply.store}" + (" (DEGRADED)" if reply.store_degraded else "")
+    lines.append(f"{store}; cached sessions: {reply.cached_sessions}; router {reply.version}")
+    return "\n".join(lines)
+
+
+def cmd_pods(args: argparse.Namespace) -> int:
+    from router.v1 import router_pb2
+
+    try:
+        reply = _admin_call(args, "ListPods", router_pb2.ListPodsRequest())
+    except grpc.RpcError as exc:
+        return _admin_error("pods", args, exc)
+    print(format_pod_table(reply))
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    from router.v1 import router_pb2
+
+    method = "DrainPod" if args.command == "drain" else "UndrainPod"
+    try:
+        reply = _admin_call(args, method, router_pb2.DrainPodRequest(name=args.pod))
+    except grpc.RpcError as exc:
+        return _admin_error(args.command, args, exc)
+    pod = reply.pod  # type: ignore[attr-defined]
+    state = "draining: no new sessions" if pod.draining else "accepting new sessions"
+    print(f"pod {pod.name}: {state}; {pod.open_sessions} open sessions keep routing")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from router.demo import run_demo
+
+    _setup_logging("warning")
+    return int(run_async(lambda: run_demo(sessions=args.sessions)))  # type: ignore[arg-type]
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": cmd_serve,
+    "pod": cmd_pod,
+    "demo": cmd_demo,
+    "status": cmd_status,
+    "pods": cmd_pods,
+    "drain": cmd_drain,
+    "undrain": cmd_drain,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    with contextlib.suppress(KeyboardInterrupt):
+        return COMMANDS[args.command](args)
+    return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

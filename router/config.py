@@ -1,0 +1,97 @@
+"""Router configuration: one frozen, validated dataclass built once from flags and environment.
+
+Only `router.cli` reads flags and `MACP_ROUTER_*` variables; everything else receives a
+`RouterConfig`. Validation happens in `__post_init__` so a bad value fails at start-up with one
+clear line, never deep inside a running router.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from router.pods import PodSpec
+
+
+def parse_host_port(text: str, what: str) -> tuple[str, int]:
+    """`HOST:PORT` (IPv6 as `[::1]:PORT`) -> (host, port); ValueError naming `what`."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{what}: {text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def resolve_workers(value: str | int) -> int:
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else (os.cpu_count() or 1))
+    try:
+        workers = int(value)
+    except ValueError:
+        raise ValueError(f"--workers: {value!r} is not a number or 'auto'") from None
+    if workers < 1:
+        raise ValueError("--workers must be at least 1")
+    return workers
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    listen: str = "0.0.0.0:50051"
+    pods: tuple[PodSpec, ...] = ()
+    pods_dns: str | None = None
+    redis_url: str | None = None
+    redis_prefix: str = "mrouter:"
+    redis_password: str | None = field(default=None, repr=False)
+    redis_required: bool = False
+    metrics_listen: str | None = None
+    token: str | None = field(default=None, repr=False)
+    admin_token: str | None = field(default=None, repr=False)
+    probe_timeout_ms: int = 250
+    negative_cache_ms: int = 1000
+    retention_s: float = 600.0
+    health_interval_ms: int = 1000
+    channels_per_pod: int = 2
+    placement: str = "least-sessions-p2c"
+    shutdown_grace_s: float = 10.0
+    log_level: str = "info"
+    workers: int = 1
+    max_message_bytes: int = 16 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        parse_host_port(self.listen, "--listen")
+        if self.metrics_listen:
+            parse_host_port(self.metrics_listen, "--metrics-listen")
+        if self.pods_dns:
+            parse_host_port(self.pods_dns, "--pods-dns")
+        if not self.pods and not self.pods_dns:
+            raise ValueError("no pods: give --pods NAME=HOST:PORT[,...] or --pods-dns HOST:PORT")
+        names = [pod.name for pod in self.pods]
+        if len(set(names)) != len(names):
+            raise ValueError("--pods: duplicate pod names")
+        if not 1 <= self.probe_timeout_ms <= 60_000:
+            raise ValueError("--probe-timeout-ms must be between 1 and 60000")
+        if self.negative_cache_ms < 0:
+            raise ValueError("--negative-cache-ms must be >= 0")
+        if self.retention_s <= 0:
+            raise ValueError("--retention-s must be > 0")
+        if not 1 <= self.channels_per_pod <= 64:
+            raise ValueError("--channels-per-pod must be between 1 and 64")
+        if self.health_interval_ms < 50:
+            raise ValueError("--health-interval-ms must be >= 50")
+        if self.workers < 1:
+            raise ValueError("--workers must be at least 1")
+        if self.redis_prefix.startswith("macp:"):
+            raise ValueError("--redis-prefix must not be 'macp:' (that namespace is the runtime's)")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError("--log-level must be debug, info, warning or error")
+
+    @property
+    def probe_timeout_s(self) -> float:
+        return self.probe_timeout_ms / 1000
+
+    @property
+    def router_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The router's own credentials, for feeds, probes and replays only."""
+        if not self.token:
+            return ()
+        return (("authorization", f"Bearer {self.token}"),)

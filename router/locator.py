@@ -1,0 +1,545 @@
+"""Where is session X? The near-cache, the store and the probe fan-out behind one facade.
+
+`Locator` answers in three steps (DESIGN §4):
+1. `try_cached(sid)`: the in-process near-cache, fed by the pods' watch feeds. No I/O.
+2. `lookup(sid)`: the shared `LocationStore` (Redis), then a parallel probe of every healthy
+   pod through the protocol adapter's `probe(pod, sid) -> live | not_found | unknown`.
+3. `place(sid)`: a `PlacementPolicy` picks a pod; the store reserves it atomically and the
+   winner (ours, or the one another caller/router recorded first) is returned.
+
+The locator is protocol-neutral: it knows pod names, session ids, a store and a probe function.
+MACP gRPC (probe = GetSession) and ACP (probe = session/status) plug into the same class.
+
+Invariants:
+- A pod that did not answer is *unknown*, never *not_found*: a lookup with no live answer and
+  at least one unknown (or unhealthy) pod returns UNKNOWN and never places or guesses.
+- Concurrent lookups of one sid share one fan-out (single-flight).
+- All pods not_found -> a short negative-cache entry, cleared by a CREATED event or placement.
+- Invalidation is by (sid, pod): the near-cache first, then the store, each only if the
+  entry still names that pod.
+- A near-cache entry maps a sid to exactly one pod; terminal sessions stay routable for the
+  retention window, then leave the cache.
+- Store failures never fail a lookup: they degrade it to the near-cache and probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from router.metrics import Metrics
+from router.placement import PlacementPolicy
+from router.store import (
+    OPEN,
+    RESERVED,
+    TERMINAL_STATES,
+    Location,
+    LocationStore,
+    StoreUnavailable,
+    now_ms,
+)
+
+log = logging.getLogger("macp_router.locator")
+
+LIVE = "live"
+NOT_FOUND = "not_found"
+UNKNOWN = "unknown"
+
+SOURCE_CACHE = "cache"
+SOURCE_STORE = "store"
+SOURCE_PROBE = "probe"
+SOURCE_NEGATIVE = "negative_cache"
+
+ProbeFn = Callable[[str, str], Awaitable[str]]
+
+
+class PodRoster(Protocol):
+    """The locator's view of the pods: names and whether each answers."""
+
+    def names(self) -> list[str]: ...
+    def is_healthy(self, name: str) -> bool: ...
+    def placeable_names(self) -> list[str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Located:
+    status: str
+    pod: str | None
+    source: str
+    unknown_pods: tuple[str, ...] = ()
+
+    def describe_unknown(self, sid: str, probe_timeout_s: float) -> str:
+        pods = ", ".join(self.unknown_pods) or "none"
+        return (
+            f"session {sid} not located: pods {pods} did not answer within "
+            f"{probe_timeout_s * 1000:.0f} ms (retry)"
+        )
+
+
+class NoPlaceablePod(Exception):
+    """No healthy, non-draining pod can take a new session."""
+
+
+class NearCache:
+    """sid -> pod in process memory.
+
+    An open session costs one dict slot whose value is the (shared) pod-name string. Any other
+    state is a small tuple `(pod, state, expires_at)` (expires_at 0.0 = never). Per-(pod,
+    state) counts are kept exact for placement and metrics.
+    """
+
+    __slots__ = ("_counts", "_entries", "_expiry_queue", "_open_counts")
+
+    def __init__(self) -> None:
+        self._entries: dict[str, str | tuple[str, str, float]] = {}
+        self._counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._open_counts: collections.Counter[str] = collections.Counter()
+        self._expiry_queue: collections.deque[tuple[float, str]] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, sid: str) -> str | None:
+        value = self._entries.get(sid)
+        if value is None or value.__class__ is str:
+            return value  # type: ignore[return-value]
+        pod, _state, expires_at = value  # type: ignore[misc]
+        if expires_at and expires_at <= time.monotonic():
+            self._remove(sid)
+            return None
+        return pod
+
+    def entry(self, sid: str) -> tuple[str, str] | None:
+        """(pod, state) of a cached session, or None."""
+        pod = self.get(sid)
+        if pod is None:
+            return None
+        value = self._entries[sid]
+        return (pod, OPEN) if value.__class__ is str else (pod, value[1])  # type: ignore[index]
+
+    def set(self, sid: str, pod: str, state: str, ttl_s: float = 0.0) -> None:
+        if sid in self._entries:
+            self._remove(sid)
+        if state == OPEN:
+            self._entries[sid] = pod
+        else:
+            expires_at = time.monotonic() + ttl_s if ttl_s else 0.0
+            self._entries[sid] = (pod, state, expires_at)
+            if expires_at:
+                self._expiry_queue.append((expires_at, sid))
+        self._counts[(pod, state)] += 1
+        if state == OPEN or state == RESERVED:
+            self._open_counts[pod] += 1
+
+    def discard(self, sid: str, pod: str) -> bool:
+        """Remove the entry only while it still names `pod`."""
+        value = self._entries.get(sid)
+        if value is None:
+            return False
+        owner = value if value.__class__ is str else value[0]  # type: ignore[index]
+        if owner != pod:
+            return False
+        self._remove(sid)
+        return True
+
+    def _remove(self, sid: str) -> None:
+        value = self._entries.pop(sid)
+        if value.__class__ is str:
+            pod, state = value, OPEN
+        else:
+            pod, state, _ = value  # type: ignore[misc]
+        key = (pod, state)  # type: ignore[assignment]
+        self._counts[key] -= 1  # type: ignore[index]
+        if self._counts[key] <= 0:  # type: ignore[index]
+            del self._counts[key]  # type: ignore[arg-type]
+        if state == OPEN or state == RESERVED:
+            self._open_counts[pod] -= 1  # type: ignore[index]
+            if self._open_counts[pod] <= 0:  # type: ignore[index]
+                del self._open_counts[pod]  # type: ignore[arg-type]
+
+    def sweep(self, now: float | None = None, limit: int = 10_000) -> int:
+        """Drop expired entries (oldest first, at most `limit`); returns how many."""
+        now = time.monotonic() if now is None else now
+        dropped = 0
+        queue = self._expiry_queue
+        while queue and queue[0][0] <= now and dropped < limit:
+            expires_at, sid = queue.popleft()
+            value = self._entries.get(sid)
+            if value is not None and value.__class__ is tuple and value[2] == expires_at:
+                self._remove(sid)
+                dropped += 1
+        return dropped
+
+    def sessions_of(self, pod: str) -> list[tuple[str, str]]:
+        """(sid, state) of every entry on `pod`. O(cache size): reconcile only."""
+        result = []
+        for sid, value in self._entries.items():
+            if value.__class__ is str:
+                if value == pod:
+                    result.append((sid, OPEN))
+            elif value[0] == pod:  # type: ignore[index]
+                result.append((sid, value[1]))  # type: ignore[index]
+        return result
+
+    def items(self) -> Iterable[tuple[str, str, str]]:
+        for sid, value in list(self._entries.items()):
+            if value.__class__ is str:
+                yield sid, value, OPEN  # type: ignore[misc]
+            else:
+                yield sid, value[0], value[1]  # type: ignore[misc, index]
+
+    def counts(self) -> Mapping[tuple[str, str], int]:
+        return self._counts
+
+    def open_counts(self) -> Mapping[str, int]:
+        return self._open_counts
+
+
+class Locator:
+    def __init__(
+        self,
+        *,
+        roster: PodRoster,
+        store: LocationStore,
+        probe: ProbeFn,
+        placement: PlacementPolicy,
+        metrics: Metrics,
+        protocol: str = "macp",
+        probe_timeout_s: float = 0.25,
+        negative_ttl_s: float = 1.0,
+        retention_s: float = 600.0,
+        reservation_grace_s: float = 30.0,
+    ) -> None:
+        self.roster = roster
+        self.store = store
+        self.probe = probe
+        self.placement = placement
+        self.metrics = metrics
+        self.protocol = protocol
+        self.probe_timeout_s = probe_timeout_s
+        self.negative_ttl_s = negative_ttl_s
+        self.retention_s = retention_s
+        self.reservation_grace_s = reservation_grace_s
+        self.near = NearCache()
+        self._negative: dict[str, float] = {}
+        self._inflight: dict[str, asyncio.Future[Located]] = {}
+        self._recent_placements: dict[str, float] = {}
+        self._pending_writes: dict[str, Location] = {}
+        self._write_wakeup = asyncio.Event()
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._writer: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.store_writes_failed = 0
+        metrics.watch_cached_sessions(self.near.counts)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop(), name="locator-store-writer")
+        self._sweeper = asyncio.create_task(self._sweep_loop(), name="locator-sweeper")
+        self.store.on_recovered = self.resync_store
+
+    async def aclose(self) -> None:
+        for task in [self._writer, self._sweeper, *self._tasks]:
+            if task is not None:
+                task.cancel()
+        for task in [self._writer, self._sweeper, *self._tasks]:
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._tasks.clear()
+
+    def _spawn(self, coro: Awaitable[object], name: str) -> None:
+        task: asyncio.Task[object] = asyncio.ensure_future(coro)  # type: ignore[assignment]
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- 1. near-cache -------------------------------------------------------------------------
+    def try_cached(self, sid: str) -> str | None:
+        """The pod holding `sid` according to the near-cache; no I/O."""
+        return self.near.get(sid)
+
+    # -- 2./3. store, then probes -----------------------------------------------------------
+    async def lookup(self, sid: str, *, use_negative: bool = True) -> Located:
+        """Locate `sid` past the near-cache: store, then a probe fan-out (single-flight)."""
+        pod = self.near.get(sid)
+        if pod is not None:
+            self.metrics.record_locate(self.protocol, "hit")
+            return Located(LIVE, pod, SOURCE_CACHE)
+        if use_negative:
+            expires_at = self._negative.get(sid)
+            if expires_at is not None:
+                if expires_at > time.monotonic():
+                    self.metrics.record_locate(self.protocol, "negative_hit")
+                    return Located(NOT_FOUND, None, SOURCE_NEGATIVE)
+                del self._negative[sid]
+        inflight = self._inflight.get(sid)
+        if inflight is not None:
+            self.metrics.coalesced_misses.labels(self.protocol).inc()
+            return await asyncio.shield(inflight)
+        future: asyncio.Future[Located] = asyncio.get_running_loop().create_future()
+        self._inflight[sid] = future
+        try:
+            result = await self._locate_uncached(sid)
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # mark retrieved: waiters re-raise it
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            self._inflight.pop(sid, None)
+
+    async def _locate_uncached(self, sid: str) -> Located:
+        location = await self._store_get(sid)
+        if location is not None:
+            self._cache(sid, location.pod, location.state)
+            self.metrics.record_locate(self.protocol, "store_hit")
+            return Located(LIVE, location.pod, SOURCE_STORE)
+        result = await self._probe_all(sid)
+        if result.status == LIVE:
+            assert result.pod is not None
+            self._cache(sid, result.pod, OPEN)
+            self._enqueue_write(sid, Location(result.pod, OPEN, "", now_ms()))
+            self.metrics.record_locate(self.protocol, "probe_hit")
+        elif result.status == NOT_FOUND:
+            self._negative[sid] = time.monotonic() + self.negative_ttl_s
+            self.metrics.record_locate(self.protocol, "not_found")
+        else:
+            self.metrics.record_locate(self.protocol, "unknown")
+        return result
+
+    async def _store_get(self, sid: str) -> Location | None:
+        try:
+            return await self.store.get(sid)
+        except StoreUnavailable:
+            return None
+
+    async def _probe_all(self, sid: str) -> Located:
+        names = self.roster.names()
+        silent = [name for name in names if not self.roster.is_healthy(name)]
+        targets = [name for name in names if self.roster.is_healthy(name)]
+        self.metrics.probe_fanouts.labels(self.protocol).inc()
+        started = time.perf_counter()
+        if not targets:
+            return Located(UNKNOWN, None, SOURCE_PROBE, tuple(silent))
+        tasks = {
+            asyncio.ensure_future(self._probe_one(name, sid)): name for name in targets
+        }
+        live: list[str] = []
+        unknown = list(silent)
+        pending = set(tasks)
+        try:
+            while pending and not live:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    answer = task.result()
+                    if answer == LIVE:
+                        live.append(tasks[task])
+                    elif answer != NOT_FOUND:
+                        unknown.append(tasks[task])
+        finally:
+            self.metrics.probe_duration.labels(self.protocol).observe(
+                time.perf_counter() - started
+            )
+        if pending:
+            # First live answer wins; the rest finish in the background to spot duplicates.
+            self._spawn(self._watch_for_duplicates(sid, live[0], pending, tasks), "dup-check")
+        if live:
+            if len(live) > 1:
+                self._report_duplicate(sid, live)
+            return Located(LIVE, live[0], SOURCE_PROBE)
+        if unknown:
+            return Located(UNKNOWN, None, SOURCE_PROBE, tuple(sorted(unknown)))
+        return Located(NOT_FOUND, None, SOURCE_PROBE)
+
+    async def _probe_one(self, pod: str, sid: str) -> str:
+        try:
+            answer = await asyncio.wait_for(self.probe(pod, sid), self.probe_timeout_s)
+        except TimeoutError:
+            answer = UNKNOWN
+        except Exception as exc:  # an adapter bug must not turn into not_found
+            log.warning("probe of %s on pod %s failed: %r", sid, pod, exc)
+            answer = UNKNOWN
+        if answer not in (LIVE, NOT_FOUND):
+            answer = UNKNOWN
+        self.metrics.record_probe(self.protocol, pod, answer)
+        return answer
+
+    async def _watch_for_duplicates(
+        self,
+        sid: str,
+        winner: str,
+        pending: set[asyncio.Future[str]],
+        names: Mapping[asyncio.Future[str], str],
+    ) -> None:
+        done, _ = await asyncio.wait(pending)
+        extra = [names[task] for task in done if not task.cancelled() and task.result() == LIVE]
+        if extra:
+            self._report_duplicate(sid, [winner, *extra])
+
+    def _report_duplicate(self, sid: str, pods: Sequence[str]) -> None:
+        self.metrics.duplicate_sessions.labels(self.protocol).inc()
+        log.warning(
+            "session %s is live on more than one pod (%s); routing to %s",
+            sid, ", ".join(pods), pods[0],
+        )
+
+    # -- placement -----------------------------------------------------------------------------
+    async def place(self, sid: str) -> tuple[str, bool]:
+        """Reserve `sid` on a chosen pod. Returns (owner, won): the owner is final.
+
+        If the sid is already known (near-cache or store), that pod is returned with
+        won=False and nothing is reserved. Raises `NoPlaceablePod` when no pod can take it.
+        """
+        cached = self.near.get(sid)
+        if cached is not None:
+            return cached, False
+        candidates = self.roster.placeable_names()
+        choice = self.placement.select(candidates, self.near.open_counts())
+        if choice is None:
+            names = self.roster.names()
+            raise NoPlaceablePod(
+                "no pod can take a new session: "
+                + (", ".join(names) + " are unhealthy or draining" if names else "no pods")
+            )
+        try:
+            owner = await self.store.reserve(sid, choice)
+        except StoreUnavailable:
+            owner = choice  # single-router mode: the near-cache is the only reservation
+        cached = self.near.get(sid)
+        if cached is not None and cached != owner and owner == choice:
+            # Another caller in this process reserved it while we awaited the store.
+            owner = cached
+        won = owner == choice and cached is None
+        if cached is None:
+            self.near.set(sid, owner, RESERVED, self.reservation_grace_s * 10)
+        self._negative.pop(sid, None)
+        self._recent_placements[sid] = time.monotonic()
+        self.metrics.record_placement(self.protocol, owner, "placed" if won else "lost_race")
+        return owner, won
+
+    def confirm(self, sid: str, pod: str) -> None:
+        """The pod accepted the start: the session is open there (before its feed says so)."""
+        if self.near.entry(sid) == (pod, RESERVED):
+            self.near.set(sid, pod, OPEN)
+            self._enqueue_write(sid, Location(pod, OPEN, "", now_ms()))
+
+    async def release(self, sid: str, pod: str) -> None:
+        """Undo a reservation the pod provably did not accept."""
+        self.metrics.record_placement(self.protocol, pod, "released")
+        if self.near.entry(sid) == (pod, RESERVED):
+            self.near.discard(sid, pod)
+        self._recent_placements.pop(sid, None)
+        with contextlib.suppress(StoreUnavailable):
+            location = await self.store.get(sid)
+            if location is not None and location.state == RESERVED:
+                await self.store.delete(sid, pod)
+
+    # -- invalidation --------------------------------------------------------------------------
+    async def invalidate(self, sid: str, pod: str) -> None:
+        """`pod` said it does not hold `sid`: forget that route, near-cache first, then store."""
+        self.near.discard(sid, pod)
+        self._recent_placements.pop(sid, None)
+        self._pending_writes.pop(sid, None)
+        self.metrics.record_locate(self.protocol, "stale")
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.delete(sid, pod)
+
+    # -- what the feeds teach -------------------------------------------------------------------
+    def observe(self, pod: str, sid: str, state: str, incarnation: str = "") -> None:
+        """A pod's own feed reported `sid` in `state`: the authoritative write."""
+        current = self.near.entry(sid)
+        if current is not None and current[0] != pod and current[1] not in TERMINAL_STATES:
+            if current[1] != RESERVED:
+                self._report_duplicate(sid, [current[0], pod])
+        ttl = self.retention_s if state in TERMINAL_STATES else 0.0
+        self.near.set(sid, pod, state, ttl)
+        self._negative.pop(sid, None)
+        self._recent_placements.pop(sid, None)
+        self._enqueue_write(sid, Location(pod, state, incarnation, now_ms()))
+
+    async def reconcile(self, pod: str, present: set[str], since: float) -> int:
+        """After a feed reconnect: drop entries for `pod` that the pod no longer lists.
+
+        `since` is when the reconcile listing started; reservations made after it (or within
+        the reservation grace) are kept, since the pod may not have created them yet.
+        """
+        grace_start = since - self.reservation_grace_s
+        keep = set(present)
+        for sid, placed_at in list(self._recent_placements.items()):
+            if placed_at >= grace_start:
+                keep.add(sid)
+            else:
+                del self._recent_placements[sid]
+        dropped = 0
+        for sid, state in self.near.sessions_of(pod):
+            if sid in keep or state in TERMINAL_STATES:
+                continue
+            self.near.discard(sid, pod)
+            dropped += 1
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.drop_pod_sessions(pod, keep)
+        if dropped:
+            self.metrics.reconcile_dropped.labels(self.metrics.pod_label(pod)).inc(dropped)
+            log.info("pod %s: reconcile dropped %d stale entries", pod, dropped)
+        return dropped
+
+    async def forget_pod(self, pod: str) -> None:
+        """A pod left the set for good: drop its entries everywhere."""
+        for sid, _state in self.near.sessions_of(pod):
+            self.near.discard(sid, pod)
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.drop_pod_sessions(pod, set())
+
+    # -- store write-behind --------------------------------------------------------------------
+    def _cache(self, sid: str, pod: str, state: str) -> None:
+        ttl = self.retention_s if state in TERMINAL_STATES else 0.0
+        self.near.set(sid, pod, state, ttl)
+
+    def _enqueue_write(self, sid: str, location: Location) -> None:
+        self._pending_writes[sid] = location
+        self._write_wakeup.set()
+
+    async def flush(self) -> None:
+        """Write every pending entry now (tests and shutdown)."""
+        while self._pending_writes:
+            batch = self._pending_writes
+            self._pending_writes = {}
+            try:
+                await self.store.put_many(batch.items())
+            except StoreUnavailable:
+                self.store_writes_failed += len(batch)
+                return
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._write_wakeup.wait()
+            self._write_wakeup.clear()
+            await self.flush()
+
+    async def resync_store(self) -> None:
+        """The store came back (or was flushed): write the whole near-cache into it."""
+        entries = [
+            (sid, Location(pod, state, "", now_ms())) for sid, pod, state in self.near.items()
+        ]
+        log.info("store recovered: resyncing %d cached sessions", len(entries))
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.put_many(entries)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.near.sweep()
+            now = time.monotonic()
+            if len(self._negative) > 1000:
+                for sid in [s for s, t in self._negative.items() if t <= now]:
+                    del self._negative[sid]

@@ -1,0 +1,251 @@
+"""Every Prometheus metric of the router, in one place, with helpers that bound label values.
+
+Names follow `macp_router_<thing>_<unit>`: counters end in `_total`, durations in `_seconds`.
+Label values are bounded: call sites pass what they have and the helpers map anything outside
+the known set (methods of the route table, configured pods, gRPC codes, locate results) to
+"unknown". A session id is never a label.
+
+Each `Metrics` owns its own `CollectorRegistry` (no module globals), so several routers can run
+in one process (tests) without clashing. Hot-path helpers cache labelled children.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+PROTOCOLS = frozenset({"macp", "acp"})
+LOCATE_RESULTS = frozenset(
+    {"hit", "store_hit", "probe_hit", "not_found", "negative_hit", "unknown", "stale"}
+)
+PROBE_RESULTS = frozenset({"live", "not_found", "unknown"})
+BROADCAST_RESULTS = frozenset({"ok", "partial", "failed"})
+PLACEMENT_RESULTS = frozenset({"placed", "lost_race", "released"})
+WATCH_EVENTS = frozenset(
+    {"created", "resolved", "expired", "suspended", "resumed", "cancelled", "unspecified"}
+)
+GRPC_CODES = frozenset(code.name for code in grpc.StatusCode)
+UNKNOWN = "unknown"
+
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+def bounded(value: str, allowed: Iterable[str] | frozenset[str]) -> str:
+    """`value` if it is one of `allowed`, else "unknown" (keeps label cardinality bounded)."""
+    return value if value in allowed else UNKNOWN
+
+
+class _CachedSessionsCollector(Collector):
+    """`macp_router_cached_sessions{pod,state}` read from the near-cache at scrape time."""
+
+    def __init__(self, source: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        self._source = source
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        family = GaugeMetricFamily(
+            "macp_router_cached_sessions",
+            "Sessions in the near-cache by pod and state",
+            labels=["pod", "state"],
+        )
+        for (pod, state), count in sorted(self._source().items()):
+            family.add_metric([pod, state], count)
+        yield family
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.known_pods: set[str] = set()
+        self.known_methods: set[str] = set()
+        self.requests = Counter(
+            "macp_router_requests",
+            "Calls handled, by method, route class, pod and gRPC code",
+            ["protocol", "method", "route", "pod", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "macp_router_request_duration_seconds",
+            "Time from a call's arrival to its last byte, by method and route class",
+            ["protocol", "method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.locate = Counter(
+            "macp_router_locate",
+            "Session lookups by result (hit, store_hit, probe_hit, not_found, negative_hit, "
+            "unknown, stale)",
+            ["protocol", "result"],
+            registry=r,
+        )
+        self.probe_fanouts = Counter(
+            "macp_router_probe_fanouts", "Probe fan-outs started on a miss", ["protocol"],
+            registry=r,
+        )
+        self.probes = Counter(
+            "macp_router_probes", "Single-pod probes by answer", ["protocol", "pod", "result"],
+            registry=r,
+        )
+        self.probe_duration = Histogram(
+            "macp_router_probe_duration_seconds",
+            "Time for a probe fan-out to reach its answer",
+            ["protocol"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.coalesced_misses = Counter(
+            "macp_router_coalesced_misses",
+            "Misses that joined a fan-out already in flight for the same session",
+            ["protocol"],
+            registry=r,
+        )
+        self.duplicate_sessions = Counter(
+            "macp_router_duplicate_sessions",
+            "Probe fan-outs where more than one pod answered live for one session",
+            ["protocol"],
+            registry=r,
+        )
+        self.placements = Counter(
+            "macp_router_placements",
+            "Session placements by pod and result (placed, lost_race, released)",
+            ["protocol", "pod", "result"],
+            registry=r,
+        )
+        self.broadcasts = Counter(
+            "macp_router_broadcasts",
+            "Broadcast registry calls by method and outcome (ok, partial, failed)",
+            ["method", "result"],
+            registry=r,
+        )
+        self.broadcast_replays = Counter(
+            "macp_router_broadcast_replays",
+            "Registry calls replayed to a pod that joined or restarted",
+            ["pod", "result"],
+            registry=r,
+        )
+        self.watch_up = Gauge(
+            "macp_router_watch_up", "1 while the pod's WatchSessions feed is connected",
+            ["pod"], registry=r,
+        )
+        self.watch_reconnects = Counter(
+            "macp_router_watch_reconnects", "WatchSessions feed reconnects", ["pod"],
+            registry=r,
+        )
+        self.watch_events = Counter(
+            "macp_router_watch_events", "Lifecycle events applied from the feeds",
+            ["pod", "event"], registry=r,
+        )
+        self.reconcile_dropped = Counter(
+            "macp_router_reconcile_dropped",
+            "Cached entries dropped by a post-reconnect ListSessions reconcile",
+            ["pod"],
+            registry=r,
+        )
+        self.active_streams = Gauge(
+            "macp_router_active_streams", "Streaming calls in flight", ["protocol", "method"],
+            registry=r,
+        )
+        self.pod_healthy = Gauge(
+            "macp_router_pod_healthy", "1 while the pod answers health checks", ["pod"],
+            registry=r,
+        )
+        self.pod_draining = Gauge(
+            "macp_router_pod_draining", "1 while the pod takes no new placements", ["pod"],
+            registry=r,
+        )
+        self.store_degraded = Gauge(
+            "macp_router_store_degraded", "1 while the location store is unreachable",
+            registry=r,
+        )
+        self.redis_command_duration = Histogram(
+            "macp_router_redis_command_duration_seconds",
+            "Redis command (or pipeline) latency",
+            ["command"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._request_children: dict[tuple[str, str, str, str, str], tuple[object, object]] = {}
+        self._locate_children: dict[tuple[str, str], object] = {}
+
+    # -- registration of bounded label sets -------------------------------------------------
+    def add_pod(self, pod: str) -> None:
+        self.known_pods.add(pod)
+        self.pod_healthy.labels(pod).set(0)
+        self.watch_up.labels(pod).set(0)
+
+    def add_methods(self, methods: Iterable[str]) -> None:
+        self.known_methods.update(methods)
+
+    def watch_cached_sessions(self, source: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        self.registry.register(_CachedSessionsCollector(source))
+
+    def pod_label(self, pod: str | None) -> str:
+        if not pod:
+            return "none"
+        return bounded(pod, self.known_pods)
+
+    # -- hot-path helpers --------------------------------------------------------------------
+    def record_request(
+        self, protocol: str, method: str, route: str, pod: str | None, code: str, seconds: float
+    ) -> None:
+        key = (protocol, method, route, pod or "none", code)
+        children = self._request_children.get(key)
+        if children is None:
+            labels = (
+                bounded(protocol, PROTOCOLS),
+                bounded(method, self.known_methods),
+                route,
+                self.pod_label(pod),
+                bounded(code, GRPC_CODES),
+            )
+            children = (
+                self.requests.labels(*labels),
+                self.request_duration.labels(labels[0], labels[1], labels[2]),
+            )
+            self._request_children[key] = children
+        counter, histogram = children
+        counter.inc()  # type: ignore[attr-defined]
+        histogram.observe(seconds)  # type: ignore[attr-defined]
+
+    def record_locate(self, protocol: str, result: str) -> None:
+        key = (protocol, result)
+        child = self._locate_children.get(key)
+        if child is None:
+            child = self.locate.labels(
+                bounded(protocol, PROTOCOLS), bounded(result, LOCATE_RESULTS)
+            )
+            self._locate_children[key] = child
+        child.inc()  # type: ignore[attr-defined]
+
+    def record_probe(self, protocol: str, pod: str, result: str) -> None:
+        self.probes.labels(
+            bounded(protocol, PROTOCOLS), self.pod_label(pod), bounded(result, PROBE_RESULTS)
+        ).inc()
+
+    def record_placement(self, protocol: str, pod: str, result: str) -> None:
+        self.placements.labels(
+            bounded(protocol, PROTOCOLS), self.pod_label(pod), bounded(result, PLACEMENT_RESULTS)
+        ).inc()
+
+    def record_broadcast(self, method: str, result: str) -> None:
+        self.broadcasts.labels(
+            bounded(method, self.known_methods), bounded(result, BROADCAST_RESULTS)
+        ).inc()
+
+    def record_watch_event(self, pod: str, event: str) -> None:
+        self.watch_events.labels(self.pod_label(pod), bounded(event, WATCH_EVENTS)).inc()
+
+    def set_pod_health(self, pod: str, healthy: bool, draining: bool) -> None:
+        label = self.pod_label(pod)
+        self.pod_healthy.labels(label).set(1 if healthy else 0)
+        self.pod_draining.labels(label).set(1 if draining else 0)
+
+    def observe_redis(self, command: str, seconds: float) -> None:
+        self.redis_command_duration.labels(command.lower()[:32]).observe(seconds)

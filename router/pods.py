@@ -1,0 +1,284 @@
+"""The pod set: runtime pods by stable name, their pooled channels, health and drain state.
+
+A pod is identified by its name (a StatefulSet pod name), never by its address. Each pod owns
+a small pool of gRPC channels (the runtime limits streams and in-flight requests per
+connection) and one health loop that checks `grpc.health.v1` and wakes early when a forward
+or probe fails.
+
+Invariants:
+- `healthy` is False from the first failed forward/probe/check until a health check answers
+  SERVING; unhealthy and draining pods are never offered for placement.
+- Channel reconnect backoff is capped at about 1 s, so a restarted pod is reachable within
+  seconds and its health flips back within one check interval.
+- Every background task is owned by its `Pod` and cancelled by `aclose()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+log = logging.getLogger("macp_router.pods")
+
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # One TCP connection per channel: pooled channels must not share a subchannel.
+    ("grpc.use_local_subchannel_pool", 1),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class PodSpec:
+    name: str
+    address: str
+
+
+def parse_pod_list(text: str) -> list[PodSpec]:
+    """Parse `NAME=HOST:PORT[,NAME=HOST:PORT...]`; raise ValueError naming the bad part."""
+    specs: list[PodSpec] = []
+    seen_names: set[str] = set()
+    seen_addresses: set[str] = set()
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        name, sep, address = item.partition("=")
+        name, address = name.strip(), address.strip()
+        if not sep or not name or not address:
+            raise ValueError(f"pod entry {item!r} is not NAME=HOST:PORT")
+        host, colon, port = address.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"pod {name!r}: address {address!r} is not HOST:PORT")
+        if name in seen_names:
+            raise ValueError(f"pod name {name!r} appears twice")
+        if address in seen_addresses:
+            raise ValueError(f"pod address {address!r} appears twice")
+        seen_names.add(name)
+        seen_addresses.add(address)
+        specs.append(PodSpec(name, address))
+    if not specs:
+        raise ValueError("no pods given (expected NAME=HOST:PORT[,NAME=HOST:PORT...])")
+    return specs
+
+
+class Pod:
+    """One runtime pod: channels, health, drain state, and per-method multicallables."""
+
+    def __init__(
+        self,
+        spec: PodSpec,
+        *,
+        channels: int = 2,
+        channel_options: Iterable[tuple[str, object]] = (),
+        health_interval_s: float = 1.0,
+        health_timeout_s: float = 1.0,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.name = spec.name
+        self.address = spec.address
+        options = [*CHANNEL_OPTIONS, *channel_options]
+        if credentials is None:
+            self._channels = [
+                grpc.aio.insecure_channel(spec.address, options=options) for _ in range(channels)
+            ]
+        else:
+            self._channels = [
+                grpc.aio.secure_channel(spec.address, credentials, options=options)
+                for _ in range(channels)
+            ]
+        self._next = itertools.cycle(range(len(self._channels))).__next__
+        self._unary: list[dict[str, grpc.aio.UnaryUnaryMultiCallable]] = [
+            {} for _ in self._channels
+        ]
+        self._health_stub = health_pb2_grpc.HealthStub(self._channels[0])
+        self.healthy = False
+        self.draining = False
+        self.feed_up = False
+        self.last_error = ""
+        self._health_interval_s = health_interval_s
+        self._health_timeout_s = health_timeout_s
+        self._wake = asyncio.Event()
+        self._health_task: asyncio.Task[None] | None = None
+        self._became_healthy = asyncio.Event()
+        self.on_health_change: Callable[[Pod], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"Pod({self.name}@{self.address}, healthy={self.healthy})"
+
+    # -- calls -------------------------------------------------------------------------------
+    def unary(self, path: str) -> grpc.aio.UnaryUnaryMultiCallable:
+        """A raw-bytes unary multicallable on the next pooled channel (cached per channel)."""
+        index = self._next()
+        cache = self._unary[index]
+        multicallable = cache.get(path)
+        if multicallable is None:
+            multicallable = self._channels[index].unary_unary(path)
+            cache[path] = multicallable
+        return multicallable
+
+    def unary_stream(self, path: str) -> grpc.aio.UnaryStreamMultiCallable:
+        return self._channels[self._next()].unary_stream(path)
+
+    def stream_stream(self, path: str) -> grpc.aio.StreamStreamMultiCallable:
+        return self._channels[self._next()].stream_stream(path)
+
+    def stream_unary(self, path: str) -> grpc.aio.StreamUnaryMultiCallable:
+        return self._channels[self._next()].stream_unary(path)
+
+    @property
+    def placeable(self) -> bool:
+        return self.healthy and not self.draining
+
+    # -- health ------------------------------------------------------------------------------
+    def report_failure(self, reason: str) -> None:
+        """A forward, probe or feed failed in a way that says the pod is not answering."""
+        self.last_error = reason
+        if self.healthy:
+            log.warning("pod %s marked unhealthy: %s", self.name, reason)
+            self._set_healthy(False)
+        self._wake.set()
+
+    def report_success(self) -> None:
+        if not self.healthy:
+            self._set_healthy(True)
+
+    def _set_healthy(self, healthy: bool) -> None:
+        self.healthy = healthy
+        if healthy:
+            self.last_error = ""
+            self._became_healthy.set()
+        else:
+            self._became_healthy.clear()
+        if self.on_health_change is not None:
+            self.on_health_change(self)
+
+    async def wait_healthy(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._became_healthy.wait(), timeout)
+        return self.healthy
+
+    async def check_health(self) -> bool:
+        try:
+            reply = await self._health_stub.Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=self._health_timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            reason = f"health check failed: {exc.code().name} {exc.details() or ''}".strip()
+            if self.healthy:
+                self.report_failure(reason)
+            else:
+                self.last_error = reason
+            return False
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            self.report_failure(f"health check answered {status_name}")
+            return False
+        if not self.healthy:
+            log.info("pod %s (%s) is healthy", self.name, self.address)
+        self.report_success()
+        return True
+
+    async def _health_loop(self) -> None:
+        while True:
+            await self.check_health()
+            interval = self._health_interval_s if self.healthy else self._health_interval_s / 4
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._health_task is None:
+            self._health_task = asyncio.create_task(
+                self._health_loop(), name=f"health:{self.name}"
+            )
+
+    async def aclose(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+            self._health_task = None
+        for channel in self._channels:
+            await channel.close()
+
+
+class PodSet:
+    """All pods by name, with the views the locator and placement need."""
+
+    def __init__(self, **pod_options: object) -> None:
+        self._pods: dict[str, Pod] = {}
+        self._pod_options = pod_options
+        self._round_robin = itertools.count()
+        self.on_join: list[Callable[[Pod], None]] = []
+        self.on_leave: list[Callable[[Pod], None]] = []
+        self.on_health_change: list[Callable[[Pod], None]] = []
+
+    def __len__(self) -> int:
+        return len(self._pods)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self._pods.values()))
+
+    def get(self, name: str) -> Pod | None:
+        return self._pods.get(name)
+
+    def names(self) -> list[str]:
+        return list(self._pods)
+
+    def is_healthy(self, name: str) -> bool:
+        pod = self._pods.get(name)
+        return pod is not None and pod.healthy
+
+    def healthy(self) -> list[Pod]:
+        return [pod for pod in self._pods.values() if pod.healthy]
+
+    def placeable_names(self) -> list[str]:
+        return [pod.name for pod in self._pods.values() if pod.placeable]
+
+    def any_healthy(self) -> Pod | None:
+        """One healthy pod, round robin; None when none is healthy."""
+        healthy = self.healthy()
+        if not healthy:
+            return None
+        return healthy[next(self._round_robin) % len(healthy)]
+
+    def add(self, spec: PodSpec) -> Pod:
+        if spec.name in self._pods:
+            raise ValueError(f"pod {spec.name!r} already exists")
+        pod = Pod(spec, **self._pod_options)  # type: ignore[arg-type]
+        pod.on_health_change = self._health_changed
+        self._pods[spec.name] = pod
+        pod.start()
+        for callback in self.on_join:
+            callback(pod)
+        return pod
+
+    async def remove(self, name: str) -> None:
+        pod = self._pods.pop(name, None)
+        if pod is None:
+            return
+        for callback in self.on_leave:
+            callback(pod)
+        await pod.aclose()
+
+    def _health_changed(self, pod: Pod) -> None:
+        for callback in self.on_health_change:
+            callback(pod)
+
+    async def aclose(self) -> None:
+        for name in list(self._pods):
+            await self.remove(name)

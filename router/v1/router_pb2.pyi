@@ -1,0 +1,83 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SessionStatusRequest(_message.Message):
+    __slots__ = ("session_id", "probe")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    probe: bool
+    def __init__(self, session_id: _Optional[str] = ..., probe: _Optional[bool] = ...) -> None: ...
+
+class SessionStatusResponse(_message.Message):
+    __slots__ = ("status", "pod", "source", "state", "unknown_pods", "detail")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_PODS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    status: str
+    pod: str
+    source: str
+    state: str
+    unknown_pods: _containers.RepeatedScalarFieldContainer[str]
+    detail: str
+    def __init__(self, status: _Optional[str] = ..., pod: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[str] = ..., unknown_pods: _Optional[_Iterable[str]] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class ListPodsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PodStatus(_message.Message):
+    __slots__ = ("name", "address", "healthy", "draining", "feed_up", "open_sessions", "cached_sessions", "last_error", "feed_reconnects")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    FEED_UP_FIELD_NUMBER: _ClassVar[int]
+    OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    FEED_RECONNECTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    healthy: bool
+    draining: bool
+    feed_up: bool
+    open_sessions: int
+    cached_sessions: int
+    last_error: str
+    feed_reconnects: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ..., feed_up: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., cached_sessions: _Optional[int] = ..., last_error: _Optional[str] = ..., feed_reconnects: _Optional[int] = ...) -> None: ...
+
+class ListPodsResponse(_message.Message):
+    __slots__ = ("pods", "store", "store_degraded", "version", "cached_sessions")
+    PODS_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    STORE_DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CACHED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    pods: _containers.RepeatedCompositeFieldContainer[PodStatus]
+    store: str
+    store_degraded: bool
+    version: str
+    cached_sessions: int
+    def __init__(self, pods: _Optional[_Iterable[_Union[PodStatus, _Mapping]]] = ..., store: _Optional[str] = ..., store_degraded: _Optional[bool] = ..., version: _Optional[str] = ..., cached_sessions: _Optional[int] = ...) -> None: ...
+
+class DrainPodRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DrainPodResponse(_message.Message):
+    __slots__ = ("pod",)
+    POD_FIELD_NUMBER: _ClassVar[int]
+    pod: PodStatus
+    def __init__(self, pod: _Optional[_Union[PodStatus, _Mapping]] = ...) -> None: ...

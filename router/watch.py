@@ -1,0 +1,229 @@
+"""Per-pod WatchSessions feeds: how the router learns where sessions live without probing.
+
+One `WatchFeed` per pod holds a long-lived `WatchSessions` stream opened with the router's own
+credentials. The first events are the pod's snapshot (a CREATED per open session), then live
+changes; each is applied to the locator (near-cache, then the store, write-behind).
+
+Invariants:
+- After every (re)subscribe the feed reconciles with a full `ListSessions`: entries for the pod
+  that the pod neither lists nor reported on the new stream are dropped, and listed states win
+  over cached ones (a session resolved while the feed was down is not left open).
+  The watch stream alone is never trusted to be complete.
+- Reconnects use exponential backoff with jitter, capped (default 2 s), reset after a healthy
+  connection; a pod that restarts replays its sessions as CREATED and is re-learned.
+- Every (re)connect calls `on_connect(pod)` (broadcast replay) before the feed is marked up.
+- The feed's task is owned by the feed: `start()` creates it, `aclose()` cancels it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+from macp.v1 import core_pb2, envelope_pb2
+
+from router import store
+from router.locator import Locator
+from router.metrics import Metrics
+from router.pods import Pod
+
+log = logging.getLogger("macp_router.watch")
+
+WATCH_PATH = "/macp.v1.MACPRuntimeService/WatchSessions"
+LIST_PATH = "/macp.v1.MACPRuntimeService/ListSessions"
+
+_EventType = core_pb2.SessionLifecycleEvent.EventType
+EVENT_NAMES = {value: name.removeprefix("EVENT_TYPE_").lower()
+               for name, value in _EventType.items()}
+EVENT_STATES = {
+    _EventType.EVENT_TYPE_CREATED: store.OPEN,
+    _EventType.EVENT_TYPE_RESUMED: store.OPEN,
+    _EventType.EVENT_TYPE_SUSPENDED: store.SUSPENDED,
+    _EventType.EVENT_TYPE_RESOLVED: store.RESOLVED,
+    _EventType.EVENT_TYPE_EXPIRED: store.EXPIRED,
+    _EventType.EVENT_TYPE_CANCELLED: store.CANCELLED,
+}
+SESSION_STATES = {
+    envelope_pb2.SESSION_STATE_OPEN: store.OPEN,
+    envelope_pb2.SESSION_STATE_SUSPENDED: store.SUSPENDED,
+    envelope_pb2.SESSION_STATE_RESOLVED: store.RESOLVED,
+    envelope_pb2.SESSION_STATE_EXPIRED: store.EXPIRED,
+    envelope_pb2.SESSION_STATE_CANCELLED: store.CANCELLED,
+}
+
+
+def session_state(metadata: core_pb2.SessionMetadata, fallback: str = store.OPEN) -> str:
+    return SESSION_STATES.get(metadata.state, fallback)
+
+
+async def list_all_sessions(
+    pod: Pod,
+    metadata: Sequence[tuple[str, str]],
+    timeout_s: float,
+    page_size: int = 1000,
+) -> list[core_pb2.SessionMetadata]:
+    """Every session a pod lists, following its page tokens."""
+    sessions: list[core_pb2.SessionMetadata] = []
+    token = ""
+    call = pod.unary(LIST_PATH)
+    for _ in range(100_000):
+        request = core_pb2.ListSessionsRequest(page_size=page_size, page_token=token)
+        raw = await call(request.SerializeToString(), metadata=metadata, timeout=timeout_s)
+        page = core_pb2.ListSessionsResponse.FromString(raw)
+        sessions.extend(page.sessions)
+        token = page.next_page_token
+        if not token:
+            return sessions
+    raise RuntimeError(f"pod {pod.name}: ListSessions paging did not end")
+
+
+class WatchFeed:
+    def __init__(
+        self,
+        pod: Pod,
+        locator: Locator,
+        metrics: Metrics,
+        *,
+        metadata: Sequence[tuple[str, str]] = (),
+        list_timeout_s: float = 10.0,
+        backoff_base_s: float = 0.1,
+        backoff_max_s: float = 2.0,
+        on_connect: Callable[[Pod], Awaitable[None]] | None = None,
+    ) -> None:
+        self.pod = pod
+        self.locator = locator
+        self.metrics = metrics
+        self.metadata = tuple(metadata)
+        self.list_timeout_s = list_timeout_s
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.on_connect = on_connect
+        self.applied_events = 0
+        self.reconciles = 0
+        self.reconnects = 0
+        self.last_error = ""
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._seen_on_connection: set[str] = set()
+
+    @property
+    def up(self) -> bool:
+        return self.pod.feed_up
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"watch:{self.pod.name}")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._set_up(False)
+
+    async def wait_for(self, predicate: Callable[[WatchFeed], bool], timeout: float) -> bool:
+        """Wait until `predicate(feed)` holds (tests wait for states, never sleep)."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        return True
+
+    def _notify(self) -> None:
+        self._changed.set()
+
+    def _set_up(self, up: bool) -> None:
+        if self.pod.feed_up != up:
+            self.pod.feed_up = up
+            self.metrics.watch_up.labels(self.metrics.pod_label(self.pod.name)).set(int(up))
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            started = time.monotonic()
+            try:
+                await self._follow()
+                outcome = "stream ended"
+            except grpc.aio.AioRpcError as exc:
+                outcome = f"{exc.code().name}: {exc.details() or ''}".strip()
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self.pod.report_failure(f"watch feed: {outcome}")
+            except (ValueError, RuntimeError) as exc:  # unparsable event or listing
+                outcome = f"feed error: {exc}"
+            self._set_up(False)
+            self.last_error = outcome
+            self.reconnects += 1
+            self.metrics.watch_reconnects.labels(self.metrics.pod_label(self.pod.name)).inc()
+            self._notify()
+            failures = 0 if time.monotonic() - started > 10 else failures + 1
+            delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** min(failures, 10))
+            delay *= random.uniform(0.5, 1.0)
+            log.info("watch feed of pod %s down (%s); reconnecting in %.2fs",
+                     self.pod.name, outcome, delay)
+            if not self.pod.healthy:
+                await self.pod.wait_healthy(delay + self.backoff_max_s)
+            await asyncio.sleep(delay)
+
+    async def _follow(self) -> None:
+        self._seen_on_connection = set()
+        call = self.pod.unary_stream(WATCH_PATH)(b"", metadata=self.metadata)
+        reconcile = asyncio.create_task(self._reconcile(), name=f"reconcile:{self.pod.name}")
+        try:
+            async for raw in call:
+                self._apply(core_pb2.WatchSessionsResponse.FromString(raw).event)
+                if reconcile.done():
+                    reconcile.result()  # surface a failed reconcile as a feed failure
+            if reconcile.done():
+                reconcile.result()
+        finally:
+            if not reconcile.done():
+                reconcile.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await reconcile
+            call.cancel()
+
+    def _apply(self, event: core_pb2.SessionLifecycleEvent) -> None:
+        sid = event.session.session_id
+        if not sid:
+            return
+        state = EVENT_STATES.get(event.event_type)
+        if state is None:
+            state = session_state(event.session)
+        elif event.session.state:
+            state = session_state(event.session, state)
+        self._seen_on_connection.add(sid)
+        self.locator.observe(self.pod.name, sid, state)
+        self.applied_events += 1
+        self.metrics.record_watch_event(self.pod.name, EVENT_NAMES.get(event.event_type, ""))
+        self._changed.set()
+
+    async def _reconcile(self) -> None:
+        since = time.monotonic()
+        listed = await list_all_sessions(self.pod, self.metadata, self.list_timeout_s)
+        present = set()
+        for metadata in listed:
+            sid = metadata.session_id
+            present.add(sid)
+            if sid in self._seen_on_connection:
+                continue  # the stream already told us something fresher
+            state = session_state(metadata)
+            if self.locator.near.entry(sid) != (self.pod.name, state):
+                self.locator.observe(self.pod.name, sid, state)
+        await self.locator.reconcile(self.pod.name, present | self._seen_on_connection, since)
+        if self.on_connect is not None:
+            await self.on_connect(self.pod)
+        self.pod.report_success()
+        self._set_up(True)
+        self.reconciles += 1
+        log.info("watch feed of pod %s up: %d sessions listed", self.pod.name, len(listed))
+        self._notify()
