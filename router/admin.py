@@ -42,10 +42,17 @@ class RouterAdmin(router_pb2_grpc.RouterAdminServicer):
         sid = request.session_id
         if not sid:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is required")
+        entry = None if request.probe else self.locator.near.entry(sid)
         if request.probe:
-            await self._forget_cached(sid)
-        entry = self.locator.near.entry(sid)
-        if entry is not None:
+            located = await self.locator.probe_now(sid)
+            located_pod, source, status = located.pod or "", located.source, located.status
+            unknown = located.unknown_pods
+            detail = (
+                located.describe_unknown(sid, self.locator.probe_timeout_s)
+                if located.unknown_pods else ""
+            )
+            entry = self.locator.near.entry(sid)
+        elif entry is not None:
             located_pod, source, status = entry[0], SOURCE_CACHE, LIVE
             unknown: tuple[str, ...] = ()
             detail = ""
@@ -66,11 +73,6 @@ class RouterAdmin(router_pb2_grpc.RouterAdminServicer):
             status=status, pod=located_pod, source=source, state=state,
             unknown_pods=list(unknown), detail=detail,
         )
-
-    async def _forget_cached(self, sid: str) -> None:
-        entry = self.locator.near.entry(sid)
-        if entry is not None:
-            self.locator.near.discard(sid, entry[0])
 
     def pod_status(self, pod: Pod) -> router_pb2.PodStatus:
         counts = self.locator.near.counts()

@@ -317,6 +317,16 @@ class Locator:
             self.metrics.record_locate(self.protocol, "unknown")
         return result
 
+    async def probe_now(self, sid: str) -> Located:
+        """Ask every pod now, bypassing the near-cache and the store (operators' fresh look)."""
+        result = await self._probe_all(sid)
+        if result.status == LIVE:
+            assert result.pod is not None
+            entry = self.near.entry(sid)
+            if entry is None or entry[0] != result.pod:
+                self._cache(sid, result.pod, OPEN)
+        return result
+
     async def _store_get(self, sid: str) -> Location | None:
         try:
             return await self.store.get(sid)
