@@ -125,7 +125,12 @@ def redact_url(url: str) -> str:
                 name, eq, _value = pair.partition("=")
                 pairs.append(f"{name}=***" if eq and name.lower() == "password" else pair)
             query = "&".join(pairs)
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        if "://" not in url:
+            return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        # Rebuilt by hand: urlunsplit drops the "//" of an empty netloc (unix:///path).
+        rebuilt = f"{parts.scheme}://{netloc}{parts.path}"
+        rebuilt += f"?{query}" if query else ""
+        return rebuilt + (f"#{parts.fragment}" if parts.fragment else "")
     except ValueError:
         scheme = url.split(":", 1)[0] if ":" in url else ""
         return f"{scheme}://<unparseable>" if scheme else "<unparseable>"
@@ -199,6 +204,9 @@ def decode_location(raw: bytes) -> Location | None:
     parts = raw.split(SEP)
     if len(parts) != 5 or parts[0] != FORMAT_VERSION or not parts[1]:
         return None
+    digits = parts[4][1:] if parts[4].startswith(b"-") else parts[4]
+    if not digits.isdigit():  # bytes.isdigit is ASCII-only, like Lua's %d in owner_of
+        return None
     try:
         pod, state, incarnation = (p.decode() for p in parts[1:4])
         updated_at_ms = int(parts[4])
@@ -228,17 +236,23 @@ def _decode_broadcast(key: bytes, raw: bytes) -> BroadcastRecord | None:
 # --- Lua ----------------------------------------------------------------------------------------
 
 # owner_of(key): nil when absent, false when the value is not ours (corrupt, foreign, wrong
-# type), else the owning pod. redis.pcall keeps a WRONGTYPE key from aborting the script.
-_LUA_PRELUDE = r"""
+# type: the same values `decode_location` rejects), else the owning pod. redis.pcall keeps a
+# WRONGTYPE key from aborting the script.
+_LUA_PRELUDE = (
+    "local STATES = {"
+    + ", ".join(f"['{state}'] = true" for state in sorted(STATES))
+    + "}\n"
+    + r"""
 local function owner_of(key)
   local raw = redis.pcall('GET', key)
   if not raw then return nil end
   if type(raw) ~= 'string' then return false end
-  local pod = string.match(raw, '^1\031([^\031]+)\031')
-  if pod then return pod end
+  local pod, state = string.match(raw, '^1\031([^\031]+)\031([^\031]*)\031[^\031]*\031%-?%d+$')
+  if pod and STATES[state] then return pod end
   return false
 end
 """
+)
 
 # KEYS: entry, index(pod)  ARGV: sid, pod, packed value, ttl_ms
 # Insert-if-absent; returns the owner (the caller's pod when it won).
@@ -435,6 +449,8 @@ class RedisStore:
         self._degraded_since = 0.0
         self._degraded_event = asyncio.Event()
         self._health_task: asyncio.Task[None] | None = None
+        self.health_probes = 0
+        """PINGs the health loop has sent while degraded (a state tests can wait for)."""
         self._started = False
         self._closed = False
         self._corrupt_last_warn = -_CORRUPT_WARN_INTERVAL_S
@@ -546,6 +562,7 @@ class RedisStore:
             delay = self._health_interval_s
             while self._degraded:
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                self.health_probes += 1
                 try:
                     await self._probe()
                 except (*_UNAVAILABLE, RedisError) as exc:
@@ -584,6 +601,8 @@ class RedisStore:
             )
         if self._closed:
             raise StoreUnavailable(f"redis store at {self.url} is closed; {op} not possible")
+        if not self._started:
+            raise RuntimeError(f"redis store at {self.url}: {op} before start()")
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s):
