@@ -569,12 +569,18 @@ class RedisStore:
                     self._degraded_reason = _describe_error(exc)
                     delay = min(delay * 2, max_delay)
                     continue
+                except Exception:
+                    # Never let a surprise end the loop: the store would stay degraded forever.
+                    log.warning("redis store health probe failed unexpectedly", exc_info=True)
+                    delay = min(delay * 2, max_delay)
+                    continue
                 await self._recover()
 
     async def _recover(self) -> None:
         # Pooled connections opened before the outage are dead; drop the idle ones now rather
         # than let each fail once.
-        await self._pool.disconnect(inuse_connections=False)
+        with contextlib.suppress(RedisError, OSError):
+            await self._pool.disconnect(inuse_connections=False)
         outage_s = time.monotonic() - self._degraded_since
         self._degraded = False
         self._degraded_reason = ""
