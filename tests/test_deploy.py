@@ -237,8 +237,7 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory, stages: list[dict]) -> 
 
     (build,) = [stage for stage in stages if stage["name"] == "build"]
     patterns = dockerignore_patterns()
-    env = {**os.environ}
-    env.pop("PIP_REQUIRE_VIRTUALENV", None)
+    env = dict(os.environ)
     workdir = scratch
     venv: Path | None = None
     installed = False
