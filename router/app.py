@@ -214,7 +214,7 @@ class Router:
         await self.locator.start()
         server = grpc.aio.server(
             options=[
-                ("grpc.so_reuseport", 1 if self.config.workers > 1 else 0),
+                ("grpc.so_reuseport", 1 if self.config.reuse_port else 0),
                 ("grpc.max_receive_message_length", self.config.max_message_bytes),
                 ("grpc.max_send_message_length", self.config.max_message_bytes),
             ]

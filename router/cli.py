@@ -190,6 +190,7 @@ def _config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         shutdown_grace_s=float(args.shutdown_grace_s),
         log_level=args.log_level,
         workers=resolve_workers(args.workers),
+        reuse_port="MACP_ROUTER_WORKER_INDEX" in os.environ,
     )
 
 

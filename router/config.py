@@ -55,6 +55,8 @@ class RouterConfig:
     shutdown_grace_s: float = 10.0
     log_level: str = "info"
     workers: int = 1
+    reuse_port: bool = False
+    """Share the listen port with sibling worker processes (set for `--workers` children)."""
     max_message_bytes: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:

@@ -1,0 +1,182 @@
+"""Routers sharing a real Redis: atomic placement across replicas, store hits, Redis faults."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import grpc
+import pytest
+
+from router.sim import SimPod
+from tests import macp_calls
+from tests.procs import router_process
+
+
+def holders(pods: list[SimPod], sid: str) -> list[str]:
+    return [pod.name for pod in pods if sid in pod.sessions]
+
+
+def pod_list(pods: list[SimPod]) -> str:
+    return ",".join(f"{pod.name}={pod.address}" for pod in pods)
+
+
+def redis_commands(server) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """Calls per command from INFO commandstats (cmdstat_get -> {'get': n})."""
+    with server.client() as client:
+        stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+async def eventually(predicate, timeout: float = 10.0, what: str = "") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.02)
+
+
+async def test_two_router_processes_racing_200_starts_place_each_session_once(
+    sim_pods, redis_url, tmp_path
+):
+    pods = await sim_pods(3)
+    first, first_address = router_process(tmp_path, pod_list(pods), "--redis-url", redis_url,
+                                          name="r1")
+    second, second_address = router_process(tmp_path, pod_list(pods), "--redis-url", redis_url,
+                                            name="r2")
+    await asyncio.to_thread(first.start)
+    await asyncio.to_thread(second.start)
+    try:
+        async with (grpc.aio.insecure_channel(first_address) as one,
+                    grpc.aio.insecure_channel(second_address) as two):
+
+            async def race(sid: str) -> list:
+                envelope = macp_calls.start_envelope(sid)
+                return await asyncio.gather(
+                    macp_calls.send(one, envelope), macp_calls.send(two, envelope),
+                    return_exceptions=True,
+                )
+
+            sids = [str(uuid.uuid4()) for _ in range(200)]
+            results = await asyncio.gather(*(race(sid) for sid in sids))
+        errors = [r for pair in results for r in pair if isinstance(r, BaseException)]
+        assert not errors, errors[:3]
+        for sid, (ack_one, ack_two) in zip(sids, results, strict=True):
+            # One router's start created it; the other reached the same pod (duplicate message).
+            assert ack_one.ok and ack_two.ok, (sid, ack_one, ack_two)
+            assert len(holders(pods, sid)) == 1, (sid, holders(pods, sid))
+        assert len({holders(pods, sid)[0] for sid in sids}) >= 2
+    finally:
+        first.terminate()
+        second.terminate()
+
+
+async def test_router_b_routes_a_session_router_a_placed_from_the_store_without_probing(
+    sim_pods, make_router, redis_url
+):
+    pods = await sim_pods(3)
+    router_a = await make_router(pods, redis_url=redis_url)
+    router_b = await make_router(pods, redis_url=redis_url)
+    for feed in list(router_b.feeds.values()):
+        await feed.aclose()  # B can only learn from the store now
+    async with grpc.aio.insecure_channel(router_a.address) as channel_a:
+        sid = await macp_calls.start(channel_a)
+    await router_a.locator.flush()
+    probes_before = sum(pod.calls["GetSession"] for pod in pods)
+    async with grpc.aio.insecure_channel(router_b.address) as channel_b:
+        ack = await macp_calls.send(channel_b, macp_calls.proposal_envelope(sid))
+    assert ack.ok, ack
+    assert sum(pod.calls["GetSession"] for pod in pods) == probes_before
+    samples = router_b.metrics.registry
+    assert samples.get_sample_value(
+        "macp_router_locate_total", {"protocol": "macp", "result": "store_hit"}) == 1
+    assert not samples.get_sample_value("macp_router_probe_fanouts_total", {"protocol": "macp"})
+
+
+async def test_cache_hits_send_zero_redis_commands(sim_pods, make_router, redis_server, redis_url):
+    pods = await sim_pods(3)
+    router = await make_router(pods, redis_url=redis_url)
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        sids = [await macp_calls.start(channel) for _ in range(5)]
+        await router.locator.flush()
+        for sid in sids:  # wait until the feeds have confirmed and written everything
+            await eventually(lambda s=sid: router.locator.near.entry(s) == (holders(pods, s)[0],
+                                                                              "open"))
+        await router.locator.flush()
+        before = redis_commands(redis_server)
+        for _ in range(20):
+            for sid in sids:
+                assert (await macp_calls.send(channel, macp_calls.proposal_envelope(sid))).ok
+                await macp_calls.get_session(channel, sid)
+        after = redis_commands(redis_server)
+    ignored = {"info", "hello", "ping"}  # our own INFO connection; the store's idle PING
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after if k not in ignored}
+    assert sum(delta.values()) == 0, f"Redis commands during 200 cache hits: {delta}"
+
+
+async def test_router_restart_with_redis_needs_no_probe_for_known_sessions(
+    sim_pods, make_router, redis_url
+):
+    pods = await sim_pods(3)
+    router = await make_router(pods, redis_url=redis_url)
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        sids = [await macp_calls.start(channel) for _ in range(10)]
+    await router.locator.flush()
+    await router.stop(grace=0)
+
+    restarted = await make_router(pods, redis_url=redis_url, wait=False)
+    probes_before = sum(pod.calls["GetSession"] for pod in pods)
+    async with grpc.aio.insecure_channel(restarted.address) as channel:
+        for sid in sids:
+            assert (await macp_calls.send(channel, macp_calls.proposal_envelope(sid))).ok
+    assert sum(pod.calls["GetSession"] for pod in pods) == probes_before
+    assert not restarted.metrics.registry.get_sample_value(
+        "macp_router_probe_fanouts_total", {"protocol": "macp"})
+
+
+async def test_redis_killed_and_restarted_routing_continues_and_store_is_repopulated(
+    sim_pods, make_router, redis_server_factory
+):
+    server = redis_server_factory()
+    pods = await sim_pods(3)
+    router = await make_router(pods, redis_url=server.url)
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        known = [await macp_calls.start(channel) for _ in range(6)]
+        await router.locator.flush()
+
+        server.kill()
+        # Known sessions keep routing from the near-cache; new starts still work.
+        for sid in known:
+            assert (await macp_calls.send(channel, macp_calls.proposal_envelope(sid))).ok
+        fresh = [await macp_calls.start(channel) for _ in range(4)]
+        for sid in fresh:
+            assert len(holders(pods, sid)) == 1
+            assert (await macp_calls.send(channel, macp_calls.proposal_envelope(sid))).ok
+        await eventually(lambda: router.store.degraded, what="store degraded")
+        assert router.metrics.registry.get_sample_value("macp_router_store_degraded") == 1 or \
+            router.store.degraded
+
+        server.start()  # same port
+        await eventually(lambda: not router.store.degraded, timeout=15, what="store recovered")
+        with server.client() as client:
+            await eventually(
+                lambda: all(client.exists(f"mrouter:s:{sid}") for sid in known + fresh),
+                timeout=10, what="store repopulated",
+            )
+        for sid in known + fresh:
+            assert (await macp_calls.send(channel, macp_calls.proposal_envelope(sid))).ok
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "notaurl://x"])
+async def test_unusable_redis_at_startup(sim_pods, make_router, url):
+    pods = await sim_pods(1)
+    if url.startswith("notaurl"):
+        with pytest.raises(ValueError):
+            await make_router(pods, redis_url=url)
+        return
+    router = await make_router(pods, redis_url=url)  # starts degraded, still routes
+    assert router.store.degraded
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        sid = await macp_calls.start(channel)
+        assert (await macp_calls.send(channel, macp_calls.proposal_envelope(sid))).ok
