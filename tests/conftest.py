@@ -24,7 +24,7 @@ async def sim_pods() -> AsyncIterator[PodsFactory]:
 
     async def make(count: int = 3, **kwargs: object) -> list[SimPod]:
         pods = []
-        for index in range(count):
+        for _ in range(count):
             pod = SimPod(chr(ord("a") + len(started)), "127.0.0.1:0", **kwargs)  # type: ignore[arg-type]
             await pod.start()
             started.append(pod)

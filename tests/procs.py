@@ -30,7 +30,7 @@ class Process:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, ready_timeout: float = 20.0, ready_mark: str = "ready") -> Process:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115  (closed in stop)
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "router.cli", *self.args],
             stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
@@ -40,7 +40,8 @@ class Process:
             if ready_mark in self.output():
                 return self
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.args[0]} exited {self.proc.returncode}:\n{self.output()}")
+                code = self.proc.returncode
+                raise RuntimeError(f"{self.args[0]} exited {code}:\n{self.output()}")
             time.sleep(0.05)
         self.kill()
         raise RuntimeError(f"{self.args[0]} not ready within {ready_timeout}s:\n{self.output()}")
