@@ -318,7 +318,7 @@ class Cluster:
             "--pods", ",".join(f"{p.name}={p.address}" for p in pods),
             "--metrics-listen", metrics,
             "--token", ROUTER_TOKEN,
-            "--log-level", "warning",
+            "--log-level", "info",  # the ready line is logged at info
         ]  # fmt: skip
         if workers != 1:
             args += ["--workers", str(workers)]

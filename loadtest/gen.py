@@ -109,6 +109,9 @@ class _Progress:
     def err(self, now: float, code: str) -> None:
         r = self.result
         r.errors[code] += 1
+        at = round(now - self.start, 3)
+        r.extra.setdefault("first_error_at_s", at)
+        r.extra["last_error_at_s"] = at
         sec = int(now - self.start)
         while len(r.err_per_s) <= sec:
             r.ok_per_s.append(0)
@@ -235,7 +238,8 @@ async def run_open(
             _, pending = await asyncio.wait(set(tasks), timeout=drain_timeout)
             for task in pending:
                 task.cancel()
-            result.errors["UNFINISHED"] += len(pending)
+            if pending:
+                result.errors["UNFINISHED"] += len(pending)
     finally:
         ticker.cancel()
         for task in tasks:

@@ -1,0 +1,166 @@
+"""Smoke tests of the load test (`python -m loadtest`): short runs, report fields sane.
+
+The direct and passthrough legs run against simulated pods only; the router legs need
+`macp-router serve` and run the CLI with `--require-router`. Every subprocess run is bounded
+by `--max-wall` and a `timeout` on the wait; the whole file stays well under a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+from macp.v1 import core_pb2
+
+from loadtest import payloads
+from loadtest.benchcache import bench_memory, bench_near_cache
+from loadtest.hist import LatencyHistogram
+from loadtest.passthrough import Passthrough
+from router.sim import SimPod
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_loadtest(tmp_path: Path, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtest", "run", "--quick", "--quiet", "--out", str(out),
+         "--max-wall", str(timeout - 10), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "quality bar" in proc.stdout
+    report = json.loads((out / "latest.json").read_text())
+    assert (out / "latest.html").read_text().count("data:image/png;base64,") >= 1
+    return report
+
+
+def test_histogram_percentiles_within_documented_precision() -> None:
+    for prefer_hdr in (True, False):
+        h = LatencyHistogram(prefer_hdr=prefer_hdr)
+        for us in range(1, 10_001):  # 1 us .. 10 ms, uniform
+            h.record(us / 1e6)
+        assert h.count == 10_000
+        assert h.percentile_ms(50) == pytest.approx(5.0, rel=0.006)
+        assert h.percentile_ms(99) == pytest.approx(9.9, rel=0.006)
+        other = LatencyHistogram(prefer_hdr=prefer_hdr)
+        other.record(0.5)
+        h.merge(other)
+        assert h.count == 10_001 and h.summary()["max_ms"] == pytest.approx(500, rel=0.006)
+
+
+def test_payload_templates_carry_the_ids() -> None:
+    sid, mid = payloads.new_id(), payloads.new_id()
+    env = core_pb2.SendRequest.FromString(payloads.send_proposal(sid, mid)).envelope
+    assert (env.session_id, env.message_id, env.message_type) == (sid, mid, "Proposal")
+    start = core_pb2.SendRequest.FromString(payloads.send_start(sid)).envelope
+    assert start.session_id == sid and start.message_type == "SessionStart"
+    assert core_pb2.GetSessionRequest.FromString(payloads.get_session(sid)).session_id == sid
+
+
+async def test_passthrough_forwards_unary_stream_status_and_trailers() -> None:
+    pod = SimPod("p", "127.0.0.1:0")
+    await pod.start()
+    proxy = Passthrough(pod.address)
+    await proxy.start()
+    channel = grpc.aio.insecure_channel(proxy.address)
+    try:
+        md = payloads.METADATA
+        send = channel.unary_unary(payloads.path("Send"))
+        sid = payloads.new_id()
+        assert payloads.ack_error(await send(payloads.send_start(sid), metadata=md,
+                                             timeout=5)) is None
+        get = channel.unary_unary(payloads.path("GetSession"))
+        meta = core_pb2.GetSessionResponse.FromString(
+            await get(payloads.get_session(sid), metadata=md, timeout=5)).metadata
+        assert meta.session_id == sid
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await get(payloads.get_session(payloads.new_id()), metadata=md, timeout=5)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert dict(info.value.trailing_metadata() or ()).get("macp-error-code")
+
+        stream = channel.stream_stream(payloads.path("StreamSession"))(metadata=md, timeout=5)
+        mid = payloads.new_id()
+        await stream.write(payloads.stream_proposal(sid, mid))
+        echoed = core_pb2.StreamSessionResponse.FromString(await stream.read())
+        assert echoed.envelope.message_id == mid
+        await stream.done_writing()
+        assert await stream.read() is grpc.aio.EOF
+
+        watch = channel.unary_stream(payloads.path("WatchSessions"))(
+            core_pb2.WatchSessionsRequest().SerializeToString(), metadata=md, timeout=5)
+        first = core_pb2.WatchSessionsResponse.FromString(await watch.read())
+        assert first.event.session.session_id == sid
+        watch.cancel()
+        assert pod.calls["Send"] == 1 and pod.calls["StreamSession"] == 1
+    finally:
+        await channel.close()
+        await proxy.stop()
+        await pod.stop()
+
+
+def test_bench_cache_small_sizes() -> None:
+    lookup = bench_near_cache([1_000, 20_000], lookups=20_000)
+    assert set(lookup["sizes"]) == {"1000", "20000"}
+    assert 0 < lookup["sizes"]["1000"]["ns_per_lookup"] < 10_000
+    assert 0.2 < lookup["lookup_ratio_large_vs_small"] < 20
+    memory = bench_memory(5_000)
+    assert 20 < memory["bytes_per_session"] < 2_000
+
+
+def test_direct_and_passthrough_legs(tmp_path: Path) -> None:
+    report = run_loadtest(tmp_path, "--scenario", "hit", "--no-router", "--duration", "0.5")
+    hit = report["results"]["hit"]
+    assert hit["throughput_rps"]["direct"] > 0 and hit["throughput_rps"]["passthrough"] > 0
+    assert 0 < hit["ratio_passthrough_direct"] < 2
+    assert hit["c1_p50_ms"]["passthrough"] > 0
+    assert set(hit["added_ms"]["passthrough"]) == {"p50", "p90", "p99"}
+    assert hit["cpu_ms_per_request"]["passthrough"] > 0
+    assert not hit["errors"]
+    assert report["meta"]["skipped"]["router"] == "--no-router"
+    targets = {(p["target"], p["phase"]) for p in report["phases"]}
+    assert {("direct", "sat"), ("passthrough", "c1"), ("passthrough", "rate")} <= targets
+
+
+def test_router_scenarios(tmp_path: Path) -> None:
+    report = run_loadtest(
+        tmp_path, "--require-router", "--duration", "0.5", "--kill-rate", "100",
+        "--scenario", "hit,stream,miss,start,mixed,pod-kill",
+    )
+    r = report["results"]
+    hit = r["hit"]
+    assert 0 < hit["ratio_router_direct"] < 2 and 0 < hit["ratio_router_passthrough"] < 2
+    assert not hit["errors"]
+    assert sum(hit["router_slow_locates"].values()) == 0  # hits stay on the near-cache path
+    assert "router" in hit["added_ms"] and hit["c1_p50_ms"]["router"] > 0
+    assert r["stream"]["messages_per_s"]["router"] > 0 and not r["stream"]["errors"]
+    miss = r["miss"]
+    assert miss["real_miss_fraction"] == 1.0
+    assert miss["probes_per_miss"] >= 1
+    assert miss["coalescing"]["fanouts_per_session"] == 1.0
+    assert not miss["errors"]
+    assert 0 < r["start"]["ratio_router_direct"] < 2 and not r["start"]["errors"]
+    assert 0 < r["mixed"]["ratio_router_direct"] < 2
+    kill = r["pod-kill"]["router"]
+    assert kill["misroutes"] == 0 and kill["non_retryable_errors"] == 0
+    assert kill["ok"] > 0
+
+
+def test_scale_workers_memory(tmp_path: Path) -> None:
+    report = run_loadtest(
+        tmp_path, "--require-router", "--duration", "0.5", "--scale-pods", "3",
+        "--cache-sizes", "1000,20000", "--mem-sessions", "300",
+        "--scenario", "scale,workers,memory",
+    )
+    r = report["results"]
+    assert 0 < r["scale"]["throughput_ratio_many_vs_1"] < 2
+    assert r["scale"]["near_cache"]["sizes"]["20000"]["ns_per_lookup"] > 0
+    assert "skipped" in r["workers"] or 0 < r["workers"]["speedup"] < 3
+    assert r["memory"]["near_cache_tracemalloc"]["bytes_per_session"] > 0
+    assert r["memory"]["learned_via"].startswith("watch feed")
