@@ -159,33 +159,31 @@ def metric_delta(before: dict[str, float], after: dict[str, float], name: str,
 
 @dataclass
 class Redis:
+    """The run's Redis/Valkey, read through ONE kept connection: connecting again would add
+    HELLO / CLIENT SETINFO to `INFO commandstats` between a before and an after snapshot."""
+
     url: str
     proc: Proc | None = None
+    _conn: Any = None
 
     def _client(self) -> Any:
-        import redis
+        if self._conn is None:
+            import redis
 
-        return redis.Redis.from_url(self.url, socket_timeout=3.0)
+            self._conn = redis.Redis.from_url(self.url, socket_timeout=3.0,
+                                              single_connection_client=True)
+        return self._conn
 
     async def info(self, section: str) -> dict[str, Any]:
-        def get() -> dict[str, Any]:
-            client = self._client()
-            try:
-                return dict(client.info(section))
-            finally:
-                client.close()
-
-        return await asyncio.to_thread(get)
+        return await asyncio.to_thread(lambda: dict(self._client().info(section)))
 
     async def dbsize(self) -> int:
-        def get() -> int:
-            client = self._client()
-            try:
-                return int(client.dbsize())
-            finally:
-                client.close()
+        return await asyncio.to_thread(lambda: int(self._client().dbsize()))
 
-        return await asyncio.to_thread(get)
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     async def command_calls(self) -> dict[str, int]:
         """Calls per command from `INFO commandstats` (minus the `info` calls we make)."""
@@ -226,6 +224,8 @@ class Cluster:
             with contextlib.suppress(Exception):  # closing a channel must not mask an error
                 await client.close()
         self._clients.clear()
+        if self.redis is not None:
+            self.redis.close()
         await self.procs.aclose()
 
     def client(self, address: str) -> Client:
