@@ -24,6 +24,7 @@ from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
 from router import routes
 from router.admin import RouterAdmin
+from router.aio import wait_event
 from router.config import RouterConfig, parse_host_port
 from router.locator import Locator
 from router.metrics import Metrics
@@ -168,8 +169,7 @@ class Router:
                           else health_pb2.HealthCheckResponse.NOT_SERVING)
                 for service in ("", routes.SERVICE):
                     await self.health.set(service, status)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._status_changed.wait(), 1.0)
+            await wait_event(self._status_changed, 1.0)
 
     # -- HTTP: /metrics, /healthz, /readyz -----------------------------------------------------
     def _wsgi(self):  # type: ignore[no-untyped-def]
@@ -259,7 +259,8 @@ class Router:
                 await feed.wait_for(lambda f: f.reconciles > 0, timeout)
 
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(all_up(), timeout)
+            async with asyncio.timeout(timeout):
+                await all_up()
         return all(feed.reconciles > 0 for feed in self.feeds.values())
 
     async def stop(self, grace: float | None = None) -> None:

@@ -373,7 +373,8 @@ class Locator:
 
     async def _probe_one(self, pod: str, sid: str) -> str:
         try:
-            answer = await asyncio.wait_for(self.probe(pod, sid), self.probe_timeout_s)
+            async with asyncio.timeout(self.probe_timeout_s):
+                answer = await self.probe(pod, sid)
         except TimeoutError:
             answer = UNKNOWN
         except Exception as exc:  # an adapter bug must not turn into not_found

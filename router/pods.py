@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from router.aio import wait_event
+
 log = logging.getLogger("macp_router.pods")
 
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
@@ -166,8 +168,7 @@ class Pod:
             self.on_health_change(self)
 
     async def wait_healthy(self, timeout: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._became_healthy.wait(), timeout)
+        await wait_event(self._became_healthy, timeout)
         return self.healthy
 
     async def check_health(self) -> bool:
@@ -196,8 +197,7 @@ class Pod:
             await self.check_health()
             interval = self._health_interval_s if self.healthy else self._health_interval_s / 4
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+            await wait_event(self._wake, interval)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:

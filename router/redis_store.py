@@ -18,6 +18,9 @@ Key layout (``P`` is the prefix, ``mrouter:`` by default; never ``macp:``, which
     owner and clean them lazily, so `pod_sessions` never lies.
 ``P bc:data``  (hash key -> ``<method>\\n<request bytes>``)
 ``P bc:order``  (sorted set key -> sequence number) and ``P bc:seq`` (counter)
+``P marker``  (string "1")
+    Written at start and after every recovery; checked every `marker_interval_s` while healthy.
+    Its absence means Redis was flushed or replaced, and the router resyncs its near-cache.
     The broadcast registry: replay order is registration order; registering a key again moves it
     last (the newest registration of a key is the one that must win on replay).
 
@@ -68,6 +71,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from router.aio import wait_event
 from router.store import (
     RESERVED,
     STATES,
@@ -388,6 +392,7 @@ class RedisStore:
         health_interval_s: float = 1.0,
         required: bool = False,
         observe_latency: Callable[[str, float], None] | None = None,
+        marker_interval_s: float = 5.0,
     ) -> None:
         _validate_url(url)
         if not prefix:
@@ -413,6 +418,9 @@ class RedisStore:
         self._reservation_ms = _ms(reservation_ttl_s)
         self._timeout_s = timeout_s
         self._health_interval_s = health_interval_s
+        self._marker_interval_s = marker_interval_s
+        self._marker_key = f"{prefix}marker"
+        self.resyncs = 0
         self._required = required
         self._observe_latency = observe_latency
 
@@ -522,11 +530,13 @@ class RedisStore:
             await self._client.aclose()
 
     async def _probe(self) -> None:
-        """PING and load the scripts, under the deadline; raises the client's errors."""
+        """PING, load the scripts and set the marker, under the deadline; raises the client's
+        errors."""
         async with asyncio.timeout(self._timeout_s):
             await self._client.ping()
             for script in self._scripts():
                 script.sha = await self._client.script_load(script.script)
+            await self._client.set(self._marker_key, "1")
 
     def _scripts(self) -> Sequence[AsyncScript]:
         return (
@@ -558,7 +568,9 @@ class RedisStore:
         """While degraded: PING with capped, jittered backoff; on success recover and resync."""
         max_delay = self._health_interval_s * _MAX_BACKOFF_FACTOR
         while True:
-            await self._degraded_event.wait()
+            if not await wait_event(self._degraded_event, self._marker_interval_s):
+                await self._check_marker()
+                continue
             delay = self._health_interval_s
             while self._degraded:
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
@@ -575,6 +587,28 @@ class RedisStore:
                     delay = min(delay * 2, max_delay)
                     continue
                 await self._recover()
+
+    async def _check_marker(self) -> None:
+        """A healthy Redis that lost our marker key was flushed or replaced: resync it.
+
+        Without this a quick restart or a FLUSHALL between two calls would go unnoticed (the
+        pool reconnects silently) and the store would stay empty until the feeds rewrote it.
+        """
+        try:
+            present = await self._call("exists", lambda r: r.exists(self._marker_key))
+            if present:
+                return
+            await self._call("set", lambda r: r.set(self._marker_key, "1"))
+        except StoreUnavailable:
+            return  # _call flipped `degraded`; the loop's recovery path takes over
+        log.warning("redis store at %s lost its data (flushed or replaced); resyncing", self.url)
+        self.resyncs += 1
+        callback = self.on_recovered
+        if callback is not None:
+            try:
+                await callback()
+            except Exception:
+                log.warning("redis store resync after a flush failed", exc_info=True)
 
     async def _recover(self) -> None:
         # Pooled connections opened before the outage are dead; drop the idle ones now rather

@@ -28,6 +28,7 @@ import grpc
 from macp.v1 import core_pb2, envelope_pb2
 
 from router import store
+from router.aio import wait_event
 from router.locator import Locator
 from router.metrics import Metrics
 from router.pods import Pod
@@ -135,8 +136,7 @@ class WatchFeed:
             if remaining <= 0:
                 return False
             self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+            await wait_event(self._changed, remaining)
         return True
 
     def _notify(self) -> None:

@@ -180,3 +180,30 @@ async def test_unusable_redis_at_startup(sim_pods, make_router, url):
     async with grpc.aio.insecure_channel(router.address) as channel:
         sid = await macp_calls.start(channel)
         assert (await macp_calls.send(channel, macp_calls.proposal_envelope(sid))).ok
+
+
+async def test_flushed_redis_is_repopulated_from_the_near_cache(sim_pods, redis_server_factory):
+    from router.app import Router
+    from router.config import RouterConfig
+    from router.pods import PodSpec
+
+    server = redis_server_factory()
+    pods = await sim_pods(2)
+    config = RouterConfig(listen="127.0.0.1:0", token="router", redis_url=server.url,
+                          pods=tuple(PodSpec(p.name, p.address) for p in pods))
+    router = Router(config)
+    router.store._marker_interval_s = 0.2  # type: ignore[attr-defined]
+    await router.start()
+    try:
+        assert await router.wait_ready(10)
+        async with grpc.aio.insecure_channel(router.address) as channel:
+            sids = [await macp_calls.start(channel) for _ in range(5)]
+        await router.locator.flush()
+        server.flushall()
+        with server.client() as client:
+            await eventually(
+                lambda: all(client.exists(f"mrouter:s:{sid}") for sid in sids),
+                timeout=10, what="store repopulated after FLUSHALL",
+            )
+    finally:
+        await router.stop(grace=0)
