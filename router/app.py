@@ -19,6 +19,7 @@ from wsgiref.simple_server import WSGIServer, make_server
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 from prometheus_client import make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
@@ -26,6 +27,7 @@ from router import routes
 from router.admin import RouterAdmin
 from router.aio import wait_event
 from router.config import RouterConfig, parse_host_port
+from router.discovery import DnsDiscovery, Resolver
 from router.locator import Locator
 from router.metrics import Metrics
 from router.placement import make_policy
@@ -58,7 +60,13 @@ def make_store(config: RouterConfig, metrics: Metrics) -> LocationStore:
 
 
 class Router:
-    def __init__(self, config: RouterConfig, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        *,
+        metrics: Metrics | None = None,
+        resolver: Resolver | None = None,
+    ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
         self.store = make_store(config, self.metrics)
@@ -103,6 +111,12 @@ class Router:
         self._status_task: asyncio.Task[None] | None = None
         self._status_changed = asyncio.Event()
         self._feed_closers: set[asyncio.Task[None]] = set()
+        self.discovery: DnsDiscovery | None = None
+        if config.pods_dns:
+            self.discovery = DnsDiscovery(
+                config.pods_dns, self.pods, resolver=resolver,
+                interval_s=config.dns_interval_s, on_forget=self.locator.forget_pod,
+            )
         self.pods.on_join.append(self._pod_joined)
         self.pods.on_leave.append(self._pod_left)
         self.pods.on_health_change.append(self._pod_health_changed)
@@ -136,7 +150,13 @@ class Router:
         healthy = [pod.name for pod in self.pods if pod.healthy]
         feeds_up = [pod.name for pod in self.pods if pod.feed_up]
         ready = bool(healthy)
-        reason = "" if ready else "no healthy pod"
+        reason = ""
+        if not ready:
+            reason = "no healthy pod"
+            if not len(self.pods):
+                reason = "no pods"
+            if self.discovery is not None and self.discovery.last_error:
+                reason += f" ({self.discovery.last_error})"
         self._health_snapshot = {
             "ready": ready,
             "reason": reason,
@@ -151,6 +171,12 @@ class Router:
             "feeds_up": len(feeds_up),
             "store": {"kind": self.store.name, "degraded": self.store.degraded},
             "cached_sessions": len(self.locator.near),
+            "discovery": (
+                {"dns": f"{self.discovery.host}:{self.discovery.port}",
+                 "last_error": self.discovery.last_error,
+                 "resolutions": self.discovery.resolutions}
+                if self.discovery is not None else None
+            ),
         }
         self.metrics.store_degraded.set(1 if self.store.degraded else 0)
         self._status_changed.set()
@@ -221,6 +247,11 @@ class Router:
         )
         router_pb2_grpc.add_RouterAdminServicer_to_server(self.admin, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (routes.SERVICE, "router.v1.RouterAdmin", health.SERVICE_NAME,
+             reflection.SERVICE_NAME),
+            server,
+        )
         server.add_generic_rpc_handlers((self.proxy.generic_handler(),))
         server.add_generic_rpc_handlers((self.proxy.unimplemented_handler(),))
         try:
@@ -241,6 +272,8 @@ class Router:
         self._start_http()
         for spec in self.config.pods:
             self.pods.add(spec)
+        if self.discovery is not None:
+            self.discovery.start()
         self._refresh_health()
         await server.start()
         self._status_task = asyncio.create_task(self._status_loop(), name="router-status")
@@ -270,6 +303,8 @@ class Router:
                 await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
             await self.server.stop(grace)
             self.server = None
+        if self.discovery is not None:
+            await self.discovery.aclose()
         if self._status_task is not None:
             self._status_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

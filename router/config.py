@@ -39,6 +39,7 @@ class RouterConfig:
     listen: str = "0.0.0.0:50051"
     pods: tuple[PodSpec, ...] = ()
     pods_dns: str | None = None
+    dns_interval_s: float = 5.0
     redis_url: str | None = None
     redis_prefix: str = "mrouter:"
     redis_password: str | None = field(default=None, repr=False)

@@ -160,6 +160,7 @@ class Pod:
     def _set_healthy(self, healthy: bool) -> None:
         self.healthy = healthy
         if healthy:
+            log.info("pod %s (%s) is healthy", self.name, self.address)
             self.last_error = ""
             self._became_healthy.set()
         else:
@@ -187,8 +188,6 @@ class Pod:
             status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             self.report_failure(f"health check answered {status_name}")
             return False
-        if not self.healthy:
-            log.info("pod %s (%s) is healthy", self.name, self.address)
         self.report_success()
         return True
 

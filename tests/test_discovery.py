@@ -1,0 +1,120 @@
+"""`--pods-dns`: pods discovered from DNS (resolver injected), joining and leaving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+
+import grpc
+from macp.v1 import policy_pb2
+
+from router.app import Router
+from router.config import RouterConfig
+from router.pods import PodSpec
+from router.sim import SimPod
+from tests import macp_calls
+
+
+class FakeResolver:
+    """What a headless Service would answer; `fail` makes the name not resolve."""
+
+    def __init__(self) -> None:
+        self.pods: list[SimPod] = []
+        self.fail = False
+        self.calls = 0
+
+    async def resolve(self, host: str, port: int) -> list[PodSpec]:
+        self.calls += 1
+        if self.fail:
+            raise OSError(f"[Errno -2] Name or service not known: {host!r}")
+        return [PodSpec(pod.name, pod.address) for pod in self.pods]
+
+
+async def eventually(predicate, timeout: float = 10.0, what: str = "") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def readyz(router: Router) -> tuple[int, dict]:
+    url = f"http://127.0.0.1:{router.metrics_port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def start_router(resolver: FakeResolver) -> Router:
+    config = RouterConfig(listen="127.0.0.1:0", pods_dns="runtime.test.svc:50051",
+                          token="router", dns_interval_s=0.1, health_interval_ms=100,
+                          metrics_listen="127.0.0.1:0")
+    router = Router(config, resolver=resolver)
+    await router.start()
+    assert router.discovery is not None
+    router.discovery.grace_s = 0.3
+    return router
+
+
+async def test_unresolvable_name_at_start_is_not_ready_and_keeps_retrying(sim_pods):
+    resolver = FakeResolver()
+    resolver.fail = True
+    router = await start_router(resolver)
+    try:
+        await eventually(lambda: resolver.calls >= 3, what="re-resolution")
+        status, detail = await asyncio.to_thread(readyz, router)
+        assert status == 503
+        assert "did not resolve" in detail["reason"], detail
+
+        resolver.pods = await sim_pods(2)
+        resolver.fail = False
+        await eventually(lambda: len(router.pods) == 2 and all(p.feed_up for p in router.pods),
+                         what="pods discovered")
+        await eventually(lambda: readyz(router)[0] == 200, what="ready")
+    finally:
+        await router.stop(grace=0)
+
+
+async def test_pods_that_join_get_a_feed_and_the_registry_and_pods_that_leave_are_dropped(
+    sim_pods,
+):
+    resolver = FakeResolver()
+    a, b, c = await sim_pods(3)
+    resolver.pods = [a, b]
+    router = await start_router(resolver)
+    try:
+        await eventually(lambda: {p.name for p in router.pods if p.feed_up} == {"a", "b"},
+                         what="a and b up")
+        async with grpc.aio.insecure_channel(router.address) as channel:
+            stub = macp_calls.stub(channel)
+            await stub.RegisterPolicy(
+                policy_pb2.RegisterPolicyRequest(policy_descriptor=policy_pb2.PolicyDescriptor(
+                    policy_id="p-1", mode=macp_calls.MODE, description="d", rules="{}")),
+                metadata=macp_calls.METADATA, timeout=5)
+            sids = [await macp_calls.start(channel) for _ in range(6)]
+
+            resolver.pods = [a, b, c]  # c joins: feed + registry replay
+            await eventually(lambda: router.pods.get("c") is not None
+                             and router.pods.get("c").feed_up, what="c joined")  # type: ignore[union-attr]
+            await eventually(lambda: "p-1" in c.policies, what="registry replayed to c")
+
+            on_b = [sid for sid in sids if sid in b.sessions]
+            resolver.pods = [a, c]  # b leaves DNS, for longer than the grace period ...
+            discovery = router.discovery
+            assert discovery is not None
+            seen, left_at = discovery.resolutions, time.monotonic()
+            await eventually(lambda: discovery.resolutions >= seen + 3
+                             and time.monotonic() - left_at > 2 * discovery.grace_s,
+                             what="resolutions past the grace period")
+            assert router.pods.get("b") is not None, "a pod that still answers was dropped"
+            await b.stop()  # ... now it is really gone
+            await eventually(lambda: router.pods.get("b") is None, what="b removed")
+            assert all(router.locator.try_cached(sid) is None for sid in on_b)
+            for sid in set(sids) - set(on_b):
+                assert (await macp_calls.send(channel, macp_calls.proposal_envelope(sid))).ok
+    finally:
+        await router.stop(grace=0)
