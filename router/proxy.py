@@ -130,22 +130,29 @@ class MacpProxy:
         return _Handler()
 
     def unimplemented_handler(self) -> grpc.GenericRpcHandler:
-        """Last-resort handler: UNIMPLEMENTED naming the method (registered after all others)."""
+        """Last-resort handler: UNIMPLEMENTED naming the method (registered after all others).
 
-        async def unimplemented(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            method = context._rpc_event.call_details.method.decode()  # type: ignore[attr-defined]
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"method {method} is not implemented by macp-router "
-                f"(it routes {routes.SERVICE} and router.v1.RouterAdmin)",
-            )
-            return b""
+        grpc.aio gives the method name only to `service()`, so a handler is built per call; it
+        is stream-stream so it answers every call shape without reading a request.
+        """
 
-        handler = grpc.unary_unary_rpc_method_handler(unimplemented)
+        def handler_for(method: str) -> grpc.RpcMethodHandler:
+            async def unimplemented(requests: AsyncIterator[bytes],
+                                    context: grpc.aio.ServicerContext) -> None:
+                await context.abort(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    f"method {method} is not implemented by macp-router "
+                    f"(it routes {routes.SERVICE} and router.v1.RouterAdmin)",
+                )
+
+            return grpc.stream_stream_rpc_method_handler(unimplemented)
 
         class _Fallback(grpc.GenericRpcHandler):
             def service(self, handler_call_details):  # type: ignore[no-untyped-def]
-                return handler
+                method = handler_call_details.method
+                if isinstance(method, bytes):
+                    method = method.decode("utf-8", "replace")
+                return handler_for(method)
 
         return _Fallback()
 
