@@ -306,7 +306,10 @@ class Cluster:
         redis_url: str | None = None,
         name: str = "router",
         extra_args: Sequence[str] = (),
+        preload: int | None = None,
     ) -> Router:
+        """Start `macp-router serve` (or, with `preload`, `loadtest.routerhost`: the same
+        router in process with its near-cache preloaded with that many synthetic sessions)."""
         support = router_support()
         if not support.available:
             raise RuntimeError(support.reason)
@@ -325,7 +328,11 @@ class Cluster:
         if redis_url:
             args += ["--redis-url", redis_url]
         args += list(extra_args)
-        proc = await self.procs.start(name, python_argv("router.cli", *args), address)
+        if preload is None:
+            argv = python_argv("router.cli", *args)
+        else:
+            argv = python_argv("loadtest.routerhost", "--preload", str(preload), *args)
+        proc = await self.procs.start(name, argv, address, timeout=120.0)
         router = Router(address, proc, metrics, workers, [p.name for p in pods])
         router.client = self.client(address)
         self.routers.append(router)

@@ -45,6 +45,7 @@ class PhaseResult:
     ok: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     hist: LatencyHistogram = field(default_factory=LatencyHistogram)
+    bin_s: float = 1.0  # width of the ok_per_s / err_per_s bins (counts per bin)
     ok_per_s: list[int] = field(default_factory=list)
     err_per_s: list[int] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=dict)
@@ -71,6 +72,7 @@ class PhaseResult:
             "throughput_rps": round(self.throughput, 1),
             "latency": self.hist.summary(),
             "latency_curve": self.hist.curve(),
+            "bin_s": self.bin_s,
             "ok_per_s": self.ok_per_s,
             "err_per_s": self.err_per_s,
             "cpu_s": {k: round(v, 4) for k, v in self.cpu_s.items()},
@@ -100,7 +102,7 @@ class _Progress:
         r = self.result
         r.ok += 1
         r.hist.record(latency)
-        sec = int(now - self.start)
+        sec = int((now - self.start) / r.bin_s)
         while len(r.ok_per_s) <= sec:
             r.ok_per_s.append(0)
             r.err_per_s.append(0)
@@ -112,7 +114,7 @@ class _Progress:
         at = round(now - self.start, 3)
         r.extra.setdefault("first_error_at_s", at)
         r.extra["last_error_at_s"] = at
-        sec = int(now - self.start)
+        sec = int((now - self.start) / r.bin_s)
         while len(r.err_per_s) <= sec:
             r.ok_per_s.append(0)
             r.err_per_s.append(0)
@@ -192,10 +194,11 @@ async def run_open(
     duration: float,
     max_in_flight: int = 2000,
     drain_timeout: float = 10.0,
+    bin_s: float = 1.0,
     quiet: bool = False,
 ) -> PhaseResult:
     """Schedule ops at `rate`/s for `duration` s; latency counts from each op's scheduled start."""
-    result = PhaseResult(target=target, phase=phase, mode="open", rate=rate)
+    result = PhaseResult(target=target, phase=phase, mode="open", rate=rate, bin_s=bin_s)
     start = time.perf_counter()
     end = start + duration
     progress = _Progress(result, start, quiet)

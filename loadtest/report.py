@@ -80,6 +80,14 @@ def quality_bars(results: dict[str, Any]) -> list[Bar]:
              "x", ">= 0.9", lambda v: v >= 0.9),
         _bar("scale: c1 p50 K pods - 1 pod", _get(r, "scale", "c1_p50_many_minus_1_ms"), "ms",
              "<= 0.1", lambda v: v <= 0.1),
+        _bar("scale: throughput large / small cache (1M / 1k)",
+             _get(r, "scale", "throughput_ratio_large_vs_small_cache"), "x", ">= 0.9",
+             lambda v: v >= 0.9),
+        _bar("scale: c1 p50 large - small cache (1M - 1k)",
+             _get(r, "scale", "c1_p50_large_minus_small_cache_ms"), "ms", "<= 0.1",
+             lambda v: v <= 0.1),
+        _bar("scale: router RSS bytes per cached session (1M preload)",
+             _get(r, "scale", "rss_bytes_per_cached_session"), "B", "(info)", None),
         _bar("scale: near-cache lookup large/small",
              _get(r, "scale", "near_cache", "lookup_ratio_large_vs_small"), "x",
              "(info: ns vs a ~ms call)", None),
@@ -170,22 +178,26 @@ def plots(report: dict[str, Any]) -> list[tuple[str, str]]:
     scenarios = sorted({p.get("scenario", "") for p in phases})
     for scenario in scenarios:
         mine = [p for p in phases if p.get("scenario") == scenario and p["latency_curve"]]
+        kinds = list(dict.fromkeys(p["phase"] for p in mine))
         if not mine:
             continue
-        fig, ax = plt.subplots(figsize=(8, 4.2))
-        for p in mine:
-            xs = [1.0 / max(1e-4, 1.0 - q / 100.0) for q, _ in p["latency_curve"]]
-            ys = [ms for _, ms in p["latency_curve"]]
-            load = f"c={p['concurrency']}" if p["mode"] == "closed" else f"{p['rate']:g}/s"
-            ax.plot(xs, ys, label=f"{p['target']} {p['phase']} ({load})")
-        ax.set_xscale("log")
-        ticks = [1, 2, 10, 100, 1000, 10000]
-        ax.set_xticks(ticks, ["p0", "p50", "p90", "p99", "p99.9", "p99.99"])
-        ax.set_ylabel("latency (ms)")
-        ax.set_title(f"{scenario}: latency by percentile")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        out.append((f"{scenario}: latency distribution", _png(fig)))
+        fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds) + 1, 3.8),
+                                 squeeze=False)
+        for ax, kind in zip(axes[0], kinds, strict=True):
+            for p in (p for p in mine if p["phase"] == kind):
+                xs = [1.0 / max(1e-4, 1.0 - q / 100.0) for q, _ in p["latency_curve"]]
+                ys = [ms for _, ms in p["latency_curve"]]
+                ax.plot(xs, ys, label=p["target"])
+            p0 = next(p for p in mine if p["phase"] == kind)
+            load = f"c={p0['concurrency']}" if p0["mode"] == "closed" else f"{p0['rate']:g}/s"
+            ax.set_xscale("log")
+            ax.set_xticks([1, 2, 10, 100, 1000, 10000],
+                          ["p0", "p50", "p90", "p99", "p99.9", "p99.99"])
+            ax.set_ylabel("latency (ms)")
+            ax.set_title(f"{scenario} / {kind} ({load})", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        out.append((f"{scenario}: latency by percentile", _png(fig)))
     sat = [p for p in phases if p["phase"] == "sat"]
     if sat:
         fig, ax = plt.subplots(figsize=(8, 0.35 * len(sat) + 1.2))
@@ -200,14 +212,19 @@ def plots(report: dict[str, Any]) -> list[tuple[str, str]]:
     if kill:
         fig, axes = plt.subplots(len(kill), 1, figsize=(8, 2.6 * len(kill)), squeeze=False)
         for ax, p in zip(axes[:, 0], kill, strict=True):
-            secs = range(len(p["ok_per_s"]))
-            ax.plot(secs, p["ok_per_s"], label="ok/s")
-            ax.plot(secs, p["err_per_s"], label="errors/s", color="tab:red")
+            width = float(p.get("bin_s", 1.0))
+            xs = [i * width for i in range(len(p["ok_per_s"]) + 1)]
+            for key, label, color in (("ok_per_s", "ok/s", "tab:blue"),
+                                      ("err_per_s", "errors/s", "tab:red")):
+                rates = [c / width for c in p[key]]
+                ax.stairs(rates, xs, label=label, color=color)
             for key, style in (("killed_at_s", "--"), ("restarted_at_s", ":")):
                 if key in p:
                     ax.axvline(p[key], color="k", linestyle=style, label=key)
-            ax.set_title(f"pod-kill via {p['target']}")
+            ax.set_xlabel("s since phase start")
+            ax.set_title(f"pod-kill via {p['target']}", fontsize=10)
             ax.legend(fontsize=7)
+        fig.tight_layout()
         out.append(("pod-kill timeline", _png(fig)))
     return out
 

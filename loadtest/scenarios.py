@@ -243,13 +243,14 @@ class Run:
         rate: float | None = None,
         duration: float | None = None,
         max_ops: int | None = None,
+        bin_s: float = 1.0,
     ) -> PhaseResult:
         """Run one closed-loop (`concurrency`) or open-loop (`rate`) phase with CPU accounting."""
         duration = duration if duration is not None else self.settings.duration
         cpu0 = cpu_snapshot(self.cluster)
         if rate is not None:
             result = await run_open(target, phase, op, rate=rate, duration=duration,
-                                    quiet=self.settings.quiet)
+                                    bin_s=bin_s, quiet=self.settings.quiet)
         else:
             result = await run_closed(target, phase, op, concurrency=concurrency or 1,
                                       duration=duration, max_ops=max_ops,
@@ -613,7 +614,7 @@ class Run:
             chaos_task = asyncio.create_task(chaos())
             try:
                 result = await self.phase("pod-kill", target, "kill", op, rate=s.kill_rate,
-                                          duration=duration)
+                                          duration=duration, bin_s=0.1)
             finally:
                 with contextlib.suppress(asyncio.CancelledError):
                     await chaos_task
@@ -630,14 +631,15 @@ class Run:
                                             if k not in RETRYABLE_CODES),
                 "latency": result.hist.summary(),
                 **events,
-                "ok_per_s": result.ok_per_s,
-                "err_per_s": result.err_per_s,
+                "bin_s": result.bin_s,
+                "ok_per_bin": result.ok_per_s,
+                "err_per_bin": result.err_per_s,
             }
             # the restarted pod must be serving before the next leg
             await self._client(victim).ready(timeout=10.0)
 
     async def scenario_scale(self) -> None:
-        """Hit cost with 1 vs K pods behind the router, and near-cache lookups at 1k vs 1M."""
+        """Hit cost with 1 vs K pods, and with 1k vs 1M cached sessions (preloaded in-process)."""
         from loadtest.benchcache import bench_near_cache
 
         s = self.settings
@@ -652,40 +654,64 @@ class Run:
         log(f"scale: starting {extra_n} extra pods ({s.scale_pods} total)")
         extra = await self.cluster.start_pods(extra_n, prefix="xpod", state=False,
                                               first_index=len(self.cluster.pods))
-        routers: dict[str, Router] = {}
         try:
             all_pods = self.cluster.pods[: s.scale_pods]
-            for label, pods in (("1_pod", [self.pod0]), (f"{len(all_pods)}_pods", all_pods)):
-                routers[label] = await self.cluster.start_router(pods, name=f"router-{label}")
-            requests = [self.hit_request(sid) for sid in self.hit_sids]
-            out: dict[str, Any] = {}
-            for label, router in routers.items():
-                assert router.client is not None
-                await router.client.ready()
-                await self.warm_hits(router)
-                op = send_op(router.client, requests)
-                sat = await self.phase("scale", f"router-{label}", "sat", op,
-                                       concurrency=s.concurrency)
-                one = await self.phase("scale", f"router-{label}", "c1", op, concurrency=1,
-                                       duration=max(0.5, s.duration / 2))
-                out[label] = {"throughput_rps": round(sat.throughput, 1),
-                              "c1_p50_ms": one.hist.summary()["p50_ms"],
-                              "cpu_ms_per_request": cpu_per_request({"router": sat}).get("router"),
-                              "errors": dict(sat.errors)}
-            summary["pods"] = out
-            a, b = list(out.values())
-            summary["throughput_ratio_many_vs_1"] = round(
-                b["throughput_rps"] / max(1e-9, a["throughput_rps"]), 4)
-            summary["c1_p50_many_minus_1_ms"] = round(b["c1_p50_ms"] - a["c1_p50_ms"], 4)
+            out = await self._compare_routers(
+                "scale", {"1_pod": {"pods": [self.pod0]},
+                          f"{len(all_pods)}_pods": {"pods": all_pods}})
         finally:
-            for router in routers.values():
-                await self.cluster.stop_router(router)
             for pod in extra:
                 if pod.proc is not None:
                     await self.cluster.procs.stop(pod.proc)
                 if pod.client is not None:
                     await pod.client.close()
                 self.cluster.pods.remove(pod)
+        summary["pods"] = out
+        a, b = list(out.values())
+        summary["throughput_ratio_many_vs_1"] = round(
+            b["throughput_rps"] / max(1e-9, a["throughput_rps"]), 4)
+        summary["c1_p50_many_minus_1_ms"] = round(b["c1_p50_ms"] - a["c1_p50_ms"], 4)
+
+        small, large = s.cache_sizes[0], s.cache_sizes[-1]
+        log(f"scale: routers with {small} vs {large} cached sessions (preloaded in process)")
+        cached = await self._compare_routers(
+            "scale", {f"{small}_cached": {"preload": small}, f"{large}_cached": {"preload": large}})
+        summary["cached"] = cached
+        summary["cached_method"] = (
+            "loadtest.routerhost: the router built as `serve` builds it, near-cache preloaded "
+            "with N synthetic sessions before serving; hit traffic on real sessions of pod0")
+        a, b = list(cached.values())
+        summary["throughput_ratio_large_vs_small_cache"] = round(
+            b["throughput_rps"] / max(1e-9, a["throughput_rps"]), 4)
+        summary["c1_p50_large_minus_small_cache_ms"] = round(b["c1_p50_ms"] - a["c1_p50_ms"], 4)
+        summary["rss_bytes_per_cached_session"] = round(
+            (b["rss_bytes"] - a["rss_bytes"]) / max(1, large - small), 1)
+
+    async def _compare_routers(self, scenario: str, variants: dict[str, dict[str, Any]]
+                               ) -> dict[str, Any]:
+        """Start one router per variant, one after the other; hit sat + c1 through each."""
+        s = self.settings
+        requests = [self.hit_request(sid) for sid in self.hit_sids]
+        out: dict[str, Any] = {}
+        for label, kw in variants.items():
+            router = await self.cluster.start_router(name=f"router-{label}", **kw)
+            try:
+                assert router.client is not None
+                await router.client.ready()
+                await self.warm_hits(router)
+                op = send_op(router.client, requests)
+                sat = await self.phase(scenario, f"router-{label}", "sat", op,
+                                       concurrency=s.concurrency)
+                one = await self.phase(scenario, f"router-{label}", "c1", op, concurrency=1,
+                                       duration=max(0.5, s.duration / 2))
+                out[label] = {"throughput_rps": round(sat.throughput, 1),
+                              "c1_p50_ms": one.hist.summary()["p50_ms"],
+                              "cpu_ms_per_request": cpu_per_request({"router": sat}).get("router"),
+                              "rss_bytes": router.proc.rss_bytes(),
+                              "errors": dict(sat.errors)}
+            finally:
+                await self.cluster.stop_router(router)
+        return out
 
     async def warm_hits(self, router: Router) -> None:
         assert router.client is not None
