@@ -34,6 +34,7 @@ from router.locator import LIVE, NOT_FOUND, Locator, NoPlaceablePod
 from router.metrics import Metrics
 from router.pods import Pod, PodSet
 from router.routes import Route, RouteClass, Shape
+from router.scope import DiscoveryScope
 from router.store import BroadcastRecord, LocationStore, StoreUnavailable
 from router.wire import WireError
 
@@ -45,6 +46,7 @@ _CONNECT_FAILURE_MARKS = ("failed to connect", "connection refused", "connect fa
                           "dns resolution failed", "name resolution")
 LIST_PAGE_DEFAULT = 1000
 GET_SESSION_PATH = f"/{routes.SERVICE}/GetSession"
+CANCEL_AFTER_EOF_GRACE_S = 0.05
 
 
 def forwardable(metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple:
@@ -107,7 +109,9 @@ class MacpProxy:
         metrics: Metrics,
         router_metadata: Sequence[tuple[str, str]] = (),
         broadcast_timeout_s: float = 5.0,
+        scope: DiscoveryScope | None = None,
     ) -> None:
+        self.scope = scope
         self.pods = pods
         self.locator = locator
         self.store = store
@@ -565,6 +569,10 @@ class MacpProxy:
                 if frame is grpc.aio.EOF:
                     break
                 await call.write(frame)
+            # A client's cancel reaches this read as EOF before grpc cancels the handler task;
+            # give the cancel a moment to arrive (the finally below then cancels this pump and
+            # the upstream call) so the pod sees a cancel, not a half-close it would finish.
+            await asyncio.sleep(CANCEL_AFTER_EOF_GRACE_S)
             await call.done_writing()
 
         pump = asyncio.create_task(client_to_pod(), name=f"bidi-up:{pod.name}")
@@ -656,6 +664,10 @@ class MacpProxy:
                 continue
             for session in result:
                 merged.setdefault(session.session_id, session)
+        if self.scope is not None:
+            visible = self.scope.visible_to(context.invocation_metadata())
+            if visible is not None:
+                merged = {sid: s for sid, s in merged.items() if visible(s)}
         if failed:
             raise Abort(
                 grpc.StatusCode.UNAVAILABLE,
@@ -684,6 +696,9 @@ class MacpProxy:
             raise Abort(grpc.StatusCode.UNAVAILABLE, self._no_pod_message(route.method))
         metadata = forwardable(context.invocation_metadata())
         timeout = context.time_remaining()
+        visible = None
+        if self.scope is not None and route.method == "WatchSessions":
+            visible = self.scope.visible_to(context.invocation_metadata())
         queue: asyncio.Queue[tuple[Pod, bytes | None, grpc.aio.AioRpcError | None]] = (
             asyncio.Queue(maxsize=1024)
         )
@@ -705,6 +720,10 @@ class MacpProxy:
             while True:
                 pod, message, error = await queue.get()
                 if message is not None:
+                    if visible is not None and not visible(
+                        core_pb2.WatchSessionsResponse.FromString(message).event.session
+                    ):
+                        continue
                     await context.write(message)
                     continue
                 if error is not None:
