@@ -9,12 +9,15 @@ Invariant: nothing here changes where an existing session is routed.
 
 from __future__ import annotations
 
+import hmac
+
 import grpc
 
 from router import __version__
 from router.locator import LIVE, NOT_FOUND, SOURCE_CACHE, Locator
 from router.metrics import Metrics
 from router.pods import Pod, PodSet
+from router.scope import bearer_token
 from router.store import TERMINAL_STATES, LocationStore
 from router.v1 import router_pb2, router_pb2_grpc
 from router.watch import WatchFeed
@@ -29,16 +32,36 @@ class RouterAdmin(router_pb2_grpc.RouterAdminServicer):
         store: LocationStore,
         feeds: dict[str, WatchFeed],
         metrics: Metrics,
+        admin_token: str | None = None,
+        open_reads: bool = False,
     ) -> None:
+        self._admin_token = admin_token
+        self._open_reads = open_reads
         self.pods = pods
         self.locator = locator
         self.store = store
         self.feeds = feeds
         self.metrics = metrics
 
+    async def _authorize(self, context: grpc.aio.ServicerContext, *, mutating: bool) -> None:
+        """With an admin token configured: drain needs it; reads too unless open reads."""
+        if self._admin_token is None or (not mutating and self._open_reads):
+            return
+        token = bearer_token(context.invocation_metadata())
+        if not token:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the admin API needs 'authorization: Bearer <admin token>' "
+                "(macp-router ... --admin-token TOKEN)",
+            )
+        if not hmac.compare_digest(token.encode(), self._admin_token.encode()):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "the admin token is not valid for this router")
+
     async def SessionStatus(
         self, request: router_pb2.SessionStatusRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.SessionStatusResponse:
+        await self._authorize(context, mutating=False)
         sid = request.session_id
         if not sid:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is required")
@@ -93,6 +116,7 @@ class RouterAdmin(router_pb2_grpc.RouterAdminServicer):
     async def ListPods(
         self, request: router_pb2.ListPodsRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ListPodsResponse:
+        await self._authorize(context, mutating=False)
         return router_pb2.ListPodsResponse(
             pods=[self.pod_status(pod) for pod in self.pods],
             store=self.store.name,
@@ -105,6 +129,7 @@ class RouterAdmin(router_pb2_grpc.RouterAdminServicer):
         self, request: router_pb2.DrainPodRequest, context: grpc.aio.ServicerContext,
         draining: bool,
     ) -> router_pb2.DrainPodResponse:
+        await self._authorize(context, mutating=True)
         pod = self.pods.get(request.name)
         if pod is None:
             await context.abort(

@@ -33,7 +33,8 @@ from router.metrics import Metrics
 from router.placement import make_policy
 from router.pods import Pod, PodSet
 from router.proxy import MacpProxy
-from router.store import LocationStore, MemoryStore
+from router.scope import DiscoveryScope
+from router.store import LocationStore, MemoryStore, StoreUnavailable
 from router.v1 import router_pb2_grpc
 from router.watch import WatchFeed
 
@@ -42,6 +43,27 @@ log = logging.getLogger("macp_router")
 
 class ListenError(RuntimeError):
     """The listen address cannot be bound."""
+
+
+def server_credentials(config: RouterConfig) -> grpc.ServerCredentials | None:
+    if not config.tls_cert:
+        return None
+    client_ca = config.read_file(config.tls_client_ca)
+    return grpc.ssl_server_credentials(
+        [(config.read_file(config.tls_key), config.read_file(config.tls_cert))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def pod_credentials(config: RouterConfig) -> grpc.ChannelCredentials | None:
+    if not config.pod_ca:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=config.read_file(config.pod_ca),
+        private_key=config.read_file(config.pod_key),
+        certificate_chain=config.read_file(config.pod_cert),
+    )
 
 
 def make_store(config: RouterConfig, metrics: Metrics) -> LocationStore:
@@ -71,6 +93,7 @@ class Router:
         self.metrics = metrics or Metrics()
         self.store = make_store(config, self.metrics)
         self.pods = PodSet(
+            credentials=pod_credentials(config),
             channels=config.channels_per_pod,
             health_interval_s=config.health_interval_ms / 1000,
             channel_options=[
@@ -95,14 +118,19 @@ class Router:
             store=self.store,
             metrics=self.metrics,
             router_metadata=config.router_metadata,
+            scope=(DiscoveryScope(config.observer_tokens, dict(config.token_identities))
+                   if config.scope_discovery else None),
         )
         self.feeds: dict[str, WatchFeed] = {}
         self.health = health.aio.HealthServicer()
         self.admin = RouterAdmin(
             pods=self.pods, locator=self.locator, store=self.store, feeds=self.feeds,
-            metrics=self.metrics,
+            metrics=self.metrics, admin_token=config.admin_token,
+            open_reads=config.admin_open_reads,
         )
         self.server: grpc.aio.Server | None = None
+        self.admin_server: grpc.aio.Server | None = None
+        self.admin_port = 0
         self.port = 0
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
@@ -235,17 +263,57 @@ class Router:
         self._http_thread.start()
 
     # -- lifecycle -------------------------------------------------------------------------------
+    def _server_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.so_reuseport", 1 if self.config.reuse_port else 0),
+            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            ("grpc.max_send_message_length", self.config.max_message_bytes),
+            ("grpc.max_concurrent_streams", self.config.max_concurrent_streams),
+        ]
+
+    def _bind(self, server: grpc.aio.Server, address: str, flag: str,
+              credentials: grpc.ServerCredentials | None) -> int:
+        try:
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError as exc:
+            port, detail = 0, str(exc)
+        else:
+            detail = "port unavailable"
+        if not port:
+            raise ListenError(
+                f"cannot listen on {flag} {address}: {detail} (is another process using it?)"
+            )
+        return port
+
+    async def _start_admin_server(self) -> None:
+        """Admin API on its own (loopback by default) port when the client port can't have it."""
+        address = self.config.admin_listen
+        if address is None and not self.config.admin_on_main_port:
+            address = "127.0.0.1:50052"
+        if address is None:
+            return
+        server = grpc.aio.server(options=self._server_options())
+        router_pb2_grpc.add_RouterAdminServicer_to_server(self.admin, server)
+        self.admin_port = self._bind(server, address, "--admin-listen", None)
+        await server.start()
+        self.admin_server = server
+
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+
+    async def _start(self) -> None:
         await self.store.start()
         await self.locator.start()
-        server = grpc.aio.server(
-            options=[
-                ("grpc.so_reuseport", 1 if self.config.reuse_port else 0),
-                ("grpc.max_receive_message_length", self.config.max_message_bytes),
-                ("grpc.max_send_message_length", self.config.max_message_bytes),
-            ]
-        )
-        router_pb2_grpc.add_RouterAdminServicer_to_server(self.admin, server)
+        server = grpc.aio.server(options=self._server_options())
+        if self.config.admin_on_main_port:
+            router_pb2_grpc.add_RouterAdminServicer_to_server(self.admin, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (routes.SERVICE, "router.v1.RouterAdmin", health.SERVICE_NAME,
@@ -254,21 +322,10 @@ class Router:
         )
         server.add_generic_rpc_handlers((self.proxy.generic_handler(),))
         server.add_generic_rpc_handlers((self.proxy.unimplemented_handler(),))
-        try:
-            self.port = server.add_insecure_port(self.config.listen)
-        except RuntimeError as exc:
-            self.port = 0
-            detail = str(exc)
-        else:
-            detail = "port unavailable"
-        if not self.port:
-            await self.store.aclose()
-            await self.locator.aclose()
-            raise ListenError(
-                f"cannot listen on --listen {self.config.listen}: {detail} "
-                "(is another process using it?)"
-            )
+        credentials = server_credentials(self.config)
+        self.port = self._bind(server, self.config.listen, "--listen", credentials)
         self.server = server
+        await self._start_admin_server()
         self._start_http()
         for spec in self.config.pods:
             self.pods.add(spec)
@@ -298,6 +355,9 @@ class Router:
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.config.shutdown_grace_s if grace is None else grace
+        if self.admin_server is not None:
+            await self.admin_server.stop(0)
+            self.admin_server = None
         if self.server is not None:
             for service in ("", routes.SERVICE):
                 await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -314,7 +374,8 @@ class Router:
         self.feeds.clear()
         if self._feed_closers:
             await asyncio.gather(*self._feed_closers, return_exceptions=True)
-        await self.locator.flush()
+        with contextlib.suppress(StoreUnavailable, RuntimeError):  # store never started
+            await self.locator.flush()
         await self.locator.aclose()
         await self.pods.aclose()
         await self.store.aclose()

@@ -102,6 +102,33 @@ def build_parser() -> argparse.ArgumentParser:
           help="router processes sharing the listen port (SO_REUSEPORT); auto = cores")
     _flag(serve, "--log-level", default="info", choices=["debug", "info", "warning", "error"],
           help="log verbosity")
+    security = serve.add_argument_group("security and limits")
+    _flag(security, "--admin-listen", metavar="HOST:PORT",
+          help="serve the admin API (router.v1.RouterAdmin) here too; without --admin-token "
+          "the admin API is served only on loopback (this address, default 127.0.0.1:50052, or "
+          "--listen when that is loopback)")
+    _flag(security, "--admin-open-reads", action="store_true",
+          help="let SessionStatus/ListPods through without --admin-token (drain always needs "
+          "it)")
+    _flag(security, "--tls-cert", metavar="PEM", help="TLS certificate for the client port")
+    _flag(security, "--tls-key", metavar="PEM", help="TLS private key for the client port")
+    _flag(security, "--tls-client-ca", metavar="PEM",
+          help="require client certificates signed by this CA (mTLS)")
+    _flag(security, "--pod-ca", metavar="PEM", help="dial pods over TLS, trusting this CA")
+    _flag(security, "--pod-cert", metavar="PEM", help="client certificate for mTLS to pods")
+    _flag(security, "--pod-key", metavar="PEM", help="client key for mTLS to pods")
+    _flag(security, "--scope-discovery", action="store_true",
+          help="show ListSessions/WatchSessions callers only sessions they take part in "
+          "(participants, initiator) unless their token is an observer")
+    _flag(security, "--observer-tokens", metavar="TOKEN[,TOKEN]",
+          help="bearer tokens that may see every session under --scope-discovery")
+    _flag(security, "--auth-tokens-json", metavar="PATH",
+          help="the runtime's MACP_AUTH_TOKENS_JSON file, to map tokens to senders (and "
+          "observers) for --scope-discovery; default: the token is the sender (dev mode)")
+    _flag(security, "--max-message-bytes", type=int, default=16 * 1024 * 1024, metavar="N",
+          help="largest request or response the router passes")
+    _flag(security, "--max-concurrent-streams", type=int, default=256, metavar="N",
+          help="concurrent calls per client connection")
 
     pod = sub.add_parser(
         "pod", help="run a simulated MACP runtime pod (tests, demo, load tests)",
@@ -171,6 +198,9 @@ def _config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from router.pods import parse_pod_list
 
     pods = tuple(parse_pod_list(args.pods)) if args.pods else ()
+    identities, observers = _token_identities(args.auth_tokens_json)
+    if args.observer_tokens:
+        observers |= {t.strip() for t in args.observer_tokens.split(",") if t.strip()}
     return RouterConfig(
         listen=args.listen,
         pods=pods,
@@ -191,7 +221,46 @@ def _config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         log_level=args.log_level,
         workers=resolve_workers(args.workers),
         reuse_port="MACP_ROUTER_WORKER_INDEX" in os.environ,
+        admin_listen=args.admin_listen,
+        admin_open_reads=args.admin_open_reads,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        pod_ca=args.pod_ca,
+        pod_cert=args.pod_cert,
+        pod_key=args.pod_key,
+        scope_discovery=args.scope_discovery,
+        observer_tokens=frozenset(observers),
+        token_identities=identities,
+        max_message_bytes=int(args.max_message_bytes),
+        max_concurrent_streams=int(args.max_concurrent_streams),
     )
+
+
+def _token_identities(path: str | None) -> tuple[tuple[tuple[str, str], ...], set[str]]:
+    """(token -> sender pairs, observer tokens) from a runtime MACP_AUTH_TOKENS_JSON file."""
+    if not path:
+        return (), set()
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except OSError as exc:
+        raise ValueError(f"--auth-tokens-json: cannot read {path!r}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--auth-tokens-json: {path!r} is not JSON: {exc.msg}") from None
+    entries = data.get("tokens", data) if isinstance(data, dict) else data
+    if not isinstance(entries, list):
+        raise ValueError("--auth-tokens-json: expected a list of {token, sender, ...} objects")
+    pairs, observers = [], set()
+    for entry in entries:
+        if not isinstance(entry, dict) or "token" not in entry or "sender" not in entry:
+            raise ValueError("--auth-tokens-json: every entry needs 'token' and 'sender'")
+        pairs.append((str(entry["token"]), str(entry["sender"])))
+        if entry.get("is_observer"):
+            observers.add(str(entry["token"]))
+    return tuple(pairs), observers
 
 
 async def _serve(config) -> int:  # type: ignore[no-untyped-def]

@@ -59,6 +59,20 @@ class RouterConfig:
     reuse_port: bool = False
     """Share the listen port with sibling worker processes (set for `--workers` children)."""
     max_message_bytes: int = 16 * 1024 * 1024
+    max_concurrent_streams: int = 256
+    """Per client connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)."""
+    admin_listen: str | None = None
+    admin_open_reads: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    pod_ca: str | None = None
+    pod_cert: str | None = None
+    pod_key: str | None = None
+    scope_discovery: bool = False
+    observer_tokens: frozenset[str] = field(default=frozenset(), repr=False)
+    token_identities: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    """token -> sender for --scope-discovery (from --auth-tokens-json); else token = sender."""
 
     def __post_init__(self) -> None:
         parse_host_port(self.listen, "--listen")
@@ -85,12 +99,49 @@ class RouterConfig:
             raise ValueError("--workers must be at least 1")
         if self.redis_prefix.startswith("macp:"):
             raise ValueError("--redis-prefix must not be 'macp:' (that namespace is the runtime's)")
+        if self.admin_listen:
+            parse_host_port(self.admin_listen, "--admin-listen")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if bool(self.pod_cert) != bool(self.pod_key):
+            raise ValueError("--pod-cert and --pod-key go together")
+        if (self.pod_cert or self.pod_key) and not self.pod_ca:
+            raise ValueError("--pod-cert/--pod-key (mTLS to pods) need --pod-ca")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca needs --tls-cert/--tls-key")
+        for label, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
+                            ("--tls-client-ca", self.tls_client_ca), ("--pod-ca", self.pod_ca),
+                            ("--pod-cert", self.pod_cert), ("--pod-key", self.pod_key)):
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{label}: no such file {path!r}")
+        if not 1024 <= self.max_message_bytes <= 1024 * 1024 * 1024:
+            raise ValueError("--max-message-bytes must be between 1 KiB and 1 GiB")
+        if not 1 <= self.max_concurrent_streams <= 100_000:
+            raise ValueError("--max-concurrent-streams must be between 1 and 100000")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError("--log-level must be debug, info, warning or error")
 
     @property
     def probe_timeout_s(self) -> float:
         return self.probe_timeout_ms / 1000
+
+    @property
+    def admin_on_main_port(self) -> bool:
+        """Admin calls are served on the client port only with a token, or on loopback."""
+        host, _ = parse_host_port(self.listen, "--listen")
+        return bool(self.admin_token) or host in ("127.0.0.1", "localhost", "::1")
+
+    def identity_of(self, token: str) -> str:
+        for known, sender in self.token_identities:
+            if known == token:
+                return sender
+        return token
+
+    def read_file(self, path: str | None) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as handle:
+            return handle.read()
 
     @property
     def router_metadata(self) -> tuple[tuple[str, str], ...]:

@@ -648,8 +648,10 @@ class SimPod:
         observers: Iterable[str] = ("router", "observer"),
         tokens: Mapping[str, str] | None = None,
         snapshot_terminal: bool = False,
+        server_credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         self.name = name
+        self.server_credentials = server_credentials
         self.listen = listen
         self.state_file = state_file
         self.allow_insecure = allow_insecure
@@ -697,7 +699,10 @@ class SimPod:
         host, _, port_s = listen.rpartition(":")
         if self.port and port_s == "0":  # a restart keeps its address
             listen = f"{host}:{self.port}"
-        self.port = server.add_insecure_port(listen)
+        if self.server_credentials is None:
+            self.port = server.add_insecure_port(listen)
+        else:
+            self.port = server.add_secure_port(listen, self.server_credentials)
         if not self.port:
             raise RuntimeError(f"pod {self.name} could not bind {listen}")
         connect_host = "127.0.0.1" if host in ("", "0.0.0.0", "[::]", "::", "*") else host
