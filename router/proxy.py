@@ -34,6 +34,7 @@ from router.locator import LIVE, NOT_FOUND, Locator, NoPlaceablePod
 from router.metrics import Metrics
 from router.pods import Pod, PodSet
 from router.routes import Route, RouteClass, Shape
+from router.scope import DiscoveryScope
 from router.store import BroadcastRecord, LocationStore, StoreUnavailable
 from router.wire import WireError
 
@@ -108,7 +109,9 @@ class MacpProxy:
         metrics: Metrics,
         router_metadata: Sequence[tuple[str, str]] = (),
         broadcast_timeout_s: float = 5.0,
+        scope: DiscoveryScope | None = None,
     ) -> None:
+        self.scope = scope
         self.pods = pods
         self.locator = locator
         self.store = store
@@ -661,6 +664,10 @@ class MacpProxy:
                 continue
             for session in result:
                 merged.setdefault(session.session_id, session)
+        if self.scope is not None:
+            visible = self.scope.visible_to(context.invocation_metadata())
+            if visible is not None:
+                merged = {sid: s for sid, s in merged.items() if visible(s)}
         if failed:
             raise Abort(
                 grpc.StatusCode.UNAVAILABLE,
@@ -689,6 +696,9 @@ class MacpProxy:
             raise Abort(grpc.StatusCode.UNAVAILABLE, self._no_pod_message(route.method))
         metadata = forwardable(context.invocation_metadata())
         timeout = context.time_remaining()
+        visible = None
+        if self.scope is not None and route.method == "WatchSessions":
+            visible = self.scope.visible_to(context.invocation_metadata())
         queue: asyncio.Queue[tuple[Pod, bytes | None, grpc.aio.AioRpcError | None]] = (
             asyncio.Queue(maxsize=1024)
         )
@@ -710,6 +720,10 @@ class MacpProxy:
             while True:
                 pod, message, error = await queue.get()
                 if message is not None:
+                    if visible is not None and not visible(
+                        core_pb2.WatchSessionsResponse.FromString(message).event.session
+                    ):
+                        continue
                     await context.write(message)
                     continue
                 if error is not None:
