@@ -301,6 +301,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"macp-router serve: error: {exc} (see macp-router serve --help)", file=sys.stderr)
         return EXIT_USAGE
     _setup_logging(config.log_level)
+    if config.workers > 1 and not config.redis_url:
+        logging.getLogger("macp_router").warning(
+            "--workers %d without --redis-url: each worker keeps its own store, so two workers "
+            "could place a retried SessionStart on different pods; use Redis with workers",
+            config.workers,
+        )
     if config.workers > 1:
         from router.workers import run_workers
 

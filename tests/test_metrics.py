@@ -1,0 +1,109 @@
+"""Prometheus metrics: bounded labels, real exposition that parses, the numbers that matter."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+import uuid
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from router.metrics import UNKNOWN, Metrics, bounded
+from tests import macp_calls
+
+
+def test_bounded_maps_unexpected_label_values_to_unknown():
+    assert bounded("hit", {"hit", "stale"}) == "hit"
+    assert bounded("a-session-id-" + str(uuid.uuid4()), {"hit"}) == UNKNOWN
+
+
+def test_helpers_never_create_a_label_per_session_or_pod_name():
+    metrics = Metrics()
+    metrics.add_pod("a")
+    metrics.add_methods(["Send"])
+    for _ in range(50):
+        sid = str(uuid.uuid4())
+        metrics.record_locate("macp", sid)
+        metrics.record_request("macp", sid, "session", sid, sid, 0.001)
+        metrics.record_probe("macp", sid, sid)
+        metrics.record_placement("macp", sid, sid)
+        metrics.record_watch_event(sid, sid)
+    metrics.record_request("macp", "Send", "session", "a", "OK", 0.001)
+    labels = set()
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            labels |= set(sample.labels.values())
+    assert not any(len(value) > 30 for value in labels), labels
+    assert {"a", "Send", UNKNOWN} <= labels
+    assert metrics.registry.get_sample_value(
+        "macp_router_locate_total", {"protocol": "macp", "result": UNKNOWN}) == 50
+
+
+def test_bad_protocol_label_is_bounded_too():
+    metrics = Metrics()
+    metrics.record_locate("http-3", "hit")
+    assert metrics.registry.get_sample_value(
+        "macp_router_locate_total", {"protocol": UNKNOWN, "result": "hit"}) == 1
+
+
+@pytest.fixture
+async def scraped(sim_pods, make_router):
+    pods = await sim_pods(3)
+    router = await make_router(pods, metrics_listen="127.0.0.1:0")
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        sid = await macp_calls.start(channel)
+        for _ in range(5):
+            assert (await macp_calls.send(channel, macp_calls.proposal_envelope(sid))).ok
+        with pytest.raises(grpc.aio.AioRpcError):
+            await macp_calls.get_session(channel, str(uuid.uuid4()))
+
+    def fetch() -> str:
+        url = f"http://127.0.0.1:{router.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert response.status == 200
+            return response.read().decode()
+
+    return router, await asyncio.to_thread(fetch)
+
+
+async def test_metrics_endpoint_parses_and_names_follow_the_convention(scraped):
+    _router, text = scraped
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    expected = {
+        "macp_router_requests", "macp_router_request_duration_seconds", "macp_router_locate",
+        "macp_router_probe_fanouts", "macp_router_probe_duration_seconds",
+        "macp_router_coalesced_misses", "macp_router_placements", "macp_router_broadcasts",
+        "macp_router_watch_up", "macp_router_watch_reconnects", "macp_router_watch_events",
+        "macp_router_cached_sessions", "macp_router_active_streams", "macp_router_pod_healthy",
+        "macp_router_store_degraded", "macp_router_redis_command_duration_seconds",
+    }
+    assert expected <= set(families), expected - set(families)
+    for name, family in families.items():
+        assert name.startswith("macp_router_"), name
+        if family.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in family.samples), name
+
+
+async def test_metrics_count_what_happened(scraped):
+    _router, text = scraped
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text) for s in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("macp_router_watch_up", pod="a") == 1
+    assert value("macp_router_pod_healthy", pod="b") == 1
+    assert value("macp_router_locate_total", protocol="macp", result="not_found") == 1
+    assert value("macp_router_probe_fanouts_total", protocol="macp") == 1
+    sent_ok = sum(v for (name, labels), v in samples.items()
+                  if name == "macp_router_requests_total"
+                  and ("method", "Send") in labels and ("code", "OK") in labels)
+    assert sent_ok == 6  # one start + five proposals
+    cached = sum(v for (name, _), v in samples.items() if name == "macp_router_cached_sessions")
+    assert cached == 1
+    assert value("macp_router_store_degraded") == 0
