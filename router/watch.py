@@ -190,6 +190,8 @@ class WatchFeed:
                 reconcile.cancel()
                 with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                     await reconcile
+            elif not reconcile.cancelled():
+                reconcile.exception()  # retrieved: the stream's own failure is what we report
             call.cancel()
 
     def _apply(self, event: core_pb2.SessionLifecycleEvent) -> None:
