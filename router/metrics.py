@@ -249,3 +249,31 @@ class Metrics:
 
     def observe_redis(self, command: str, seconds: float) -> None:
         self.redis_command_duration.labels(command.lower()[:32]).observe(seconds)
+
+    # -- pods of other front doors (ACP) -----------------------------------------------------
+    def add_protocol_pod(self, protocol: str, pod: str) -> None:
+        """Register a pod of a non-MACP front door: a known pod label, `pod_up` gauge at 0.
+
+        `add_pod` also creates the MACP watch-feed gauge, which such pods do not have (and
+        whose alert would then fire for them).
+        """
+        self.known_pods.add(pod)
+        self._pod_up().labels(bounded(protocol, PROTOCOLS), pod).set(0)
+
+    def set_protocol_pod_up(self, protocol: str, pod: str, up: bool) -> None:
+        self._pod_up().labels(bounded(protocol, PROTOCOLS), self.pod_label(pod)).set(
+            1 if up else 0
+        )
+
+    def _pod_up(self) -> Gauge:
+        gauge: Gauge | None = getattr(self, "_pod_up_gauge", None)
+        if gauge is None:
+            gauge = Gauge(
+                "macp_router_pod_up",
+                "1 while a front door's pod answers, by protocol (acp: its control connection "
+                "is open and answers pings)",
+                ["protocol", "pod"],
+                registry=self.registry,
+            )
+            self._pod_up_gauge = gauge
+        return gauge
