@@ -1,0 +1,338 @@
+"""ACP agent pods by stable name: the router's own control connection to each, health, probes.
+
+`AcpPodRoster` is the locator's `PodRoster` for ACP (`names()`, `is_healthy()`,
+`placeable_names()`); `PodSet` in `router.pods` is gRPC-specific. Each `AcpPod` keeps one
+control `Upstream` opened with the router's own `initialize`; it carries the `session/status`
+probes and a health ping (any JSON-RPC answer, -32601 included, means the pod answers).
+
+Invariants:
+- A pod is identified by its name, never by its URL.
+- `healthy` is False from the first failed connect, ping or lost control connection until the
+  control connection is open and answering again; unhealthy and draining pods are never
+  placeable, and the locator counts unhealthy pods as *unknown*, never *not_found*.
+- Losing an established control connection (pod restart, network) calls `on_disconnect`, so
+  the front door can forget that pod's routes: a restarted pod has lost its sessions and only a
+  probe can tell. Reconnect backoff is capped at about 1 s.
+- A probe answers `live` / `not_found` only from a pod's own `session/status` result; an
+  error (-32601 from a pod without the method), a timeout or no connection is `unknown`.
+- Every background task is owned by its `AcpPod` and cancelled by `aclose()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from acp.meta import PROTOCOL_VERSION
+
+from router import __version__
+from router.acp.routes import STATUS_METHOD
+from router.acp.upstream import WS, Upstream, UpstreamClosed
+
+log = logging.getLogger("macp_router.acp.pods")
+
+LIVE = "live"
+NOT_FOUND = "not_found"
+UNKNOWN = "unknown"
+HEALTH_PROBE_SID = "macp-router-health-check"
+
+ROUTER_INIT_PARAMS: dict[str, Any] = {
+    "protocolVersion": PROTOCOL_VERSION,
+    "clientCapabilities": {"fs": {"readTextFile": False, "writeTextFile": False},
+                           "terminal": False},
+    "clientInfo": {"name": "macp-router", "title": "macp-router control connection",
+                   "version": __version__},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AcpPodSpec:
+    name: str
+    url: str
+
+
+def parse_acp_pod_list(text: str) -> list[AcpPodSpec]:
+    """Parse `NAME=http://HOST:PORT/acp[,...]`; raise ValueError naming the bad part."""
+    specs: list[AcpPodSpec] = []
+    names: set[str] = set()
+    urls: set[str] = set()
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        name, sep, url = item.partition("=")
+        name, url = name.strip(), url.strip()
+        if not sep or not name or not url:
+            raise ValueError(f"ACP pod entry {item!r} is not NAME=http://HOST:PORT/acp")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
+            raise ValueError(f"ACP pod {name!r}: {url!r} is not http://HOST:PORT/PATH")
+        if name in names:
+            raise ValueError(f"ACP pod name {name!r} appears twice")
+        if url in urls:
+            raise ValueError(f"ACP pod URL {url!r} appears twice")
+        names.add(name)
+        urls.add(url)
+        specs.append(AcpPodSpec(name, url))
+    if not specs:
+        raise ValueError("no ACP pods given (expected NAME=http://HOST:PORT/acp[,...])")
+    return specs
+
+
+class AcpPod:
+    def __init__(
+        self,
+        spec: AcpPodSpec,
+        *,
+        transport: str = WS,
+        http_client: httpx.AsyncClient | None = None,
+        connect_timeout_s: float = 2.0,
+        health_interval_s: float = 1.0,
+        health_timeout_s: float = 1.0,
+    ) -> None:
+        self.name = spec.name
+        self.url = spec.url
+        self.transport = transport
+        self.http_client = http_client
+        self.connect_timeout_s = connect_timeout_s
+        self.health_interval_s = health_interval_s
+        self.health_timeout_s = health_timeout_s
+        self.healthy = False
+        self.draining = False
+        self.last_error = "not connected yet"
+        self.init_result: dict[str, Any] = {}
+        self.connects = 0
+        self._control: Upstream | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._became_healthy = asyncio.Event()
+        self._closing = False
+        self.on_health_change: Callable[[AcpPod], None] | None = None
+        self.on_disconnect: Callable[[AcpPod], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"AcpPod({self.name}@{self.url}, healthy={self.healthy})"
+
+    @property
+    def placeable(self) -> bool:
+        return self.healthy and not self.draining
+
+    def upstream(self, **kwargs: Any) -> Upstream:
+        """A new (unopened) upstream connection to this pod."""
+        return Upstream(
+            self.name, self.url, transport=self.transport, http_client=self.http_client,
+            connect_timeout_s=self.connect_timeout_s, **kwargs,
+        )
+
+    # -- probes ------------------------------------------------------------------------------
+    async def probe(self, sid: str) -> str:
+        """`session/status` on the control connection: live | not_found | unknown."""
+        control = self._control
+        if control is None or control.closed:
+            return UNKNOWN
+        try:
+            reply = await control.call(STATUS_METHOD, {"sessionId": sid}, None)
+        except UpstreamClosed:
+            return UNKNOWN
+        value = reply.get("result")
+        status = value.get("status") if isinstance(value, dict) else None
+        return status if status in (LIVE, NOT_FOUND) else UNKNOWN
+
+    # -- health ------------------------------------------------------------------------------
+    def report_failure(self, reason: str) -> None:
+        self.last_error = reason
+        if self.healthy:
+            log.warning("ACP pod %s marked unhealthy: %s", self.name, reason)
+            self._set_healthy(False)
+        self._wake.set()
+
+    def _set_healthy(self, healthy: bool) -> None:
+        if healthy == self.healthy:
+            return
+        self.healthy = healthy
+        if healthy:
+            self.last_error = ""
+            self._became_healthy.set()
+        else:
+            self._became_healthy.clear()
+        if self.on_health_change is not None:
+            self.on_health_change(self)
+
+    async def wait_healthy(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._became_healthy.wait(), timeout)
+        return self.healthy
+
+    def _control_closed(self, upstream: Upstream) -> None:
+        if self._closing or upstream is not self._control:
+            return
+        self._control = None
+        self.report_failure(f"control connection lost: {upstream.close_reason}")
+        if self.on_disconnect is not None:
+            self.on_disconnect(self)
+
+    async def _connect(self) -> bool:
+        control = self.upstream(on_close=self._control_closed)
+        try:
+            self.init_result = await control.open(ROUTER_INIT_PARAMS)
+        except UpstreamClosed as exc:
+            self.report_failure(exc.reason)
+            return False
+        if self._closing:
+            await control.aclose()
+            return False
+        self._control = control
+        self.connects += 1
+        log.info("ACP pod %s (%s) is healthy", self.name, self.url)
+        self._set_healthy(True)
+        return True
+
+    async def _ping(self) -> None:
+        control = self._control
+        if control is None:
+            return
+        try:
+            await control.call(STATUS_METHOD, {"sessionId": HEALTH_PROBE_SID},
+                               self.health_timeout_s)
+        except TimeoutError:
+            self.report_failure(
+                f"did not answer a health ping within {self.health_timeout_s:g} s"
+            )
+        except UpstreamClosed:
+            pass  # _control_closed already reported it
+        else:
+            self._set_healthy(True)
+
+    async def _health_loop(self) -> None:
+        backoff = 0.1
+        while True:
+            if self._control is None or self._control.closed:
+                if await self._connect():
+                    backoff = 0.1
+                    continue
+                delay = backoff * random.uniform(0.8, 1.2)
+                backoff = min(backoff * 2, 1.0)
+            else:
+                await self._ping()
+                delay = self.health_interval_s if self.healthy else self.health_interval_s / 4
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._health_loop(), name=f"acp-health:{self.name}")
+
+    async def aclose(self) -> None:
+        self._closing = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        control, self._control = self._control, None
+        if control is not None:
+            await control.aclose()
+
+
+class AcpPodRoster:
+    """All ACP pods by name: the locator's roster and the placement candidates."""
+
+    def __init__(
+        self,
+        specs: list[AcpPodSpec] | tuple[AcpPodSpec, ...],
+        *,
+        transport: str = WS,
+        connect_timeout_s: float = 2.0,
+        health_interval_s: float = 1.0,
+        health_timeout_s: float = 1.0,
+    ) -> None:
+        # Each session stream of an http upstream holds one HTTP/1.1 connection: no pool cap.
+        self.http_client = (
+            httpx.AsyncClient(
+                timeout=httpx.Timeout(None, connect=connect_timeout_s),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            )
+            if transport != WS else None
+        )
+        self._pods = {
+            spec.name: AcpPod(
+                spec, transport=transport, http_client=self.http_client,
+                connect_timeout_s=connect_timeout_s, health_interval_s=health_interval_s,
+                health_timeout_s=health_timeout_s,
+            )
+            for spec in specs
+        }
+        self._round_robin = 0
+        self.on_health_change: list[Callable[[AcpPod], None]] = []
+        self.on_disconnect: list[Callable[[AcpPod], None]] = []
+        for pod in self._pods.values():
+            pod.on_health_change = self._health_changed
+            pod.on_disconnect = self._disconnected
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self._pods.values()))
+
+    def __len__(self) -> int:
+        return len(self._pods)
+
+    def get(self, name: str) -> AcpPod | None:
+        return self._pods.get(name)
+
+    # -- PodRoster -----------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._pods)
+
+    def is_healthy(self, name: str) -> bool:
+        pod = self._pods.get(name)
+        return pod is not None and pod.healthy
+
+    def placeable_names(self) -> list[str]:
+        return [pod.name for pod in self._pods.values() if pod.placeable]
+
+    # -- helpers -------------------------------------------------------------------------------
+    def healthy(self) -> list[AcpPod]:
+        return [pod for pod in self._pods.values() if pod.healthy]
+
+    def any_healthy(self) -> AcpPod | None:
+        healthy = self.healthy()
+        if not healthy:
+            return None
+        self._round_robin += 1
+        return healthy[self._round_robin % len(healthy)]
+
+    async def probe(self, pod: str, sid: str) -> str:
+        """The locator's probe function."""
+        target = self._pods.get(pod)
+        return UNKNOWN if target is None else await target.probe(sid)
+
+    async def wait_healthy(self, timeout: float) -> bool:
+        """Until every pod is healthy (or `timeout`)."""
+        results = await asyncio.gather(*(pod.wait_healthy(timeout) for pod in self._pods.values()))
+        return all(results)
+
+    def _health_changed(self, pod: AcpPod) -> None:
+        for callback in self.on_health_change:
+            callback(pod)
+
+    def _disconnected(self, pod: AcpPod) -> None:
+        for callback in self.on_disconnect:
+            callback(pod)
+
+    def start(self) -> None:
+        for pod in self._pods.values():
+            pod.start()
+
+    async def aclose(self) -> None:
+        for pod in self._pods.values():
+            await pod.aclose()
+        if self.http_client is not None:
+            await self.http_client.aclose()
