@@ -1,0 +1,845 @@
+"""The ACP front door: clients speak ACP's remote transport to the router as to one agent.
+
+`AcpFrontDoor` is served by acp's own ASGI adapter (`acp.http.asgi.AcpAsgiApp`) under
+hypercorn: it implements the server-core interface that adapter drives (`handle_post`,
+`validate_stream`, `open_stream`, `handle_delete`, `close`, and `create_websocket_connection` /
+`registry` for WebSocket clients), so JSON bodies, SSE framing and keepalives, WebSocket frames
+and the transport's HTTP errors are acp's. Behind it, each client gets a `VirtualConnection`
+with lazily opened upstreams to the pods, and every call is routed by the table in
+`router.acp.routes` through the protocol-neutral `Locator` (near-cache -> store -> parallel
+`session/status` probes over the router's control connections), `LocationStore`,
+`PlacementPolicy` and `Metrics` (`protocol="acp"`), all unchanged.
+
+The hot path: a session-scoped POST whose sid is in the near-cache is one dict lookup, then the
+message goes to the client's upstream to that pod; the POST returns 202 once the pod has it.
+
+Invariants:
+- A session is never loaded where it might already be live: `session/load` / `session/resume`
+  go to the pod where it is live; only when every pod answered not_found is the sid reserved
+  (atomically, in the store) and placed; if any pod did not answer, the client gets a retryable
+  error naming those pods and nothing is loaded.
+- Answers carry the client's original JSON-RPC id (value and type).
+- A pod that loses its control connection has its routes forgotten (near-cache and store): a
+  restarted pod lost its sessions, and only a probe can tell where they are now.
+- A stale route (the pod errs and its own `session/status` says not_found) is dropped and the
+  call re-routed once.
+- Every background task is owned: per client by its `VirtualConnection`, otherwise by the front
+  door; `aclose()` ends all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from acp._sse import serialize_sse_event, serialize_sse_keepalive
+from acp.http.asgi import AcpAsgiApp
+from acp.http.protocol import (
+    CONNECTION_ID_HEADER,
+    SESSION_ID_HEADER,
+    is_initialize_request,
+    method_requires_session_header,
+)
+from acp.http.server import SSE_KEEPALIVE_INTERVAL_SECONDS, PostResult
+
+from router import __version__
+from router.acp import jsonrpc as rpc
+from router.acp import routes
+from router.acp.asgi import AsgiServer
+from router.acp.config import AcpConfig
+from router.acp.connection import ConnectionTable, VirtualConnection
+from router.acp.jsonrpc import Message
+from router.acp.pods import NOT_FOUND, AcpPod, AcpPodRoster
+from router.acp.upstream import Upstream, UpstreamClosed
+from router.locator import LIVE, SOURCE_PROBE, Located, Locator, NoPlaceablePod
+from router.metrics import Metrics
+from router.placement import make_policy
+from router.store import OPEN, LocationStore, MemoryStore
+
+log = logging.getLogger("macp_router.acp")
+
+PROTOCOL = "acp"
+OnReply = Callable[[Message], Awaitable[Message | None]]
+_DROP = object()
+
+
+def merge_capabilities(results: list[dict[str, Any]], client_version: Any) -> dict[str, Any]:
+    """What every pod supports: the intersection of their `initialize` results.
+
+    Dicts keep the keys all pods have (ACP capabilities are "present = supported"), booleans
+    are AND-ed, other values survive only when equal; `protocolVersion` is the lowest, capped
+    by the client's. The router adds `sessionCapabilities.status`: it answers it itself.
+    """
+
+    def intersect(values: list[Any]) -> Any:
+        first = values[0]
+        if all(isinstance(v, dict) for v in values):
+            merged = {}
+            for key in first:
+                if all(key in v for v in values):
+                    value = intersect([v[key] for v in values])
+                    if value is not _DROP:
+                        merged[key] = value
+            return merged
+        if all(isinstance(v, bool) for v in values):
+            return all(values)
+        return first if all(v == first for v in values) else _DROP
+
+    merged = intersect(results) if results else {}
+    versions = [r.get("protocolVersion") for r in results]
+    ints = [v for v in versions if isinstance(v, int)]
+    if isinstance(client_version, int):
+        ints.append(client_version)
+    merged["protocolVersion"] = min(ints) if ints else 1
+    caps = merged.setdefault("agentCapabilities", {})
+    session_caps = caps.get("sessionCapabilities")
+    if not isinstance(session_caps, dict):
+        session_caps = caps["sessionCapabilities"] = {}
+    session_caps["status"] = {}
+    meta = merged.get("_meta") if isinstance(merged.get("_meta"), dict) else {}
+    merged["_meta"] = {**meta, "macpRouter": {"version": __version__, "pods": len(results)}}
+    return merged
+
+
+class AcpFrontDoor:
+    def __init__(
+        self,
+        config: AcpConfig,
+        *,
+        metrics: Metrics | None = None,
+        store: LocationStore | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        # A store of its own (a MemoryStore, or a RedisStore with its own prefix): ACP and MACP
+        # pods may share names, and the store indexes sessions by pod name.
+        self.store = store or MemoryStore(retention_s=config.retention_s)
+        self.roster = AcpPodRoster(
+            config.pods,
+            transport=config.upstream_transport,
+            connect_timeout_s=config.connect_timeout_s,
+            health_interval_s=config.health_interval_ms / 1000,
+            health_timeout_s=max(config.connect_timeout_s, 0.5),
+        )
+        self.locator = Locator(
+            roster=self.roster,
+            store=self.store,
+            probe=self.roster.probe,
+            placement=make_policy(config.placement),
+            metrics=self.metrics,
+            protocol=PROTOCOL,
+            probe_timeout_s=config.probe_timeout_s,
+            negative_ttl_s=config.negative_cache_ms / 1000,
+            retention_s=config.retention_s,
+        )
+        self.connections = ConnectionTable()
+        self._http = AsgiServer(
+            AcpAsgiApp(self),  # type: ignore[arg-type]  # duck-typed AcpServer core
+            config.listen, name="acp-frontdoor", graceful_timeout_s=config.shutdown_grace_s,
+        )
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._handlers: dict[str, Callable[[VirtualConnection, Message, str | None],
+                                           Awaitable[None]]] = {
+            routes.SESSION: self._route_session,
+            routes.LOAD: self._route_load,
+            routes.NEW: self._route_new,
+            routes.FORK: self._route_fork,
+            routes.STATUS: self._route_status,
+            routes.LIST: self._route_list,
+            routes.SESSION_OR_ANY: self._route_session_or_any,
+            routes.ANY: self._route_any,
+            routes.BROADCAST: self._route_broadcast,
+        }
+        self.metrics.add_methods(routes.metric_methods())
+        for pod in self.roster:
+            self.metrics.add_protocol_pod(PROTOCOL, pod.name)
+        self.roster.on_health_change.append(self._pod_health_changed)
+        self.roster.on_disconnect.append(self._pod_disconnected)
+        self.started = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the store, locator and pod health loops, then listen. Raises OSError on bind."""
+        await self.store.start()
+        await self.locator.start()
+        self.roster.start()
+        try:
+            await self._http.start()
+        except OSError:
+            await self._shutdown_components()
+            raise
+        self.started = True
+
+    async def aclose(self) -> None:
+        await self.connections.close_all()
+        await self._http.aclose()
+        await self._shutdown_components()
+        self.started = False
+
+    async def _shutdown_components(self) -> None:
+        await self.roster.aclose()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.locator.flush()
+        await self.locator.aclose()
+        await self.store.aclose()
+
+    async def __aenter__(self) -> AcpFrontDoor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def address(self) -> str:
+        return self._http.address
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}/acp"
+
+    async def wait_ready(self, timeout: float = 10.0) -> bool:
+        """Until every pod's control connection is up (or `timeout`)."""
+        return await self.roster.wait_healthy(timeout)
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)  # type: ignore[assignment]
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- pods ----------------------------------------------------------------------------------
+    def _pod_health_changed(self, pod: AcpPod) -> None:
+        self.metrics.set_protocol_pod_up(PROTOCOL, pod.name, pod.healthy)
+
+    def _pod_disconnected(self, pod: AcpPod) -> None:
+        log.info("ACP pod %s: control connection lost; forgetting its routes", pod.name)
+        self._spawn(self.locator.forget_pod(pod.name), f"acp-forget:{pod.name}")
+
+    # -- the server core AcpAsgiApp drives -----------------------------------------------------
+    @property
+    def registry(self) -> ConnectionTable:
+        return self.connections
+
+    async def handle_post(
+        self,
+        message: Any,
+        *,
+        content_type: str | None,
+        connection_id: str | None,
+        session_id: str | None,
+    ) -> PostResult:
+        if content_type is None or not content_type.lower().startswith("application/json"):
+            return PostResult(415, {"error": "Content-Type must be application/json"})
+        if isinstance(message, list):
+            return PostResult(501, {"error": "Batch requests are not supported"})
+        if not isinstance(message, dict):
+            return PostResult(400, {"error": "Invalid JSON-RPC message"})
+        if is_initialize_request(message):
+            return await self._initialize_post(message)
+        if connection_id is None:
+            return PostResult(400, {"error": "Missing connection id"})
+        connection = self.connections.get(connection_id)
+        if connection is None:
+            return PostResult(404, {"error": "Unknown connection id"})
+        method = message.get("method")
+        if method_requires_session_header(method) and session_id is None:
+            return PostResult(400, {"error": "Missing session id header"})
+        await self.dispatch(connection, message, session_id)
+        return PostResult(202)
+
+    def validate_stream(
+        self, *, connection_id: str | None, session_id: str | None
+    ) -> PostResult | None:
+        if connection_id is None:
+            return PostResult(400, {"error": "Missing connection id"})
+        connection = self.connections.get(connection_id)
+        if connection is None:
+            return PostResult(404, {"error": "Unknown connection id"})
+        if session_id is not None and not connection.has_session(session_id):
+            return PostResult(404, {"error": "Unknown session id"})
+        return None
+
+    async def open_stream(
+        self, *, connection_id: str, session_id: str | None
+    ) -> AsyncIterator[bytes]:
+        """SSE frames of one client stream, with acp's keepalive cadence."""
+        connection = self.connections.get(connection_id)
+        if connection is None:
+            return
+        stream = connection.attach(session_id)
+        gauge = self.metrics.active_streams.labels(
+            PROTOCOL, "session_stream" if session_id else "connection_stream"
+        )
+        gauge.inc()
+        messages = stream.iterate()
+        pending: asyncio.Future[dict[str, Any]] | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(messages.__anext__())
+                done, _ = await asyncio.wait({pending}, timeout=SSE_KEEPALIVE_INTERVAL_SECONDS)
+                if not done:
+                    yield serialize_sse_keepalive()
+                    continue
+                try:
+                    item = pending.result()
+                except StopAsyncIteration:
+                    return
+                finally:
+                    pending = None
+                yield serialize_sse_event(item)
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pending
+            await messages.aclose()
+            connection.detach(session_id)
+            gauge.dec()
+
+    async def handle_delete(self, *, connection_id: str | None) -> PostResult:
+        if connection_id is None:
+            return PostResult(400, {"error": "Missing connection id"})
+        if self.connections.get(connection_id) is None:
+            return PostResult(404, {"error": "Unknown connection id"})
+        await self.connections.remove(connection_id)
+        return PostResult(202)
+
+    async def close(self) -> None:
+        """ASGI lifespan shutdown: end every client connection."""
+        await self.connections.close_all()
+
+    def create_websocket_connection(self) -> VirtualConnection:
+        connection = self._new_connection(None, multiplex=True)
+        self.connections.add(connection)
+        return connection
+
+    # -- initialize ----------------------------------------------------------------------------
+    def _new_connection(
+        self, init_params: dict[str, Any] | None, *, multiplex: bool = False
+    ) -> VirtualConnection:
+        return VirtualConnection(
+            uuid.uuid4().hex, init_params, roster=self.roster, dispatch=self.dispatch,
+            cached_pod=self.locator.try_cached, multiplex=multiplex,
+        )
+
+    async def _initialize_post(self, message: Message) -> PostResult:
+        started = time.perf_counter()
+        answer = await self._initialize_answer(message)
+        self._record("initialize", routes.INITIALIZE, None, answer, started)
+        if "error" in answer:
+            return PostResult(503, {"error": answer["error"]["message"]})
+        connection = self._new_connection(rpc.params_of(message))
+        self.connections.add(connection)
+        return PostResult(200, answer, {CONNECTION_ID_HEADER: connection.connection_id})
+
+    async def _initialize_answer(self, message: Message) -> Message:
+        pods = [pod for pod in self.roster if pod.healthy and pod.init_result]
+        if not pods:
+            await self._wait_any_healthy(self.config.connect_timeout_s)
+            pods = [pod for pod in self.roster if pod.healthy and pod.init_result]
+        if not pods:
+            return rpc.unavailable(
+                message.get("id"),
+                "no ACP pod answers: " + ", ".join(
+                    f"{pod.name} ({pod.last_error or 'down'})" for pod in self.roster
+                ) + " (retry)",
+            )
+        client_version = rpc.params_of(message).get("protocolVersion")
+        merged = merge_capabilities([pod.init_result for pod in pods], client_version)
+        return rpc.result(message.get("id"), merged)
+
+    async def _wait_any_healthy(self, timeout: float) -> None:
+        waits = [asyncio.ensure_future(pod.wait_healthy(timeout)) for pod in self.roster]
+        try:
+            pending = set(waits)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if any(task.result() for task in done):
+                    return
+        finally:
+            for task in waits:
+                task.cancel()
+
+    # -- dispatch ------------------------------------------------------------------------------
+    async def dispatch(
+        self, connection: VirtualConnection, message: Message, header_sid: str | None
+    ) -> None:
+        """Route one client message; every answer goes to the client's streams."""
+        if not isinstance(message, dict):
+            return
+        method = message.get("method")
+        if method is None:
+            if "id" in message:
+                await connection.answer_agent(message)
+            return
+        request_id = message.get("id")
+        has_id = "id" in message
+        if not isinstance(method, str):
+            if has_id:
+                await connection.deliver(rpc.error(request_id, rpc.INVALID_REQUEST,
+                                                   "Invalid request: method must be a string"))
+            return
+        if method == routes.INITIALIZE_METHOD:
+            await self._initialize_in_band(connection, message)
+            return
+        if not connection.initialized:
+            if has_id:
+                await connection.deliver(rpc.error(request_id, rpc.INVALID_REQUEST,
+                                                   "Invalid request: initialize first"))
+            return
+        sid = rpc.session_id_param(message)
+        route = routes.route_of(method, sid is not None)
+        started = time.perf_counter()
+        if route is None or route == routes.INITIALIZE:
+            await self._reject(connection, message, rpc.METHOD_NOT_FOUND, "Method not found",
+                               "unknown", started, {"method": method})
+            return
+        if header_sid is not None and sid is not None and header_sid != sid:
+            await self._reject(
+                connection, message, rpc.INVALID_PARAMS,
+                f"Invalid params: {SESSION_ID_HEADER} {header_sid} does not "
+                f"match params.sessionId {sid}", route, started,
+            )
+            return
+        try:
+            await self._handlers[route](connection, message, sid)
+        except Exception as exc:
+            log.exception("ACP %s failed in the router", method)
+            await self._reject(connection, message, rpc.INTERNAL_ERROR, "Internal error",
+                               route, started, {"details": repr(exc)})
+
+    async def _initialize_in_band(self, connection: VirtualConnection, message: Message) -> None:
+        """`initialize` as the first WebSocket message (HTTP clients initialize by POST)."""
+        started = time.perf_counter()
+        answer = await self._initialize_answer(message)
+        if "error" not in answer and not connection.initialized:
+            connection.init_params = rpc.params_of(message) or {"protocolVersion": 1}
+        self._record("initialize", routes.INITIALIZE, None, answer, started)
+        if "id" in message:
+            await connection.deliver(answer)
+
+    # -- answering -----------------------------------------------------------------------------
+    def _record(
+        self, method: str, route: str, pod: str | None, reply: Message, started: float
+    ) -> None:
+        label = method if method in routes.ROUTES else (
+            "_extension" if method.startswith("_") else method
+        )
+        self.metrics.record_request(PROTOCOL, label, route, pod, rpc.code_label(reply),
+                                    time.perf_counter() - started)
+
+    async def _answer(
+        self, connection: VirtualConnection, request: Message, reply: Message, route: str,
+        pod: str | None, started: float, sid: str | None = None,
+    ) -> None:
+        """Give the client `reply` under its own request id, on the stream it reads for sid."""
+        self._record(request["method"], route, pod, reply, started)
+        if "id" not in request:
+            return
+        scoped = sid if method_requires_session_header(request["method"]) else None
+        await connection.deliver(rpc.reply_to(request["id"], reply), scoped)
+
+    async def _reject(
+        self, connection: VirtualConnection, request: Message, code: int, message: str,
+        route: str, started: float, data: Any = None,
+    ) -> None:
+        await self._answer(connection, request, rpc.error(None, code, message, data), route,
+                           None, started)
+
+    async def _not_located(
+        self, connection: VirtualConnection, request: Message, sid: str, located: Located,
+        route: str, started: float,
+    ) -> None:
+        if located.status == NOT_FOUND:
+            reply = rpc.error(
+                None, rpc.RESOURCE_NOT_FOUND,
+                f"session {sid} is not live on any pod: session/load it first",
+                {"sessionId": sid, "status": NOT_FOUND},
+            )
+        else:
+            reply = rpc.unavailable(
+                None, located.describe_unknown(sid, self.config.probe_timeout_s),
+                sessionId=sid, unknownPods=list(located.unknown_pods),
+            )
+        if "id" not in request:
+            log.info("ACP %s for %s dropped: %s", request["method"], sid,
+                     reply["error"]["message"])
+        await self._answer(connection, request, reply, route, None, started, sid)
+
+    # -- forwarding ----------------------------------------------------------------------------
+    async def _send(
+        self, connection: VirtualConnection, pod: str, request: Message
+    ) -> tuple[Upstream, asyncio.Future[Message] | None]:
+        """Hand `request` to `pod` over the client's upstream; re-open a dead one once."""
+        for attempt in (1, 2):
+            reused = pod in connection.upstreams
+            try:
+                upstream = await connection.upstream(pod)
+                if "id" not in request:
+                    await upstream.send({k: v for k, v in request.items() if k != "id"})
+                    return upstream, None
+                return upstream, await upstream.request(request["method"], request.get("params"))
+            except UpstreamClosed as exc:
+                # A reused upstream may have died unnoticed (pod restarted): nothing was sent,
+                # so one retry on a fresh connection is safe.
+                if attempt == 1 and reused and not exc.sent:
+                    continue
+                target = self.roster.get(pod)
+                if target is not None:
+                    target.report_failure(exc.reason)
+                raise
+        raise AssertionError("unreachable")
+
+    async def _forward(
+        self, connection: VirtualConnection, pod: str, request: Message, route: str,
+        started: float, *, sid: str | None = None, on_reply: OnReply | None = None,
+        on_unsent: Callable[[], Awaitable[None]] | None = None, check_stale: bool = False,
+    ) -> None:
+        try:
+            _, future = await self._send(connection, pod, request)
+        except UpstreamClosed as exc:
+            if on_unsent is not None:
+                await on_unsent()
+            reply = rpc.unavailable(None, f"pod {pod} is unreachable: {exc.reason} (retry)",
+                                    pod=pod)
+            await self._answer(connection, request, reply, route, pod, started, sid)
+            return
+        if future is None:
+            self._record(request["method"], route, pod, {"result": None}, started)
+            return
+        connection.spawn(
+            self._relay_reply(connection, pod, request, future, route, started, sid, on_reply,
+                              check_stale),
+            name=f"acp-reply:{request['method']}",
+        )
+
+    async def _relay_reply(
+        self, connection: VirtualConnection, pod: str, request: Message,
+        future: asyncio.Future[Message], route: str, started: float, sid: str | None,
+        on_reply: OnReply | None, check_stale: bool,
+    ) -> None:
+        try:
+            reply = await future
+        except UpstreamClosed as exc:
+            reply = rpc.unavailable(
+                None, f"pod {pod} closed the connection before answering: {exc.reason} (retry)",
+                pod=pod,
+            )
+        if check_stale and sid is not None and "error" in reply:
+            if await self._reroute_if_stale(connection, pod, request, sid, route, started):
+                return
+        if on_reply is not None:
+            reply = await on_reply(reply) or reply
+        await self._answer(connection, request, reply, route, pod, started, sid)
+
+    async def _reroute_if_stale(
+        self, connection: VirtualConnection, pod: str, request: Message, sid: str, route: str,
+        started: float,
+    ) -> bool:
+        """The pod erred on a cached route: if it says the session is not there, re-route once."""
+        target = self.roster.get(pod)
+        if target is None:
+            return False
+        try:
+            status = await asyncio.wait_for(target.probe(sid), self.config.probe_timeout_s)
+        except TimeoutError:
+            return False
+        if status != NOT_FOUND:
+            return False
+        await self.locator.invalidate(sid, pod)
+        located = await self.locator.lookup(sid, use_negative=False)
+        if located.status != LIVE or located.pod == pod:
+            await self._not_located(connection, request, sid, located, route, started)
+            return True
+        assert located.pod is not None
+        await self._forward(connection, located.pod, request, route, started, sid=sid)
+        return True
+
+    # -- route classes -------------------------------------------------------------------------
+    async def _locate_live(
+        self, connection: VirtualConnection, request: Message, sid: str, route: str,
+        started: float,
+    ) -> tuple[str | None, bool]:
+        """(pod, from_cache) of a live session, or (None, _) after answering why not."""
+        pod = self.locator.try_cached(sid)
+        if pod is not None:
+            return pod, True
+        located = await self.locator.lookup(sid)
+        if located.status != LIVE:
+            await self._not_located(connection, request, sid, located, route, started)
+            return None, False
+        return located.pod, located.source != SOURCE_PROBE
+
+    async def _missing_sid(
+        self, connection: VirtualConnection, request: Message, route: str, started: float
+    ) -> None:
+        await self._reject(connection, request, rpc.INVALID_PARAMS,
+                           f"Invalid params: {request['method']} needs params.sessionId",
+                           route, started)
+
+    async def _route_session(
+        self, connection: VirtualConnection, request: Message, sid: str | None
+    ) -> None:
+        started = time.perf_counter()
+        if sid is None:
+            await self._missing_sid(connection, request, routes.SESSION, started)
+            return
+        connection.register(sid)
+        pod, cached = await self._locate_live(connection, request, sid, routes.SESSION, started)
+        if pod is None:
+            return
+        on_reply = None
+        if request["method"] in routes.ENDING:
+            async def on_reply(reply: Message, pod: str = pod, sid: str = sid) -> None:
+                if "result" in reply:
+                    await self.locator.invalidate(sid, pod)
+
+        await self._forward(connection, pod, request, routes.SESSION, started, sid=sid,
+                            on_reply=on_reply, check_stale=cached)
+
+    async def _route_load(
+        self, connection: VirtualConnection, request: Message, sid: str | None
+    ) -> None:
+        started = time.perf_counter()
+        if sid is None:
+            await self._missing_sid(connection, request, routes.LOAD, started)
+            return
+        # Register before the pod replays history: the client opens the session stream on the
+        # first replayed message, before the load's answer (which carries no sessionId).
+        connection.register(sid)
+        located = await self.locator.lookup(sid, use_negative=False)
+        placed = False
+        if located.status == LIVE:
+            assert located.pod is not None
+            pod = located.pod
+        elif located.status == NOT_FOUND:
+            try:
+                pod, placed = await self.locator.place(sid)
+            except NoPlaceablePod as exc:
+                await self._answer(connection, request, rpc.unavailable(None, f"{exc} (retry)"),
+                                   routes.LOAD, None, started, sid)
+                return
+        else:
+            await self._not_located(connection, request, sid, located, routes.LOAD, started)
+            return
+
+        async def on_reply(reply: Message) -> None:
+            if "result" in reply:
+                self.locator.observe(pod, sid, OPEN)
+            elif placed and rpc.error_code(reply) != rpc.ROUTER_UNAVAILABLE:
+                # The pod answered and refused: it provably did not take the session. (If the
+                # connection died instead, the pod may have it; the reservation stays.)
+                await self.locator.release(sid, pod)
+
+        async def on_unsent() -> None:
+            if placed:
+                await self.locator.release(sid, pod)
+
+        await self._forward(connection, pod, request, routes.LOAD, started, sid=sid,
+                            on_reply=on_reply, on_unsent=on_unsent)
+
+    async def _route_new(
+        self, connection: VirtualConnection, request: Message, sid: str | None
+    ) -> None:
+        started = time.perf_counter()
+        tried: list[str] = []
+        while True:
+            candidates = [p for p in self.roster.placeable_names() if p not in tried]
+            pod = self.locator.placement.select(candidates, self.locator.near.open_counts())
+            if pod is None:
+                detail = (f"pods {', '.join(tried)} are unreachable" if tried
+                          else "no pod is healthy and accepting sessions")
+                await self._answer(
+                    connection, request,
+                    rpc.unavailable(None, f"no pod can take a new session: {detail} (retry)"),
+                    routes.NEW, None, started,
+                )
+                return
+            try:
+                _, future = await self._send(connection, pod, request)
+            except UpstreamClosed:
+                tried.append(pod)  # nothing was created there: place it elsewhere
+                continue
+            break
+
+        async def on_reply(reply: Message, pod: str = pod) -> None:
+            result = reply.get("result")
+            new_sid = result.get("sessionId") if isinstance(result, dict) else None
+            if isinstance(new_sid, str):
+                connection.register(new_sid)
+                self.locator.observe(pod, new_sid, OPEN)
+                self.metrics.record_placement(PROTOCOL, pod, "placed")
+
+        if future is not None:
+            connection.spawn(
+                self._relay_reply(connection, pod, request, future, routes.NEW, started, None,
+                                  on_reply, False),
+                name="acp-reply:session/new",
+            )
+
+    async def _route_fork(
+        self, connection: VirtualConnection, request: Message, sid: str | None
+    ) -> None:
+        started = time.perf_counter()
+        if sid is None:
+            await self._missing_sid(connection, request, routes.FORK, started)
+            return
+        pod, _ = await self._locate_live(connection, request, sid, routes.FORK, started)
+        if pod is None:
+            return
+
+        async def on_reply(reply: Message, pod: str = pod) -> None:
+            result = reply.get("result")
+            new_sid = result.get("sessionId") if isinstance(result, dict) else None
+            if isinstance(new_sid, str):
+                connection.register(new_sid)
+                self.locator.observe(pod, new_sid, OPEN)
+
+        await self._forward(connection, pod, request, routes.FORK, started, on_reply=on_reply)
+
+    async def _route_status(
+        self, connection: VirtualConnection, request: Message, sid: str | None
+    ) -> None:
+        started = time.perf_counter()
+        if sid is None:
+            await self._missing_sid(connection, request, routes.STATUS, started)
+            return
+        located = await self.locator.lookup(sid)
+        if located.status in (LIVE, NOT_FOUND):
+            reply = rpc.result(None, {"status": located.status})
+            await self._answer(connection, request, reply, routes.STATUS, located.pod, started)
+        else:
+            await self._not_located(connection, request, sid, located, routes.STATUS, started)
+
+    async def _route_session_or_any(
+        self, connection: VirtualConnection, request: Message, sid: str | None
+    ) -> None:
+        started = time.perf_counter()
+        if sid is not None:
+            located = await self.locator.lookup(sid)
+            if located.status == LIVE:
+                assert located.pod is not None
+                await self._forward(connection, located.pod, request, routes.SESSION_OR_ANY,
+                                    started, sid=sid)
+                return
+            if located.status != NOT_FOUND:
+                await self._not_located(connection, request, sid, located,
+                                        routes.SESSION_OR_ANY, started)
+                return
+        await self._route_any(connection, request, sid)
+
+    async def _route_any(
+        self, connection: VirtualConnection, request: Message, sid: str | None
+    ) -> None:
+        started = time.perf_counter()
+        pod = self.roster.any_healthy()
+        if pod is None:
+            await self._answer(connection, request,
+                               rpc.unavailable(None, "no ACP pod is healthy (retry)"),
+                               routes.ANY, None, started)
+            return
+        await self._forward(connection, pod.name, request, routes.ANY, started)
+
+    async def _route_broadcast(
+        self, connection: VirtualConnection, request: Message, sid: str | None
+    ) -> None:
+        """authenticate: every upstream the client has (one if none); replayed on later ones."""
+        started = time.perf_counter()
+        targets = sorted(connection.upstreams)
+        if not targets:
+            pod = self.roster.any_healthy()
+            targets = [pod.name] if pod is not None else []
+        if not targets:
+            await self._answer(connection, request,
+                               rpc.unavailable(None, "no ACP pod is healthy (retry)"),
+                               routes.BROADCAST, None, started)
+            return
+        params = request.get("params")
+
+        async def one(pod: str) -> Message:
+            try:
+                upstream = await connection.upstream(pod)
+                return await upstream.call(request["method"], params,
+                                           self.config.fanout_timeout_ms / 1000)
+            except (UpstreamClosed, TimeoutError) as exc:
+                return rpc.unavailable(None, f"pod {pod} did not answer: {exc!r} (retry)")
+
+        async def run() -> None:
+            replies = await asyncio.gather(*(one(pod) for pod in targets))
+            errors = [reply for reply in replies if "error" in reply]
+            if len(errors) < len(replies) and isinstance(params, dict):
+                connection.auth_params = params
+            await self._answer(connection, request, errors[0] if errors else replies[0],
+                               routes.BROADCAST, None, started)
+
+        connection.spawn(run(), name="acp-broadcast")
+
+    async def _route_list(
+        self, connection: VirtualConnection, request: Message, sid: str | None
+    ) -> None:
+        """session/list on every healthy pod, all pages; merged, de-duplicated by sessionId."""
+        started = time.perf_counter()
+        params = dict(rpc.params_of(request))
+        params.pop("cursor", None)  # the router answers with one merged page
+        timeout = self.config.fanout_timeout_ms / 1000
+
+        async def one(pod: str) -> tuple[str, list[Any] | Message]:
+            sessions: list[Any] = []
+            cursor = None
+            try:
+                upstream = await connection.upstream(pod)
+                for _ in range(self.config.list_max_pages):
+                    page_params = {**params, "cursor": cursor} if cursor else params
+                    reply = await upstream.call(request["method"], page_params, timeout)
+                    if "error" in reply:
+                        return pod, reply
+                    result = reply.get("result") or {}
+                    sessions.extend(result.get("sessions") or [])
+                    cursor = result.get("nextCursor")
+                    if not cursor:
+                        break
+            except (UpstreamClosed, TimeoutError) as exc:
+                return pod, rpc.unavailable(None, f"pod {pod} did not answer: {exc!r}")
+            return pod, sessions
+
+        async def run() -> None:
+            pods = self.roster.names()
+            healthy = [pod.name for pod in self.roster.healthy()]
+            answers = await asyncio.gather(*(one(pod) for pod in healthy))
+            merged: list[Any] = []
+            seen: set[str] = set()
+            failed = [pod for pod in pods if pod not in healthy]
+            errors: list[Message] = []
+            for pod, answer in answers:
+                if isinstance(answer, dict):
+                    failed.append(pod)
+                    errors.append(answer)
+                    continue
+                for info in answer:
+                    key = info.get("sessionId") if isinstance(info, dict) else None
+                    if isinstance(key, str) and key not in seen:
+                        seen.add(key)
+                        merged.append(info)
+            if len(errors) == len(answers):
+                reply = errors[0] if errors else rpc.unavailable(
+                    None, "no ACP pod is healthy (retry)")
+            else:
+                result: dict[str, Any] = {"sessions": merged}
+                if failed:
+                    result["_meta"] = {"macpRouter": {"unavailablePods": sorted(failed)}}
+                reply = rpc.result(None, result)
+            await self._answer(connection, request, reply, routes.LIST, None, started)
+
+        connection.spawn(run(), name="acp-list")
