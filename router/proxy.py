@@ -690,7 +690,12 @@ class MacpProxy:
     async def _merged(
         self, route: Route, request: bytes, context: grpc.aio.ServicerContext, target: list[str]
     ) -> None:
-        """WatchSessions / WatchSignals: every pod's stream, with the caller's credentials."""
+        """WatchSessions / WatchSignals: every pod's stream, with the caller's credentials.
+
+        Pods that become healthy while the stream is open (new pods, restarted pods) are added;
+        a pod's stream failing ends the merged stream with that pod's status, so the client
+        resubscribes instead of silently missing that pod's events.
+        """
         pods = self.pods.healthy()
         if not pods:
             raise Abort(grpc.StatusCode.UNAVAILABLE, self._no_pod_message(route.method))
@@ -715,7 +720,15 @@ class MacpProxy:
                 return
             await queue.put((pod, None, None))
 
+        pumped = {pod.name for pod in pods}
         tasks = [asyncio.create_task(pump(pod), name=f"merge:{pod.name}") for pod in pods]
+
+        def joined(pod: Pod) -> None:
+            if pod.healthy and pod.name not in pumped:
+                pumped.add(pod.name)
+                tasks.append(asyncio.create_task(pump(pod), name=f"merge:{pod.name}"))
+
+        self.pods.on_health_change.append(joined)
         try:
             while True:
                 pod, message, error = await queue.get()
@@ -732,6 +745,7 @@ class MacpProxy:
                     raise _upstream_abort(pod, error)
                 return  # one pod ended its stream (OK): end ours, the client resubscribes
         finally:
+            self.pods.on_health_change.remove(joined)
             for task in tasks:
                 task.cancel()
             for call in calls:

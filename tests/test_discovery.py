@@ -118,3 +118,29 @@ async def test_pods_that_join_get_a_feed_and_the_registry_and_pods_that_leave_ar
                 assert (await macp_calls.send(channel, macp_calls.proposal_envelope(sid))).ok
     finally:
         await router.stop(grace=0)
+
+
+async def test_an_open_watch_stream_gains_pods_that_join(sim_pods):
+    from macp.v1 import core_pb2
+
+    resolver = FakeResolver()
+    a, b = await sim_pods(2)
+    resolver.pods = [a]
+    router = await start_router(resolver)
+    try:
+        await eventually(lambda: router.pods.get("a") is not None
+                         and router.pods.get("a").healthy, what="a up")  # type: ignore[union-attr]
+        async with grpc.aio.insecure_channel(router.address) as channel:
+            watch = macp_calls.stub(channel).WatchSessions(
+                core_pb2.WatchSessionsRequest(), metadata=macp_calls.METADATA, timeout=15)
+            resolver.pods = [a, b]
+            await eventually(lambda: router.pods.get("b") is not None
+                             and router.pods.get("b").healthy, what="b joined")  # type: ignore[union-attr]
+            async with grpc.aio.insecure_channel(b.address) as direct:
+                sid = await macp_calls.start(direct)  # created on b, behind the router's back
+            async for reply in watch:
+                if reply.event.session.session_id == sid:
+                    break
+            watch.cancel()
+    finally:
+        await router.stop(grace=0)
