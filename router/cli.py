@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         "store), drive a real session flow through the router with the macp_sdk client, and "
         "show which pod holds each session and how the router located it.",
     )
-    demo.add_argument("--sessions", type=int, default=6, help="sessions to start (default 6)")
+    _flag(demo, "--sessions", type=int, default=6, metavar="N",
+          help="sessions to start (default 6)")
 
     status = sub.add_parser(
         "status", help="where does a session live? live | not_found | unknown",
@@ -156,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("session_id", metavar="SESSION_ID")
     _flag(status, "--router", default="127.0.0.1:50051", metavar="HOST:PORT",
           help="the router's gRPC address")
-    status.add_argument("--probe", action="store_true",
-                        help="ask the pods now instead of answering from the cache")
+    _flag(status, "--probe", action="store_true",
+          help="ask the pods now instead of answering from the cache")
     _flag(status, "--admin-token", metavar="TOKEN", help="bearer token for the admin API")
 
     pods = sub.add_parser("pods", help="the pod table: health, feeds, sessions, draining")
