@@ -111,6 +111,7 @@ class Router:
             probe_timeout_s=config.probe_timeout_s,
             negative_ttl_s=config.negative_cache_ms / 1000,
             retention_s=config.retention_s,
+            on_silent=self.pods.report_silent,
         )
         self.proxy = MacpProxy(
             pods=self.pods,
@@ -155,6 +156,7 @@ class Router:
     # -- pods joining and leaving --------------------------------------------------------------
     def _pod_joined(self, pod: Pod) -> None:
         self.metrics.add_pod(pod.name)
+        pod.answer_check = self.proxy.answers
         feed = WatchFeed(
             pod, self.locator, self.metrics,
             metadata=self.config.router_metadata,
@@ -331,6 +333,10 @@ class Router:
             self.pods.add(spec)
         if self.discovery is not None:
             self.discovery.start()
+        # Serve only once every pod has had one health check, so the first calls after "ready"
+        # are not refused for want of a known-healthy pod (bounded: a dead pod stays down).
+        await asyncio.gather(*(pod.wait_checked(self.config.health_interval_ms / 1000 + 1)
+                               for pod in self.pods))
         self._refresh_health()
         await server.start()
         self._status_task = asyncio.create_task(self._status_loop(), name="router-status")

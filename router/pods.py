@@ -7,7 +7,9 @@ or probe fails.
 
 Invariants:
 - `healthy` is False from the first failed forward/probe/check until a health check answers
-  SERVING; unhealthy and draining pods are never offered for placement.
+  SERVING; unhealthy and draining pods are never offered for placement. A pod that did not
+  answer at all within a deadline (`report_silent`: it accepts calls, never answers) stays
+  unhealthy until it answers a call again (`answer_check`), not merely its health service.
 - Channel reconnect backoff is capped at about 1 s, so a restarted pod is reachable within
   seconds and its health flips back within one check interval.
 - Every background task is owned by its `Pod` and cancelled by `aclose()`.
@@ -19,7 +21,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -115,7 +117,11 @@ class Pod:
         self._wake = asyncio.Event()
         self._health_task: asyncio.Task[None] | None = None
         self._became_healthy = asyncio.Event()
+        self._checked = asyncio.Event()
         self.on_health_change: Callable[[Pod], None] | None = None
+        self.silent = False
+        self.answer_check: Callable[[Pod], Awaitable[bool]] | None = None
+        """Does the pod answer a call (not only health checks)? Set by the protocol adapter."""
 
     def __repr__(self) -> str:
         return f"Pod({self.name}@{self.address}, healthy={self.healthy})"
@@ -153,7 +159,13 @@ class Pod:
             self._set_healthy(False)
         self._wake.set()
 
+    def report_silent(self, reason: str) -> None:
+        """A call got no answer at all within its deadline: unhealthy until it answers again."""
+        self.silent = True
+        self.report_failure(reason)
+
     def report_success(self) -> None:
+        self.silent = False
         if not self.healthy:
             self._set_healthy(True)
 
@@ -188,12 +200,19 @@ class Pod:
             status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             self.report_failure(f"health check answered {status_name}")
             return False
+        if self.silent and self.answer_check is not None and not await self.answer_check(self):
+            return False  # its health service answers, its calls still do not
         self.report_success()
         return True
+
+    async def wait_checked(self, timeout: float) -> bool:
+        """Until the first health check has answered (either way) or `timeout`."""
+        return await wait_event(self._checked, timeout)
 
     async def _health_loop(self) -> None:
         while True:
             await self.check_health()
+            self._checked.set()
             interval = self._health_interval_s if self.healthy else self._health_interval_s / 4
             self._wake.clear()
             await wait_event(self._wake, interval)
@@ -247,6 +266,11 @@ class PodSet:
 
     def placeable_names(self) -> list[str]:
         return [pod.name for pod in self._pods.values() if pod.placeable]
+
+    def report_silent(self, name: str, reason: str) -> None:
+        pod = self._pods.get(name)
+        if pod is not None:
+            pod.report_silent(reason)
 
     def any_healthy(self) -> Pod | None:
         """One healthy pod, round robin; None when none is healthy."""
