@@ -19,9 +19,8 @@ from acp import helpers
 from acp.http import create_http_stream
 from acp.schema import AllowedOutcome, DeniedOutcome, RequestPermissionResponse
 
-from router.acp.config import AcpConfig
+from router.acp.config import AcpConfig, AcpPodSpec
 from router.acp.frontdoor import AcpFrontDoor
-from router.acp.pods import AcpPodSpec
 from router.acp.sim_pod import AcpSimPod
 from router.metrics import Metrics
 

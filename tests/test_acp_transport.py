@@ -189,3 +189,23 @@ async def test_metrics_carry_a_protocol_label(tmp_path: Path, sim_pods: Any) -> 
             assert protocols == {"macp", "acp"}
     finally:
         await router.stop(grace=0)
+
+
+async def test_a_client_that_vanished_without_delete_is_reaped_and_live_ones_are_not(
+    tmp_path: Path,
+) -> None:
+    async with acp_cluster(tmp_path, count=2, connection_idle_s=0.3) as cluster, \
+            httpx.AsyncClient(timeout=T) as http:
+        live = await cluster.client()  # keeps its connection stream open
+        sid = await live.new()
+        init = await http.post(cluster.url, json=INIT)  # initializes, never opens a stream
+        cid = init.headers["Acp-Connection-Id"]
+        deadline = asyncio.get_running_loop().time() + T
+        while cluster.frontdoor.connections.get(cid) is not None:
+            assert asyncio.get_running_loop().time() < deadline, "idle connection never reaped"
+            await asyncio.sleep(0.05)
+        gone = await http.post(cluster.url, json=rpc(2, "session/list", {}),
+                               headers={"Acp-Connection-Id": cid})
+        assert gone.status_code == 404
+        await asyncio.sleep(0.5)  # longer than the idle limit: the open stream keeps it
+        assert await live.prompt(sid, "still connected") == "end_turn"

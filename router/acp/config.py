@@ -1,16 +1,59 @@
 """ACP front door configuration: one frozen, validated dataclass (built by `router.cli`).
 
-Nothing here reads flags or the environment; `serve --acp-listen/--acp-pods` fills it.
+Nothing here reads flags or the environment; `serve --acp-listen/--acp-pods` fills it. This
+module imports nothing outside the standard library and `router`, so `RouterConfig` can hold an
+`AcpConfig` without the `acp` extra installed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
-from router.acp.pods import AcpPodSpec
-from router.acp.upstream import TRANSPORTS, WS
 from router.config import parse_host_port
 from router.placement import POLICIES
+
+WS = "ws"
+HTTP = "http"
+TRANSPORTS = (WS, HTTP)
+
+
+@dataclass(frozen=True, slots=True)
+class AcpPodSpec:
+    name: str
+    url: str
+
+
+def parse_acp_pod_list(text: str) -> list[AcpPodSpec]:
+    """Parse `NAME=http://HOST:PORT/acp[,...]`; raise ValueError naming the bad part."""
+    specs: list[AcpPodSpec] = []
+    names: set[str] = set()
+    urls: set[str] = set()
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        name, sep, url = item.partition("=")
+        name, url = name.strip(), url.strip()
+        if not sep or not name or not url:
+            raise ValueError(f"ACP pod entry {item!r} is not NAME=http://HOST:PORT/acp")
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+            raise ValueError(f"ACP pod {name!r}: {url!r} is not http://HOST:PORT/PATH")
+        if name in names:
+            raise ValueError(f"ACP pod name {name!r} appears twice")
+        if url in urls:
+            raise ValueError(f"ACP pod URL {url!r} appears twice")
+        names.add(name)
+        urls.add(url)
+        specs.append(AcpPodSpec(name, url))
+    if not specs:
+        raise ValueError("no ACP pods given (expected NAME=http://HOST:PORT/acp[,...])")
+    return specs
 
 
 @dataclass(frozen=True)
@@ -28,6 +71,9 @@ class AcpConfig:
     fanout_timeout_ms: int = 5000
     """Per-pod bound on each `session/list` page of a fan-out."""
     list_max_pages: int = 20
+    connection_idle_s: float = 300.0
+    """A client connection with no open stream, no call in flight and no traffic for this long
+    is closed (a client that vanished without DELETE)."""
     shutdown_grace_s: float = 1.0
 
     def __post_init__(self) -> None:
@@ -51,6 +97,8 @@ class AcpConfig:
             raise ValueError("ACP timeouts must be >= 1 ms")
         if self.health_interval_ms < 50:
             raise ValueError("--health-interval-ms must be >= 50")
+        if self.connection_idle_s <= 0:
+            raise ValueError("connection_idle_s must be > 0")
         if self.list_max_pages < 1:
             raise ValueError("list_max_pages must be >= 1")
 

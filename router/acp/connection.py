@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -66,6 +67,9 @@ class VirtualConnection:
         self._agent_requests: dict[int, tuple[Upstream, Any]] = {}
         self._agent_request_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._open_streams = 0
+        self.last_active = time.monotonic()
+        self.multiplex = multiplex
         self.closed = False
 
     def __repr__(self) -> str:
@@ -93,14 +97,27 @@ class VirtualConnection:
             return True
         return False
 
+    def idle_for(self, now: float) -> float:
+        """Seconds without an open stream, a call in flight or any traffic (0 while busy)."""
+        if self._open_streams or self._tasks or self.multiplex:
+            return 0.0
+        return now - self.last_active
+
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+
     def attach(self, sid: str | None) -> OutboundStream:
         """The client opened a stream (GET): the connection stream or S's session stream."""
+        self._open_streams += 1
+        self.touch()
         if sid is None:
             return self.connection_stream
         self._attached[sid] = self._attached.get(sid, 0) + 1
         return self.register(sid)
 
     def detach(self, sid: str | None) -> None:
+        self._open_streams -= 1
+        self.touch()
         if sid is None:
             return
         count = self._attached.get(sid, 0) - 1
@@ -206,6 +223,7 @@ class VirtualConnection:
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
+        self.touch()
         if not task.cancelled() and task.exception() is not None:
             log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
@@ -257,6 +275,15 @@ class ConnectionTable:
 
     def all(self) -> list[VirtualConnection]:
         return list(self._connections.values())
+
+    async def reap_idle(self, idle_s: float) -> int:
+        """Close connections idle for more than `idle_s`; returns how many."""
+        now = time.monotonic()
+        idle = [c.connection_id for c in self._connections.values() if c.idle_for(now) > idle_s]
+        for connection_id in idle:
+            log.info("closing idle ACP client connection %s", connection_id[:8])
+            await self.remove(connection_id)
+        return len(idle)
 
     async def remove(self, connection_id: str) -> None:
         connection = self._connections.pop(connection_id, None)

@@ -22,9 +22,8 @@ from acp import helpers
 from acp.http import create_http_stream
 from acp.schema import AllowedOutcome, RequestPermissionResponse
 
-from router.acp.config import AcpConfig
+from router.acp.config import AcpConfig, AcpPodSpec
 from router.acp.frontdoor import AcpFrontDoor
-from router.acp.pods import AcpPodSpec
 from router.acp.sim_pod import AcpSimPod
 
 T = 10.0

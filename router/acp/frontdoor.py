@@ -195,7 +195,14 @@ class AcpFrontDoor:
         except OSError:
             await self._shutdown_components()
             raise
+        self._spawn(self._reap_loop(), "acp-reaper")
         self.started = True
+
+    async def _reap_loop(self) -> None:
+        interval = min(30.0, self.config.connection_idle_s / 2)
+        while True:
+            await asyncio.sleep(interval)
+            await self.connections.reap_idle(self.config.connection_idle_s)
 
     async def aclose(self) -> None:
         await self.connections.close_all()
@@ -274,6 +281,7 @@ class AcpFrontDoor:
         connection = self.connections.get(connection_id)
         if connection is None:
             return PostResult(404, {"error": "Unknown connection id"})
+        connection.touch()
         method = message.get("method")
         if method_requires_session_header(method) and session_id is None:
             return PostResult(400, {"error": "Missing session id header"})

@@ -25,16 +25,15 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from acp.meta import PROTOCOL_VERSION
 
 from router import __version__
+from router.acp.config import WS, AcpPodSpec
 from router.acp.routes import STATUS_METHOD
-from router.acp.upstream import WS, Upstream, UpstreamClosed
+from router.acp.upstream import Upstream, UpstreamClosed
 
 log = logging.getLogger("macp_router.acp.pods")
 
@@ -50,40 +49,6 @@ ROUTER_INIT_PARAMS: dict[str, Any] = {
     "clientInfo": {"name": "macp-router", "title": "macp-router control connection",
                    "version": __version__},
 }
-
-
-@dataclass(frozen=True, slots=True)
-class AcpPodSpec:
-    name: str
-    url: str
-
-
-def parse_acp_pod_list(text: str) -> list[AcpPodSpec]:
-    """Parse `NAME=http://HOST:PORT/acp[,...]`; raise ValueError naming the bad part."""
-    specs: list[AcpPodSpec] = []
-    names: set[str] = set()
-    urls: set[str] = set()
-    for raw in text.split(","):
-        item = raw.strip()
-        if not item:
-            continue
-        name, sep, url = item.partition("=")
-        name, url = name.strip(), url.strip()
-        if not sep or not name or not url:
-            raise ValueError(f"ACP pod entry {item!r} is not NAME=http://HOST:PORT/acp")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
-            raise ValueError(f"ACP pod {name!r}: {url!r} is not http://HOST:PORT/PATH")
-        if name in names:
-            raise ValueError(f"ACP pod name {name!r} appears twice")
-        if url in urls:
-            raise ValueError(f"ACP pod URL {url!r} appears twice")
-        names.add(name)
-        urls.add(url)
-        specs.append(AcpPodSpec(name, url))
-    if not specs:
-        raise ValueError("no ACP pods given (expected NAME=http://HOST:PORT/acp[,...])")
-    return specs
 
 
 class AcpPod:

@@ -33,13 +33,11 @@ from typing import Any
 
 import httpx
 
+from router.acp.config import HTTP, WS
 from router.acp.jsonrpc import Message, is_response
 
 log = logging.getLogger("macp_router.acp.upstream")
 
-WS = "ws"
-HTTP = "http"
-TRANSPORTS = (WS, HTTP)
 
 OnMessage = Callable[["Upstream", Message], Awaitable[None]]
 OnClose = Callable[["Upstream"], None]
