@@ -13,6 +13,8 @@ MACP gRPC (probe = GetSession) and ACP (probe = session/status) plug into the sa
 Invariants:
 - A pod that did not answer is *unknown*, never *not_found*: a lookup with no live answer and
   at least one unknown (or unhealthy) pod returns UNKNOWN and never places or guesses.
+- A probe that times out is reported (`on_silent`): the pod leaves probes and placement until
+  it answers again, so later misses do not wait for it.
 - Concurrent lookups of one sid share one fan-out (single-flight).
 - All pods not_found -> a short negative-cache entry, cleared by a CREATED event or placement.
 - Invalidation is by (sid, pod): the near-cache first, then the store, each only if the
@@ -215,6 +217,7 @@ class Locator:
         negative_ttl_s: float = 1.0,
         retention_s: float = 600.0,
         reservation_grace_s: float = 30.0,
+        on_silent: Callable[[str, str], None] | None = None,
     ) -> None:
         self.roster = roster
         self.store = store
@@ -226,6 +229,8 @@ class Locator:
         self.negative_ttl_s = negative_ttl_s
         self.retention_s = retention_s
         self.reservation_grace_s = reservation_grace_s
+        self.on_silent = on_silent
+        """Told (pod, reason) when a probe got no answer within the deadline."""
         self.near = NearCache()
         self._negative: dict[str, float] = {}
         self._inflight: dict[str, asyncio.Future[Located]] = {}
@@ -377,6 +382,9 @@ class Locator:
                 answer = await self.probe(pod, sid)
         except TimeoutError:
             answer = UNKNOWN
+            if self.on_silent is not None:
+                self.on_silent(pod, f"no answer to a probe within "
+                                    f"{self.probe_timeout_s * 1000:.0f} ms")
         except Exception as exc:  # an adapter bug must not turn into not_found
             log.warning("probe of %s on pod %s failed: %r", sid, pod, exc)
             answer = UNKNOWN

@@ -46,6 +46,7 @@ _CONNECT_FAILURE_MARKS = ("failed to connect", "connection refused", "connect fa
                           "dns resolution failed", "name resolution")
 LIST_PAGE_DEFAULT = 1000
 GET_SESSION_PATH = f"/{routes.SERVICE}/GetSession"
+ANSWER_CHECK_SID = "macp-router-answer-check"  # no pod holds it: any answer is NOT_FOUND
 CANCEL_AFTER_EOF_GRACE_S = 0.05
 
 
@@ -841,8 +842,23 @@ class MacpProxy:
                 return "live"
             if code is grpc.StatusCode.UNAVAILABLE:
                 pod.report_failure(f"probe: {exc.details() or 'unavailable'}")
+            elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                pod.report_silent(f"probe: no answer within "
+                                  f"{self.locator.probe_timeout_s * 1000:.0f} ms")
             return "unknown"
         return "live"
+
+    async def answers(self, pod: Pod) -> bool:
+        """Does `pod` answer a MACP call at all? (Any status but no answer or no connection.)"""
+        request = core_pb2.GetSessionRequest(session_id=ANSWER_CHECK_SID).SerializeToString()
+        try:
+            await pod.unary(GET_SESSION_PATH)(
+                request, metadata=self.router_metadata, timeout=self.locator.probe_timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            return exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED,
+                                      grpc.StatusCode.UNAVAILABLE)
+        return True
 
 
 def _describe(error: object) -> str:
