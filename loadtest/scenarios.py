@@ -402,7 +402,7 @@ class Run:
         summary["cpu_split"] = {t: cpu_split(r) for t, r in sat.items()}
         if "router" in sat and self.cluster.redis is not None:
             summary["redis_commands"] = redis_calls
-            summary["redis_commands_per_hit"] = round(
+            summary["redis_commands_per_request"] = round(
                 sum(redis_calls.values()) / max(1, sat["router"].ok), 6)
         if c1:
             one = {t: await self.phase(scenario, t, "c1", op, concurrency=1,
@@ -433,6 +433,8 @@ class Run:
         ops = {t: send_op(c, requests) for t, c in self.legs().items()}
         before = await self.router.metrics() if self.router else {}
         summary = await self._hop_phases("hit", ops)
+        if "redis_commands_per_request" in summary:
+            summary["redis_commands_per_hit"] = summary["redis_commands_per_request"]
         if self.router is not None:
             after = await self.router.metrics()
             # near-cache hits are not counted by the router (hot path); anything else is slow
