@@ -3,7 +3,7 @@
     python -m loadtest run --scenario hit|stream|miss|start|mixed|pod-kill|scale|workers|memory|all
         [--duration 10] [--concurrency 32] [--rate R] [--pods 3 | --pods a=127.0.0.1:P,...]
         [--sessions 200] [--workers 2] [--redis-url URL | --redis embedded] [--out DIR]
-        [--quick] [--no-router | --require-router] [--max-wall 1800]
+        [--quick] [--rounds 3] [--no-router | --require-router] [--max-wall 1800]
     python -m loadtest bench-cache [--sizes 1000,1000000] [--lookups 200000] [--memory 100000]
     python -m loadtest passthrough --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT
 
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scale-pods", type=int, help="pods for the many-pods hit run (32)")
     run.add_argument("--cache-sizes", type=_csv_ints, help="near-cache sizes (1000,1000000)")
     run.add_argument("--kill-rate", type=float, help="open-loop rate of pod-kill (300/s)")
+    run.add_argument("--rounds", type=int,
+                     help="split each compared phase into N chunks run leg after leg, "
+                          "A B C A B C ... (3; quick 1): spreads background-load drift")
     redis = run.add_mutually_exclusive_group()
     redis.add_argument("--redis-url", help="loopback Redis for the router's store")
     redis.add_argument("--redis", choices=["embedded"],
@@ -98,7 +101,8 @@ def settings_from(args: argparse.Namespace) -> Any:
                        ("rate", "rate"), ("sessions", "sessions"),
                        ("miss_sessions", "miss_sessions"), ("mem_sessions", "mem_sessions"),
                        ("stream_messages", "stream_messages"), ("workers", "workers"),
-                       ("scale_pods", "scale_pods"), ("kill_rate", "kill_rate")):
+                       ("scale_pods", "scale_pods"), ("kill_rate", "kill_rate"),
+                       ("rounds", "rounds")):
         value = getattr(args, flag)
         if value is not None:
             setattr(s, attr, value)

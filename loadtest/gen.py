@@ -249,3 +249,27 @@ async def run_open(
             task.cancel()
     result.duration_s = duration
     return result
+
+
+def merge(parts: list[PhaseResult]) -> PhaseResult:
+    """One result from phase chunks run at different times (interleaved rounds): counts,
+    histograms and CPU seconds add up, per-bin series are concatenated in time order."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    first = parts[0]
+    out = PhaseResult(target=first.target, phase=first.phase, mode=first.mode,
+                      concurrency=first.concurrency, rate=first.rate, bin_s=first.bin_s)
+    for part in parts:
+        out.duration_s += part.duration_s
+        out.ok += part.ok
+        out.errors.update(part.errors)
+        out.hist.merge(part.hist)
+        out.ok_per_s += part.ok_per_s
+        out.err_per_s += part.err_per_s
+        for key, value in part.cpu_s.items():
+            out.cpu_s[key] = out.cpu_s.get(key, 0.0) + value
+    out.extra.update(first.extra)
+    out.extra.pop("first_error_at_s", None)
+    out.extra.pop("last_error_at_s", None)
+    out.extra["rounds"] = len(parts)
+    return out

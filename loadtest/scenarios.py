@@ -17,7 +17,7 @@ import contextlib
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from loadtest.cluster import (
     metric_sum,
     router_support,
 )
-from loadtest.gen import Op, PhaseResult, run_closed, run_open
+from loadtest.gen import Op, PhaseResult, merge, run_closed, run_open
 
 SCENARIOS = ("hit", "stream", "miss", "start", "mixed", "pod-kill", "scale", "workers", "memory")
 MD = payloads.METADATA
@@ -67,6 +67,7 @@ class Settings:
     scale_pods: int = 32
     cache_sizes: tuple[int, int] = (1_000, 1_000_000)
     kill_rate: float = 300.0
+    rounds: int = 3
     redis: str | None = None
     router: bool = True
     require_router: bool = False
@@ -79,7 +80,7 @@ class Settings:
         return cls(
             scenarios=scenarios, duration=1.0, concurrency=8, pods=2, sessions=40,
             miss_sessions=40, mem_sessions=300, stream_messages=3, scale_pods=4,
-            cache_sizes=(1_000, 100_000), kill_rate=150.0, quick=True,
+            cache_sizes=(1_000, 100_000), kill_rate=150.0, rounds=1, quick=True,
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
@@ -244,6 +245,7 @@ class Run:
         duration: float | None = None,
         max_ops: int | None = None,
         bin_s: float = 1.0,
+        record: bool = True,
     ) -> PhaseResult:
         """Run one closed-loop (`concurrency`) or open-loop (`rate`) phase with CPU accounting."""
         duration = duration if duration is not None else self.settings.duration
@@ -257,8 +259,39 @@ class Run:
                                       quiet=self.settings.quiet)
         result.cpu_s = cpu_delta(cpu0, cpu_snapshot(self.cluster))
         result.extra["scenario"] = scenario
-        self.phases.append(result)
+        if record:
+            self.phases.append(result)
         return result
+
+    async def interleaved(
+        self,
+        scenario: str,
+        phase: str,
+        ops: dict[str, Op],
+        *,
+        duration: float | None = None,
+        around: Callable[[str], Any] | None = None,
+        **load: Any,
+    ) -> dict[str, PhaseResult]:
+        """The same phase for every target, split into `rounds` chunks run A, B, C, A, B, C...
+
+        On a machine whose background load drifts, alternating legs spreads the drift over
+        all of them instead of charging it to whichever leg ran during a busy minute.
+        `around(target)` is an async context manager wrapped around each chunk (e.g. Redis
+        command counting).
+        """
+        rounds = max(1, self.settings.rounds)
+        chunk = (duration if duration is not None else self.settings.duration) / rounds
+        parts: dict[str, list[PhaseResult]] = {t: [] for t in ops}
+        for _ in range(rounds):
+            for target, op in ops.items():
+                ctx = around(target) if around is not None else contextlib.nullcontext()
+                async with ctx:
+                    parts[target].append(await self.phase(
+                        scenario, target, phase, op, duration=chunk, record=False, **load))
+        merged = {t: merge(p) for t, p in parts.items()}
+        self.phases.extend(merged.values())
+        return merged
 
     # ── setup ───────────────────────────────────────────────────────────
     async def setup(self) -> None:
@@ -375,18 +408,23 @@ class Run:
                           open_loop: bool = True) -> dict[str, Any]:
         """sat (closed, --concurrency), c1 (closed, 1) and rate (open, half sat) per leg."""
         s = self.settings
-        sat: dict[str, PhaseResult] = {}
         redis_calls: dict[str, int] = {}
-        for target, op in ops.items():
-            before = None
-            if target == "router" and self.cluster.redis is not None:
-                before = await self.cluster.redis.command_calls()
-            sat[target] = await self.phase(scenario, target, "sat", op,
-                                           concurrency=s.concurrency)
-            if before is not None and self.cluster.redis is not None:
-                after = await self.cluster.redis.command_calls()
-                redis_calls = {k: v - before.get(k, 0) for k, v in after.items()
-                               if v - before.get(k, 0)}
+        redis = self.cluster.redis
+
+        @contextlib.asynccontextmanager
+        async def count_redis(target: str) -> AsyncIterator[None]:
+            if target != "router" or redis is None:
+                yield
+                return
+            before = await redis.command_calls()
+            yield
+            after = await redis.command_calls()
+            for k, v in after.items():
+                if v - before.get(k, 0):
+                    redis_calls[k] = redis_calls.get(k, 0) + v - before.get(k, 0)
+
+        sat = await self.interleaved(scenario, "sat", ops, around=count_redis,
+                                     concurrency=s.concurrency)
         summary: dict[str, Any] = {
             "throughput_rps": {t: round(r.throughput, 1) for t, r in sat.items()},
             "errors": {t: dict(r.errors) for t, r in sat.items() if r.errors},
@@ -405,9 +443,8 @@ class Run:
             summary["redis_commands_per_request"] = round(
                 sum(redis_calls.values()) / max(1, sat["router"].ok), 6)
         if c1:
-            one = {t: await self.phase(scenario, t, "c1", op, concurrency=1,
-                                       duration=max(0.5, s.duration / 2))
-                   for t, op in ops.items()}
+            one = await self.interleaved(scenario, "c1", ops, concurrency=1,
+                                         duration=max(0.5, s.duration / 2))
             summary["c1_p50_ms"] = {t: r.hist.summary()["p50_ms"] for t, r in one.items()}
             if "router" in one and "passthrough" in one:
                 summary["c1_p50_router_minus_passthrough_ms"] = round(
@@ -416,8 +453,7 @@ class Run:
         if open_loop:
             rate = self._sub_rate(sat)
             summary["rate_rps"] = rate
-            opened = {t: await self.phase(scenario, t, "rate", op, rate=rate)
-                      for t, op in ops.items()}
+            opened = await self.interleaved(scenario, "rate", ops, rate=rate)
             base = opened["direct"].hist
             summary["rate_latency_ms"] = {t: r.hist.summary() for t, r in opened.items()}
             summary["rate_errors"] = {t: dict(r.errors) for t, r in opened.items() if r.errors}
@@ -453,11 +489,9 @@ class Run:
         for target, client in self.legs().items():
             per_msg[target] = PhaseResult(target=target, phase="stream-msg", mode="closed")
             ops[target] = stream_op(client, self.hit_sids, s.stream_messages, per_msg[target])
-        sat = {}
-        for target, op in ops.items():
-            sat[target] = await self.phase("stream", target, "sat", op,
-                                           concurrency=s.concurrency)
-            per_msg[target].duration_s = sat[target].duration_s
+        sat = await self.interleaved("stream", "sat", ops, concurrency=s.concurrency)
+        for target, result in sat.items():
+            per_msg[target].duration_s = result.duration_s
         summary["streams_per_s"] = {t: round(r.throughput, 1) for t, r in sat.items()}
         summary["messages_per_s"] = {t: round(r.throughput, 1) for t, r in per_msg.items()}
         summary["message_rtt_ms"] = {t: r.hist.summary() for t, r in per_msg.items()}
@@ -689,29 +723,44 @@ class Run:
         summary["rss_bytes_per_cached_session"] = round(
             (b["rss_bytes"] - a["rss_bytes"]) / max(1, large - small), 1)
 
-    async def _compare_routers(self, scenario: str, variants: dict[str, dict[str, Any]]
+    async def _compare_routers(self, scenario: str, variants: dict[str, dict[str, Any]], *,
+                               concurrency: int | None = None, c1: bool = True
                                ) -> dict[str, Any]:
-        """Start one router per variant, one after the other; hit sat + c1 through each."""
+        """Start one router per variant (all at once), then hit sat (+ c1) through each,
+        interleaved in rounds; stop them all."""
         s = self.settings
         requests = [self.hit_request(sid) for sid in self.hit_sids]
+        routers: dict[str, Router] = {}
         out: dict[str, Any] = {}
-        for label, kw in variants.items():
-            router = await self.cluster.start_router(name=f"router-{label}", **kw)
-            try:
+        try:
+            for label, kw in variants.items():
+                routers[label] = await self.cluster.start_router(name=f"router-{label}", **kw)
+            ops: dict[str, Op] = {}
+            for label, router in routers.items():
                 assert router.client is not None
                 await router.client.ready()
                 await self.warm_hits(router)
-                op = send_op(router.client, requests)
-                sat = await self.phase(scenario, f"router-{label}", "sat", op,
-                                       concurrency=s.concurrency)
-                one = await self.phase(scenario, f"router-{label}", "c1", op, concurrency=1,
-                                       duration=max(0.5, s.duration / 2))
-                out[label] = {"throughput_rps": round(sat.throughput, 1),
-                              "c1_p50_ms": one.hist.summary()["p50_ms"],
-                              "cpu_ms_per_request": cpu_per_request({"router": sat}).get("router"),
+                ops[f"router-{label}"] = send_op(router.client, requests)
+            sat = await self.interleaved(scenario, "sat", ops,
+                                         concurrency=concurrency or s.concurrency)
+            one = (await self.interleaved(scenario, "c1", ops, concurrency=1,
+                                          duration=max(0.5, s.duration / 2)) if c1 else {})
+            for label, router in routers.items():
+                target = f"router-{label}"
+                r = sat[target]
+                router_cpu = sum(v for k, v in r.cpu_s.items()
+                                 if k == f"router:{router.proc.name}")
+                out[label] = {"throughput_rps": round(r.throughput, 1),
+                              "router_cpu_ms_per_request": round(
+                                  router_cpu * 1000.0 / max(1, r.ok), 4),
+                              "rps_per_router_core": round(r.ok / max(1e-9, router_cpu), 1),
                               "rss_bytes": router.proc.rss_bytes(),
-                              "errors": dict(sat.errors)}
-            finally:
+                              "cpu_split": cpu_split(r),
+                              "errors": dict(r.errors)}
+                if c1:
+                    out[label]["c1_p50_ms"] = one[target].hist.summary()["p50_ms"]
+        finally:
+            for router in routers.values():
                 await self.cluster.stop_router(router)
         return out
 
@@ -734,30 +783,15 @@ class Run:
             summary["skipped"] = "macp-router serve has no --workers flag"
             return
         n = max(2, s.workers)
-        requests = [self.hit_request(sid) for sid in self.hit_sids]
-        out: dict[str, Any] = {}
         # More in flight than the hop runs: N workers need N x the work queued to show scaling.
         concurrency = s.concurrency * n
-        for workers in (1, n):
-            router = await self.cluster.start_router(
-                workers=workers, name=f"router-w{workers}",
-                redis_url=self.cluster.redis.url if self.cluster.redis else None)
-            try:
-                assert router.client is not None
-                await router.client.ready()
-                await self.warm_hits(router)
-                sat = await self.phase("workers", f"router-w{workers}", "sat",
-                                       send_op(router.client, requests),
-                                       concurrency=concurrency)
-                router_cpu = sum(v for k, v in sat.cpu_s.items() if k.startswith("router:"))
-                out[str(workers)] = {"throughput_rps": round(sat.throughput, 1),
-                                     "router_cpu_s": round(router_cpu, 3),
-                                     "rps_per_router_core": round(
-                                         sat.ok / max(1e-9, router_cpu), 1),
-                                     "cpu_split": cpu_split(sat),
-                                     "errors": dict(sat.errors)}
-            finally:
-                await self.cluster.stop_router(router)
+        redis_url = self.cluster.redis.url if self.cluster.redis else None
+        out = await self._compare_routers(
+            "workers",
+            {"w1": {"workers": 1, "redis_url": redis_url},
+             f"w{n}": {"workers": n, "redis_url": redis_url}},
+            concurrency=concurrency, c1=False)
+        out = {"1": out["w1"], str(n): out[f"w{n}"]}
         summary["concurrency"] = concurrency
         summary["workers"] = out
         summary["speedup"] = round(out[str(n)]["throughput_rps"]
