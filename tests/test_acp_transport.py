@@ -14,6 +14,7 @@ import grpc
 import httpx
 import pytest
 from acp._sse import parse_sse_stream
+from acp.exceptions import RequestError
 
 from router.app import Router
 from router.config import RouterConfig
@@ -209,3 +210,23 @@ async def test_a_client_that_vanished_without_delete_is_reaped_and_live_ones_are
         assert gone.status_code == 404
         await asyncio.sleep(0.5)  # longer than the idle limit: the open stream keeps it
         assert await live.prompt(sid, "still connected") == "end_turn"
+
+
+async def test_http_upstream_refusal_after_a_load_is_explained_and_keeps_the_pod_healthy(
+    tmp_path: Path,
+) -> None:
+    # acp 0.12.1's HTTP server registers a session on a connection only when a response result
+    # carries its sessionId (session/new's does, session/load's does not).
+    async with acp_cluster(tmp_path, count=1, upstream_transport="http") as cluster:
+        direct = await cluster.direct("a")
+        stored = await direct.new()
+        await direct.call("session/close", {"sessionId": stored})
+        client = await cluster.client()
+        created = await client.new()
+        await client.load(stored)
+        with pytest.raises(RequestError) as excinfo:
+            await client.prompt(stored, "hello")
+        assert "--acp-upstream ws" in str(excinfo.value)
+        assert excinfo.value.data["httpStatus"] == 404
+        assert cluster.frontdoor.roster.is_healthy("a")
+        assert await client.prompt(created, "the same upstream still works") == "end_turn"

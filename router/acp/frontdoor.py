@@ -55,7 +55,7 @@ from router.acp.config import AcpConfig
 from router.acp.connection import ConnectionTable, VirtualConnection
 from router.acp.jsonrpc import Message
 from router.acp.pods import NOT_FOUND, AcpPod, AcpPodRoster
-from router.acp.upstream import Upstream, UpstreamClosed
+from router.acp.upstream import Upstream, UpstreamClosed, UpstreamRefused
 from router.locator import LIVE, SOURCE_PROBE, Located, Locator, NoPlaceablePod
 from router.metrics import Metrics
 from router.placement import make_policy
@@ -544,6 +544,15 @@ class AcpFrontDoor:
                 await on_unsent()
             reply = rpc.unavailable(None, f"pod {pod} is unreachable: {exc.reason} (retry)",
                                     pod=pod)
+            await self._answer(connection, request, reply, route, pod, started, sid)
+            return
+        except UpstreamRefused as exc:
+            reply = rpc.error(
+                None, rpc.INTERNAL_ERROR,
+                f"{exc}: over --acp-upstream http an acp 0.12.1 pod only knows the sessions "
+                "created on the same connection (not loaded ones); use --acp-upstream ws",
+                {"pod": pod, "httpStatus": exc.status},
+            )
             await self._answer(connection, request, reply, route, pod, started, sid)
             return
         if future is None:

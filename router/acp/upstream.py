@@ -17,6 +17,8 @@ Invariants:
 - Ids the router sends are this upstream's own counter (ints), so requests of different
   clients, or of one client to different pods, never collide; the caller keeps the client's
   original id and answers with it.
+- A 4xx answer to a session-scoped POST (http transport) raises `UpstreamRefused` and keeps
+  the connection: the sessions the pod registered on it stay usable.
 - Every request future is resolved exactly once: by the pod's reply, or with `UpstreamClosed`
   when the connection ends (EOF, send failure, `aclose()`); nothing waits forever on a dead pod.
 - The reader task is owned by the upstream; `on_close` runs once, after pending calls failed.
@@ -32,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
+from acp.http.protocol import method_requires_session_header
 
 from router.acp.config import HTTP, WS
 from router.acp.jsonrpc import Message, is_response
@@ -52,6 +55,31 @@ class UpstreamClosed(ConnectionError):
         self.reason = reason
         self.sent = sent
         """True when the request may have reached the pod (it must not be re-sent blindly)."""
+
+
+class UpstreamRefused(Exception):
+    """The pod's HTTP server answered a POST with a 4xx: the pod is up, the call was refused.
+
+    With acp 0.12.1 pods over `http` this is what a session-scoped call on a session the pod
+    did not create on this connection gets (404 "Unknown session id"), e.g. after a load.
+    """
+
+    def __init__(self, pod: str, status: int, method: str) -> None:
+        super().__init__(f"pod {pod} refused {method} with HTTP {status}")
+        self.pod = pod
+        self.status = status
+        self.method = method
+
+
+def _refusal(
+    pod: str, transport: str, exc: Exception, method: str | None
+) -> UpstreamRefused | None:
+    status = getattr(exc, "status_code", None)
+    if (transport == HTTP and isinstance(status, int) and 400 <= status < 500
+            and method_requires_session_header(method)):
+        # The connection is fine (a dead one ends its SSE stream and closes the upstream).
+        return UpstreamRefused(pod, status, method or "")
+    return None
 
 
 def ws_url(url: str) -> str:
@@ -182,6 +210,9 @@ class Upstream:
         except Exception as exc:
             self._pending.pop(request_id, None)
             future.cancel()
+            refused = _refusal(self.pod, self.transport_name, exc, method)
+            if refused is not None:
+                raise refused from None
             reason = f"send failed: {exc}"
             await self.aclose(reason)
             raise UpstreamClosed(self.pod, reason) from None
@@ -210,6 +241,9 @@ class Upstream:
         try:
             await self._transport.send(message)
         except Exception as exc:
+            refused = _refusal(self.pod, self.transport_name, exc, message.get("method"))
+            if refused is not None:
+                raise refused from None
             reason = f"send failed: {exc}"
             await self.aclose(reason)
             raise UpstreamClosed(self.pod, reason) from None
