@@ -245,7 +245,12 @@ class AcpFrontDoor:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)  # type: ignore[assignment]
         task.set_name(name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
     # -- pods ----------------------------------------------------------------------------------
     def _pod_health_changed(self, pod: AcpPod) -> None:
