@@ -7,6 +7,7 @@ module imports nothing outside the standard library and `router`, so `RouterConf
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -16,6 +17,16 @@ from router.placement import POLICIES
 WS = "ws"
 HTTP = "http"
 TRANSPORTS = (WS, HTTP)
+
+
+def require_acp_extra() -> None:
+    """ValueError (one line, what to do) when the `acp` extra is not installed."""
+    missing = [name for name in ("acp", "hypercorn", "httpx", "websockets")
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(
+            f"the ACP front door needs {', '.join(missing)}: pip install 'macp-router[acp]'"
+        )
 
 
 @dataclass(frozen=True, slots=True)
