@@ -94,6 +94,26 @@ def _upstream_abort(pod: Pod, exc: grpc.aio.AioRpcError) -> Abort:
     return Abort(code, exc.details() or "", trailing)
 
 
+async def _unary_call(
+    pod: Pod, path: str, request: bytes, metadata: Sequence[tuple[str, str | bytes]],
+    timeout: float | None,
+) -> tuple[grpc.aio.UnaryUnaryCall, bytes]:
+    """One unary call to `pod`; a connect failure is tried once more on the next channel.
+
+    After a pod restarts, one pooled channel can still sit in reconnect backoff (failing fast
+    with "connection refused") while another is connected again. A connect failure means the
+    request was never sent, so trying the next channel is safe.
+    """
+    call = pod.unary(path)(request, metadata=metadata, timeout=timeout)
+    try:
+        return call, await call
+    except grpc.aio.AioRpcError as exc:
+        if not _is_connect_failure(exc):
+            raise
+    call = pod.unary(path)(request, metadata=metadata, timeout=timeout)
+    return call, await call
+
+
 def _ack_error_code(response: bytes) -> str:
     """The Ack error code of a SendResponse ("" when ok)."""
     ack = core_pb2.SendResponse.FromString(response).ack
@@ -250,13 +270,11 @@ class MacpProxy:
     async def _forward_unary(
         self, pod: Pod, route: Route, request: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
-        call = pod.unary(route.path)(
-            request,
-            metadata=forwardable(context.invocation_metadata()),
-            timeout=context.time_remaining(),
-        )
         try:
-            response = await call
+            call, response = await _unary_call(
+                pod, route.path, request,
+                forwardable(context.invocation_metadata()), context.time_remaining(),
+            )
         except grpc.aio.AioRpcError as exc:
             raise _upstream_abort(pod, exc) from None
         trailing = await call.trailing_metadata()
@@ -404,13 +422,11 @@ class MacpProxy:
             raise Abort(grpc.StatusCode.UNAVAILABLE, f"SessionStart {sid}: {exc} (retry)") from None
         target.append(owner)
         pod = self._pod(owner)
-        call = pod.unary(route.path)(
-            request,
-            metadata=forwardable(context.invocation_metadata()),
-            timeout=context.time_remaining(),
-        )
         try:
-            response = await call
+            call, response = await _unary_call(
+                pod, route.path, request,
+                forwardable(context.invocation_metadata()), context.time_remaining(),
+            )
         except grpc.aio.AioRpcError as exc:
             if won and _is_connect_failure(exc):
                 await self.locator.release(sid, owner)
@@ -831,9 +847,8 @@ class MacpProxy:
             return "unknown"
         request = core_pb2.GetSessionRequest(session_id=sid).SerializeToString()
         try:
-            await pod.unary(GET_SESSION_PATH)(
-                request, metadata=self.router_metadata, timeout=self.locator.probe_timeout_s
-            )
+            await _unary_call(pod, GET_SESSION_PATH, request, self.router_metadata,
+                              self.locator.probe_timeout_s)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code is grpc.StatusCode.NOT_FOUND:
