@@ -59,3 +59,27 @@ async def make_router() -> AsyncIterator[RouterFactory]:
     yield make
     for router in routers:
         await router.stop(grace=0)
+
+
+@pytest.fixture
+async def named_pods(tmp_path) -> AsyncIterator[Callable[..., Awaitable[list[SimPod]]]]:
+    """`await named_pods("a", "b", persist=True)` -> started pods with these names.
+
+    With `persist`, each pod gets its own state file under `tmp_path`, so a pod that is
+    stopped and started again comes back with its sessions (same name, same port).
+    """
+    started: list[SimPod] = []
+
+    async def make(*names: str, persist: bool = False) -> list[SimPod]:
+        pods = []
+        for name in names:
+            state_file = str(tmp_path / f"pod-{name}.json") if persist else None
+            pod = SimPod(name, "127.0.0.1:0", state_file=state_file)
+            await pod.start()
+            started.append(pod)
+            pods.append(pod)
+        return pods
+
+    yield make
+    for pod in started:
+        await pod.stop()
