@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer, make_server
 
 import grpc
@@ -37,6 +38,9 @@ from router.scope import DiscoveryScope
 from router.store import LocationStore, MemoryStore, StoreUnavailable
 from router.v1 import router_pb2_grpc
 from router.watch import WatchFeed
+
+if TYPE_CHECKING:
+    from router.acp.frontdoor import AcpFrontDoor
 
 log = logging.getLogger("macp_router")
 
@@ -122,6 +126,15 @@ class Router:
             scope=(DiscoveryScope(config.observer_tokens, dict(config.token_identities))
                    if config.scope_discovery else None),
         )
+        self.acp: AcpFrontDoor | None = None
+        if config.acp is not None:
+            from router.acp.frontdoor import AcpFrontDoor
+
+            acp_store = make_store(
+                dataclasses.replace(config, redis_prefix=config.redis_prefix + "acp:"),
+                self.metrics,
+            )
+            self.acp = AcpFrontDoor(config.acp, metrics=self.metrics, store=acp_store)
         self.feeds: dict[str, WatchFeed] = {}
         self.health = health.aio.HealthServicer()
         self.admin = RouterAdmin(
@@ -338,6 +351,13 @@ class Router:
         await asyncio.gather(*(pod.wait_checked(self.config.health_interval_ms / 1000 + 1)
                                for pod in self.pods))
         self._refresh_health()
+        if self.acp is not None:
+            try:
+                await self.acp.start()
+            except OSError as exc:
+                raise ListenError(
+                    f"cannot listen on --acp-listen {self.acp.config.listen}: {exc.strerror}"
+                ) from None
         await server.start()
         self._status_task = asyncio.create_task(self._status_loop(), name="router-status")
 
@@ -361,6 +381,8 @@ class Router:
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.config.shutdown_grace_s if grace is None else grace
+        if self.acp is not None and self.acp.started:
+            await self.acp.aclose()
         if self.admin_server is not None:
             await self.admin_server.stop(0)
             self.admin_server = None

@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
           help="router processes sharing the listen port (SO_REUSEPORT); auto = cores")
     _flag(serve, "--log-level", default="info", choices=["debug", "info", "warning", "error"],
           help="log verbosity")
+    _flag(serve, "--acp-listen", metavar="HOST:PORT",
+          help="also serve ACP agents here (ACP's Streamable HTTP / WebSocket transport, "
+          "path /acp)")
+    _flag(serve, "--acp-pods", metavar="NAME=http://HOST:PORT/acp[,...]",
+          help="ACP agent pods by stable name (with --acp-listen)")
+    _flag(serve, "--acp-upstream", default="ws", choices=["ws", "http"],
+          help="how the router talks to ACP pods: ws (acp's WebSocket on the pod's endpoint; "
+          "stock acp 0.12.1 pods need it for prompts after session/load) or http")
     security = serve.add_argument_group("security and limits")
     _flag(security, "--admin-listen", metavar="HOST:PORT",
           help="serve the admin API (router.v1.RouterAdmin) here too; without --admin-token "
@@ -141,6 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(pod, "--log-level", default="info", choices=["debug", "info", "warning", "error"],
           help="log verbosity")
 
+    acp_pod = sub.add_parser(
+        "acp-pod", help="run a simulated ACP agent pod (tests, demo)",
+        description="A simulated ACP agent served over ACP's Streamable HTTP transport "
+        "(acp.http.AcpServer); session history in --sessions-dir, which pods may share.",
+    )
+    _flag(acp_pod, "--listen", required=True, metavar="HOST:PORT", help="where the pod listens")
+    _flag(acp_pod, "--name", required=True, metavar="NAME", help="the pod's stable name")
+    _flag(acp_pod, "--sessions-dir", default="acp-sessions", metavar="DIR",
+          help="session history (shared by pods, so any pod can session/load any session)")
+    _flag(acp_pod, "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+          help="log verbosity")
+
     demo = sub.add_parser(
         "demo", help="3 simulated pods + a router + the macp_sdk client, end to end",
         description="Start 3 simulated pods and a router on free loopback ports (in-memory "
@@ -149,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _flag(demo, "--sessions", type=int, default=6, metavar="N",
           help="sessions to start (default 6)")
+    _flag(demo, "--acp", action="store_true",
+          help="show the ACP front door instead: 3 simulated ACP pods, the acp client's "
+          "reconnect flow (status, prompt, pod restart, load)")
 
     status = sub.add_parser(
         "status", help="where does a session live? live | not_found | unknown",
@@ -235,6 +258,26 @@ def _config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         token_identities=identities,
         max_message_bytes=int(args.max_message_bytes),
         max_concurrent_streams=int(args.max_concurrent_streams),
+        acp=_acp_config(args),
+    )
+
+
+def _acp_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    if not args.acp_listen and not args.acp_pods:
+        return None
+    if not (args.acp_listen and args.acp_pods):
+        raise ValueError("--acp-listen and --acp-pods go together")
+    from router.acp.config import AcpConfig, parse_acp_pod_list, require_acp_extra
+
+    require_acp_extra()
+    return AcpConfig(
+        listen=args.acp_listen,
+        pods=tuple(parse_acp_pod_list(args.acp_pods)),
+        upstream_transport=args.acp_upstream,
+        placement=args.placement,
+        probe_timeout_ms=int(args.probe_timeout_ms),
+        negative_cache_ms=int(args.negative_cache_ms),
+        retention_s=float(args.retention_s),
     )
 
 
@@ -287,6 +330,9 @@ async def _serve(config) -> int:  # type: ignore[no-untyped-def]
         if config.metrics_listen else "",
         f"; pid {os.getpid()}",
     )
+    if router.acp is not None:
+        log.info("ready: serving ACP agents on %s (pods %s)", router.acp.url,
+                 ", ".join(f"{p.name}={p.url}" for p in router.acp.config.pods))
     await stop.wait()
     log.info("SIGTERM: no new calls; draining in-flight calls for up to %.1fs",
              config.shutdown_grace_s)
@@ -431,16 +477,50 @@ def cmd_drain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_acp_pod(args: argparse.Namespace) -> int:
+    from router.config import parse_host_port
+
+    try:
+        parse_host_port(args.listen, "--listen")
+    except ValueError as exc:
+        print(f"macp-router acp-pod: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(args.log_level)
+    from router.acp.sim_pod import serve_acp_pod
+
+    async def main() -> int:
+        task = asyncio.ensure_future(serve_acp_pod(args.listen, args.name, args.sessions_dir))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            return 0
+        except OSError as exc:
+            print(f"macp-router acp-pod: error: cannot serve on {args.listen}: {exc.strerror}",
+                  file=sys.stderr)
+            return EXIT_FAILURE
+        return 0
+
+    return int(run_async(main))  # type: ignore[arg-type]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    _setup_logging("warning")
+    if args.acp:
+        from router.acp.demo import run_acp_demo
+
+        return int(run_async(run_acp_demo))  # type: ignore[arg-type]
     from router.demo import run_demo
 
-    _setup_logging("warning")
     return int(run_async(lambda: run_demo(sessions=args.sessions)))  # type: ignore[arg-type]
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": cmd_serve,
     "pod": cmd_pod,
+    "acp-pod": cmd_acp_pod,
     "demo": cmd_demo,
     "status": cmd_status,
     "pods": cmd_pods,

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from router.pods import PodSpec
+
+if TYPE_CHECKING:
+    from router.acp.config import AcpConfig
 
 
 def parse_host_port(text: str, what: str) -> tuple[str, int]:
@@ -73,9 +77,14 @@ class RouterConfig:
     observer_tokens: frozenset[str] = field(default=frozenset(), repr=False)
     token_identities: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     """token -> sender for --scope-discovery (from --auth-tokens-json); else token = sender."""
+    acp: AcpConfig | None = None
+    """The ACP front door (--acp-listen/--acp-pods); None = MACP only."""
 
     def __post_init__(self) -> None:
         parse_host_port(self.listen, "--listen")
+        if self.acp is not None and self.workers > 1:
+            raise ValueError("--acp-listen needs --workers 1 (ACP client connections live in "
+                             "one process)")
         if self.metrics_listen:
             parse_host_port(self.metrics_listen, "--metrics-listen")
         if self.pods_dns:

@@ -241,7 +241,7 @@ class Locator:
         self._writer: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.store_writes_failed = 0
-        metrics.watch_cached_sessions(self.near.counts)
+        metrics.watch_cached_sessions(self.near.counts, protocol)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:

@@ -43,19 +43,20 @@ def bounded(value: str, allowed: Iterable[str] | frozenset[str]) -> str:
 
 
 class _CachedSessionsCollector(Collector):
-    """`macp_router_cached_sessions{pod,state}` read from the near-cache at scrape time."""
+    """`macp_router_cached_sessions{protocol,pod,state}` read from near-caches at scrape time."""
 
-    def __init__(self, source: Callable[[], Mapping[tuple[str, str], int]]) -> None:
-        self._source = source
+    def __init__(self) -> None:
+        self.sources: dict[str, Callable[[], Mapping[tuple[str, str], int]]] = {}
 
     def collect(self):  # type: ignore[no-untyped-def]
         family = GaugeMetricFamily(
             "macp_router_cached_sessions",
-            "Sessions in the near-cache by pod and state",
-            labels=["pod", "state"],
+            "Sessions in the near-cache by protocol, pod and state",
+            labels=["protocol", "pod", "state"],
         )
-        for (pod, state), count in sorted(self._source().items()):
-            family.add_metric([pod, state], count)
+        for protocol, source in sorted(self.sources.items()):
+            for (pod, state), count in sorted(source().items()):
+                family.add_metric([protocol, pod, state], count)
         yield family
 
 
@@ -171,6 +172,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self._cached_sessions = _CachedSessionsCollector()
+        r.register(self._cached_sessions)
         self._request_children: dict[tuple[str, str, str, str, str], tuple[object, object]] = {}
         self._locate_children: dict[tuple[str, str], object] = {}
 
@@ -183,8 +186,11 @@ class Metrics:
     def add_methods(self, methods: Iterable[str]) -> None:
         self.known_methods.update(methods)
 
-    def watch_cached_sessions(self, source: Callable[[], Mapping[tuple[str, str], int]]) -> None:
-        self.registry.register(_CachedSessionsCollector(source))
+    def watch_cached_sessions(
+        self, source: Callable[[], Mapping[tuple[str, str], int]], protocol: str = "macp"
+    ) -> None:
+        """Export a near-cache's (pod, state) counts; one source per protocol."""
+        self._cached_sessions.sources[bounded(protocol, PROTOCOLS)] = source
 
     def pod_label(self, pod: str | None) -> str:
         if not pod:

@@ -106,28 +106,6 @@ def merge_capabilities(results: list[dict[str, Any]], client_version: Any) -> di
     return merged
 
 
-class _LocatorMetrics:
-    """The shared `Metrics` as the ACP locator sees it, minus one MACP-only assumption.
-
-    `Locator.__init__` registers `macp_router_cached_sessions` (no protocol label) on the
-    registry; a second locator on the same registry (MACP and ACP in one router) would raise
-    DuplicateTimeseries. Until that gauge takes a protocol label, the ACP near-cache is
-    exported only when the name is still free (an ACP-only router).
-    """
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._metrics, name)
-
-    def watch_cached_sessions(self, source: Callable[[], Any]) -> None:
-        try:
-            self._metrics.watch_cached_sessions(source)
-        except ValueError:
-            log.debug("macp_router_cached_sessions is taken (MACP locator); ACP's not exported")
-
-
 class AcpFrontDoor:
     def __init__(
         self,
@@ -153,7 +131,7 @@ class AcpFrontDoor:
             store=self.store,
             probe=self.roster.probe,
             placement=make_policy(config.placement),
-            metrics=_LocatorMetrics(self.metrics),  # type: ignore[arg-type]
+            metrics=self.metrics,
             protocol=PROTOCOL,
             probe_timeout_s=config.probe_timeout_s,
             negative_ttl_s=config.negative_cache_ms / 1000,
