@@ -175,24 +175,31 @@ class WatchFeed:
             await asyncio.sleep(delay)
 
     async def _follow(self) -> None:
+        """One subscription: apply events while the reconcile runs beside them.
+
+        Whichever fails first ends the subscription (a failed ListSessions must not leave an
+        idle pod's feed half-up until its next event).
+        """
         self._seen_on_connection = set()
         call = self.pod.unary_stream(WATCH_PATH)(b"", metadata=self.metadata)
+        reader = asyncio.create_task(self._read(call), name=f"watch-read:{self.pod.name}")
         reconcile = asyncio.create_task(self._reconcile(), name=f"reconcile:{self.pod.name}")
         try:
-            async for raw in call:
-                self._apply(core_pb2.WatchSessionsResponse.FromString(raw).event)
-                if reconcile.done():
-                    reconcile.result()  # surface a failed reconcile as a feed failure
-            if reconcile.done():
-                reconcile.result()
+            done, _ = await asyncio.wait({reader, reconcile},
+                                         return_when=asyncio.FIRST_EXCEPTION)
+            if reconcile in done and reconcile.exception() is not None:
+                raise reconcile.exception()  # type: ignore[misc]
+            await reader  # the stream ends (or fails) on its own
         finally:
-            if not reconcile.done():
-                reconcile.cancel()
-                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                    await reconcile
-            elif not reconcile.cancelled():
-                reconcile.exception()  # retrieved: the stream's own failure is what we report
+            for task in (reader, reconcile):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(reader, reconcile, return_exceptions=True)
             call.cancel()
+
+    async def _read(self, call: grpc.aio.UnaryStreamCall) -> None:
+        async for raw in call:
+            self._apply(core_pb2.WatchSessionsResponse.FromString(raw).event)
 
     def _apply(self, event: core_pb2.SessionLifecycleEvent) -> None:
         sid = event.session.session_id
