@@ -21,7 +21,8 @@ Invariants:
   entry still names that pod.
 - A near-cache entry maps a sid to exactly one pod; terminal sessions stay routable for the
   retention window, then leave the cache.
-- Store failures never fail a lookup: they degrade it to the near-cache and probes.
+- Store failures never fail a lookup: they degrade it to the near-cache and probes. A
+  placement without the store takes the sid's rendezvous-hash pod, the same on every replica.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from router.metrics import Metrics
-from router.placement import PlacementPolicy
+from router.placement import PlacementPolicy, rendezvous
 from router.store import (
     OPEN,
     RESERVED,
@@ -433,7 +434,9 @@ class Locator:
         try:
             owner = await self.store.reserve(sid, choice)
         except StoreUnavailable:
-            owner = choice  # single-router mode: the near-cache is the only reservation
+            # No shared reservation: take the pod every replica takes for this sid, so a start
+            # racing through two routers meets on one pod (the runtime answers the second).
+            choice = owner = rendezvous(sid, candidates) or choice
         cached = self.near.get(sid)
         if cached is not None and cached != owner and owner == choice:
             # Another caller in this process reserved it while we awaited the store.

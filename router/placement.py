@@ -7,6 +7,7 @@ sees the others. The atomic reservation that makes a choice final lives in the l
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
@@ -52,6 +53,18 @@ class RoundRobin:
             return None
         self._next += 1
         return candidates[self._next % len(candidates)]
+
+
+def rendezvous(sid: str, candidates: Sequence[str]) -> str | None:
+    """The candidate every router picks for `sid` (highest-random-weight hashing).
+
+    Used when no shared store can arbitrate a placement: replicas racing one start then agree
+    on its pod without talking to each other, and the runtime answers the second start itself.
+    """
+    if not candidates:
+        return None
+    return max(candidates, key=lambda pod: hashlib.blake2b(
+        f"{pod}\x1f{sid}".encode(), digest_size=8).digest())
 
 
 POLICIES: dict[str, Callable[[], PlacementPolicy]] = {

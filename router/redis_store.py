@@ -34,10 +34,12 @@ Invariants (on top of those in `router.store`):
 - Values under the prefix that do not decode (corrupt, written by something else, wrong type) are
   treated as absent: `get` returns None and logs a rate-limited warning; reserve/put overwrite them.
 - Connection errors, timeouts and authentication failures raise `StoreUnavailable` and flip
-  `degraded` on, logging ONE warning per transition. While degraded, calls fail fast without I/O;
-  a background health loop owned by the store (`start()`/`aclose()`) PINGs with backoff and, when
-  Redis answers, clears `degraded`, logs one line and awaits `on_recovered` (the router resyncs
-  its near-cache into Redis there).
+  `degraded` on, logging ONE warning per transition. While degraded, calls fail fast without I/O
+  (except `reserve`, which decides where a session lives: it still asks Redis, so a router whose
+  health loop has not yet noticed Redis is back cannot place a start elsewhere than a recovered
+  replica just reserved it); a background health loop owned by the store (`start()`/`aclose()`)
+  PINGs with backoff and, when Redis answers, clears `degraded`, logs one line and awaits
+  `on_recovered` (the router resyncs its near-cache into Redis there).
 - The password never appears in a log line or an exception message (`redact_url`).
 
 Scripts derive the old owner's index key from the stored value, so the layout suits a standalone
@@ -632,9 +634,12 @@ class RedisStore:
 
     # --- the one way to talk to Redis ---------------------------------------------------------
 
-    async def _call(self, op: str, fn: Callable[[Redis], Awaitable[T]]) -> T:
+    async def _call(
+        self, op: str, fn: Callable[[Redis], Awaitable[T]], *, even_degraded: bool = False
+    ) -> T:
         """Run `fn` under the deadline; map every backend failure to `StoreUnavailable`."""
-        if self._degraded:
+        degraded = self._degraded
+        if degraded and not even_degraded:
             raise StoreUnavailable(
                 f"redis store at {self.url} is degraded ({self._degraded_reason}); "
                 f"{op} skipped while it reconnects"
@@ -650,7 +655,10 @@ class RedisStore:
         except _UNAVAILABLE as exc:
             reason = _describe_error(exc)
             self._enter_degraded(reason)
-            raise StoreUnavailable(f"redis store at {self.url}: {op} failed: {reason}") from exc
+            state = " (store degraded)" if degraded else ""
+            raise StoreUnavailable(
+                f"redis store at {self.url}: {op} failed{state}: {reason}"
+            ) from exc
         except RedisError as exc:
             raise StoreUnavailable(
                 f"redis store at {self.url}: {op} failed: {_describe_error(exc)}"
@@ -768,6 +776,7 @@ class RedisStore:
                 args=[sid, pod, value, self._reservation_ms],
                 client=client,
             ),
+            even_degraded=True,
         )
         return owner.decode() if isinstance(owner, bytes) else str(owner)
 
