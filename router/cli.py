@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
           help="the router's own bearer token (an observer identity) for its watch feeds, "
           "probes and registry replays; client calls always carry the client's token")
     _flag(serve, "--admin-token", metavar="TOKEN",
-          help="bearer token required by the admin API's mutating calls")
+          help="bearer token the admin API requires (drain always; reads unless "
+          "--admin-open-reads)")
     _flag(serve, "--probe-timeout-ms", type=int, default=250, metavar="MS",
           help="how long a miss waits for each pod's status answer")
     _flag(serve, "--negative-cache-ms", type=int, default=1000, metavar="MS",
