@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
-from macp.v1 import core_pb2, envelope_pb2
+from macp.v1 import core_pb2
 
 from router import routes
 from router.locator import LIVE, NOT_FOUND, Locator, NoPlaceablePod
@@ -906,4 +906,4 @@ def _decode_page_token(token: str, ordered: list[core_pb2.SessionMetadata]) -> i
     return len(ordered)
 
 
-__all__ = ["Abort", "MacpProxy", "envelope_pb2", "forwardable"]
+__all__ = ["Abort", "MacpProxy", "forwardable"]

@@ -20,7 +20,6 @@ whole request); a frame that does not parse raises `WireError` before anything i
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from google.protobuf import descriptor as _descriptor
@@ -210,5 +209,3 @@ def broadcast_key(route: Route, request: bytes) -> tuple[str, bool]:
         name = message.mode
     return f"{kind}:{name}", adds
 
-
-MethodKey = Callable[[bytes], str]
