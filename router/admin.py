@@ -10,6 +10,7 @@ Invariant: nothing here changes where an existing session is routed.
 from __future__ import annotations
 
 import hmac
+import logging
 
 import grpc
 
@@ -18,9 +19,11 @@ from router.locator import LIVE, NOT_FOUND, SOURCE_CACHE, Locator
 from router.metrics import Metrics
 from router.pods import Pod, PodSet
 from router.scope import bearer_token
-from router.store import TERMINAL_STATES, LocationStore
+from router.store import TERMINAL_STATES, LocationStore, StoreUnavailable
 from router.v1 import router_pb2, router_pb2_grpc
 from router.watch import WatchFeed
+
+log = logging.getLogger("macp_router.admin")
 
 
 class RouterAdmin(router_pb2_grpc.RouterAdminServicer):
@@ -139,6 +142,15 @@ class RouterAdmin(router_pb2_grpc.RouterAdminServicer):
         assert pod is not None
         pod.draining = draining
         self.metrics.set_pod_health(pod.name, pod.healthy, pod.draining)
+        try:
+            await self.store.set_draining(pod.name, draining)
+        except StoreUnavailable:
+            log.warning("pod %s %s on this router only: the store is degraded; other "
+                        "routers learn it when you repeat the call after it recovers",
+                        pod.name, "drained" if draining else "undrained")
+        else:
+            log.info("pod %s %s (shared through the %s store)", pod.name,
+                     "drained" if draining else "undrained", self.store.name)
         return router_pb2.DrainPodResponse(pod=self.pod_status(pod))
 
     async def DrainPod(

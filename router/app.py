@@ -152,6 +152,7 @@ class Router:
         self._health_snapshot: dict[str, Any] = {"ready": False, "reason": "starting"}
         self._status_task: asyncio.Task[None] | None = None
         self._status_changed = asyncio.Event()
+        self._drain_task: asyncio.Task[None] | None = None
         self._feed_closers: set[asyncio.Task[None]] = set()
         self.discovery: DnsDiscovery | None = None
         if config.pods_dns:
@@ -239,6 +240,24 @@ class Router:
                 for service in ("", routes.SERVICE):
                     await self.health.set(service, status)
             await wait_event(self._status_changed, 1.0)
+
+    async def _sync_draining(self) -> None:
+        """Adopt the drain flags other routers set through the shared store."""
+        try:
+            drained = await self.store.draining_pods()
+        except StoreUnavailable:
+            return  # keep what we have; the store's health loop reports the outage
+        for pod in self.pods:
+            if pod.draining != (pod.name in drained):
+                pod.draining = pod.name in drained
+                log.info("pod %s %s through the shared store", pod.name,
+                         "drained" if pod.draining else "undrained")
+                self.metrics.set_pod_health(pod.name, pod.healthy, pod.draining)
+
+    async def _drain_sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.drain_sync_s)
+            await self._sync_draining()
 
     # -- HTTP: /metrics, /healthz, /readyz -----------------------------------------------------
     def _wsgi(self):  # type: ignore[no-untyped-def]
@@ -350,6 +369,7 @@ class Router:
         # are not refused for want of a known-healthy pod (bounded: a dead pod stays down).
         await asyncio.gather(*(pod.wait_checked(self.config.health_interval_ms / 1000 + 1)
                                for pod in self.pods))
+        await self._sync_draining()
         self._refresh_health()
         if self.acp is not None:
             try:
@@ -360,6 +380,7 @@ class Router:
                 ) from None
         await server.start()
         self._status_task = asyncio.create_task(self._status_loop(), name="router-status")
+        self._drain_task = asyncio.create_task(self._drain_sync_loop(), name="drain-sync")
 
     @property
     def address(self) -> str:
@@ -389,14 +410,16 @@ class Router:
         if self.server is not None:
             for service in ("", routes.SERVICE):
                 await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.proxy.end_streams()
             await self.server.stop(grace)
             self.server = None
         if self.discovery is not None:
             await self.discovery.aclose()
-        if self._status_task is not None:
-            self._status_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._status_task
+        for task in (self._status_task, self._drain_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for feed in list(self.feeds.values()):
             await feed.aclose()
         self.feeds.clear()

@@ -44,6 +44,7 @@ class RouterConfig:
     pods: tuple[PodSpec, ...] = ()
     pods_dns: str | None = None
     dns_interval_s: float = 5.0
+    drain_sync_s: float = 2.0
     redis_url: str | None = None
     redis_prefix: str = "mrouter:"
     redis_password: str | None = field(default=None, repr=False)

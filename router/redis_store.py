@@ -18,6 +18,8 @@ Key layout (``P`` is the prefix, ``mrouter:`` by default; never ``macp:``, which
     owner and clean them lazily, so `pod_sessions` never lies.
 ``P bc:data``  (hash key -> ``<method>\\n<request bytes>``)
 ``P bc:order``  (sorted set key -> sequence number) and ``P bc:seq`` (counter)
+``P drain``  (set of pod names)
+    Pods drained by an operator: no new placements on them, from any router sharing the store.
 ``P marker``  (string "1")
     Written at start and after every recovery; checked every `marker_interval_s` while healthy.
     Its absence means Redis was flushed or replaced, and the router resyncs its near-cache.
@@ -431,6 +433,7 @@ class RedisStore:
         self._bc_data = prefix + "bc:data"
         self._bc_order = prefix + "bc:order"
         self._bc_seq = prefix + "bc:seq"
+        self._drain_key = prefix + "drain"
 
         kwargs: dict[str, Any] = dict(parse_url(url))
         if password is not None:
@@ -848,6 +851,16 @@ class RedisStore:
                 keys=[self._bc_data, self._bc_order], args=[key], client=client
             ),
         )
+
+    async def set_draining(self, pod: str, draining: bool) -> None:
+        if draining:
+            await self._call("sadd", lambda client: client.sadd(self._drain_key, pod))
+        else:
+            await self._call("srem", lambda client: client.srem(self._drain_key, pod))
+
+    async def draining_pods(self) -> set[str]:
+        members = await self._call("smembers", lambda client: client.smembers(self._drain_key))
+        return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
 
     async def broadcasts(self) -> list[BroadcastRecord]:
         flat = await self._call(

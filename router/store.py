@@ -13,6 +13,8 @@ Invariants every implementation keeps (checked by one conformance suite for all 
   still `pod` (compare-and-delete), so a late invalidation never erases someone else's entry.
 - `put` is the authoritative write of a pod's own feed: it overwrites, and keeps the per-pod index
   consistent when the owner changes.
+- Drain flags are shared: a pod drained through one router is drained for every router that
+  shares the store.
 - Terminal entries (`resolved`, `expired`, `cancelled`) expire after the retention window;
   reservations expire after `reservation_ttl_s` unless a feed confirms them.
 - A failing backend raises `StoreUnavailable` (never a library exception) and sets `degraded`;
@@ -93,6 +95,9 @@ class LocationStore(Protocol):
     async def forget_broadcast(self, key: str) -> None: ...
     async def broadcasts(self) -> list[BroadcastRecord]: ...
 
+    async def set_draining(self, pod: str, draining: bool) -> None: ...
+    async def draining_pods(self) -> set[str]: ...
+
 
 class MemoryStore:
     """The embedded default: one process, no I/O, never degraded."""
@@ -104,6 +109,7 @@ class MemoryStore:
         self._expires: dict[str, float] = {}
         self._by_pod: dict[str, set[str]] = {}
         self._broadcasts: dict[str, BroadcastRecord] = {}
+        self._draining: set[str] = set()
         self._retention_s = retention_s
         self._reservation_ttl_s = reservation_ttl_s
         self.on_recovered: Callable[[], Awaitable[None]] | None = None
@@ -200,3 +206,12 @@ class MemoryStore:
 
     async def broadcasts(self) -> list[BroadcastRecord]:
         return list(self._broadcasts.values())
+
+    async def set_draining(self, pod: str, draining: bool) -> None:
+        if draining:
+            self._draining.add(pod)
+        else:
+            self._draining.discard(pod)
+
+    async def draining_pods(self) -> set[str]:
+        return set(self._draining)

@@ -208,3 +208,24 @@ async def test_flushed_redis_is_repopulated_from_the_near_cache(sim_pods, redis_
             )
     finally:
         await router.stop(grace=0)
+
+
+async def test_a_drain_on_one_router_applies_to_every_router_sharing_redis(
+    sim_pods, make_router, redis_url
+):
+    from router.v1 import router_pb2, router_pb2_grpc
+
+    pods = await sim_pods(3)
+    router_a = await make_router(pods, redis_url=redis_url, drain_sync_s=0.1)
+    router_b = await make_router(pods, redis_url=redis_url, drain_sync_s=0.1)
+    async with grpc.aio.insecure_channel(router_a.address) as channel:
+        await router_pb2_grpc.RouterAdminStub(channel).DrainPod(
+            router_pb2.DrainPodRequest(name="b"), timeout=5)
+    await eventually(lambda: router_b.pods.get("b").draining, what="b drained on router B")  # type: ignore[union-attr]
+    async with grpc.aio.insecure_channel(router_b.address) as channel:
+        sids = [await macp_calls.start(channel) for _ in range(12)]
+    assert not any(sid in pods[1].sessions for sid in sids)
+    async with grpc.aio.insecure_channel(router_b.address) as channel:
+        await router_pb2_grpc.RouterAdminStub(channel).UndrainPod(
+            router_pb2.DrainPodRequest(name="b"), timeout=5)
+    await eventually(lambda: not router_a.pods.get("b").draining, what="undrained on A")  # type: ignore[union-attr]

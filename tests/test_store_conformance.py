@@ -289,3 +289,11 @@ async def test_drop_pod_sessions_counts_only_live_entries(make_store: MakeStore)
     await eventually(lambda: _is_absent(store, "probe"))
     assert await store.drop_pod_sessions("pod-a", set()) == 1
     assert await store.pod_sessions("pod-a") == set()
+
+
+async def test_drain_flags_are_shared(store: LocationStore) -> None:
+    assert await store.draining_pods() == set()
+    await store.set_draining("pod-a", True)
+    await store.set_draining("pod-b", True)
+    await store.set_draining("pod-b", False)
+    assert await store.draining_pods() == {"pod-a"}
