@@ -324,7 +324,9 @@ async def _serve(config) -> int:  # type: ignore[no-untyped-def]
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     pods = ", ".join(f"{p.name}={p.address}" for p in config.pods) or config.pods_dns
-    log.info(
+    # The ready line is printed at every log level: tools and tests wait for it.
+    log.log(
+        max(logging.INFO, log.getEffectiveLevel()),
         "ready: serving macp.v1.MACPRuntimeService on %s (pods %s; store %s%s%s)",
         router.address, pods, router.store.name,
         "; metrics on " + f"{config.metrics_listen.rpartition(':')[0]}:{router.metrics_port}"
@@ -332,7 +334,8 @@ async def _serve(config) -> int:  # type: ignore[no-untyped-def]
         f"; pid {os.getpid()}",
     )
     if router.acp is not None:
-        log.info("ready: serving ACP agents on %s (pods %s)", router.acp.url,
+        log.log(max(logging.INFO, log.getEffectiveLevel()),
+                "ready: serving ACP agents on %s (pods %s)", router.acp.url,
                  ", ".join(f"{p.name}={p.url}" for p in router.acp.config.pods))
     await stop.wait()
     log.info("SIGTERM: no new calls; draining in-flight calls for up to %.1fs",

@@ -48,6 +48,7 @@ LIST_PAGE_DEFAULT = 1000
 GET_SESSION_PATH = f"/{routes.SERVICE}/GetSession"
 ANSWER_CHECK_SID = "macp-router-answer-check"  # no pod holds it: any answer is NOT_FOUND
 CANCEL_AFTER_EOF_GRACE_S = 0.05
+SHUTDOWN_DETAILS = "macp-router is shutting down: reconnect (another replica serves) (retry)"
 
 
 def forwardable(metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple:
@@ -143,6 +144,8 @@ class MacpProxy:
         metrics.add_methods(route.method for route in self.routes.values())
         self._handlers = {path: self._make_handler(route) for path, route in self.routes.items()}
         self._active_streams: set[asyncio.Task[object]] = set()
+        self._cache_hits = metrics.locate.labels("macp", "hit")
+        self._closing = False
 
     # -- grpc plumbing -----------------------------------------------------------------------
     def generic_handler(self) -> grpc.GenericRpcHandler:
@@ -243,6 +246,7 @@ class MacpProxy:
             target: list[str] = []
             code = "OK"
             gauge.inc()
+            task = self._track_stream()
             try:
                 await inner(route, request, context, target)
             except Abort as abort:
@@ -257,14 +261,35 @@ class MacpProxy:
                 )
             except asyncio.CancelledError:
                 code = "CANCELLED"
-                raise
+                if not self._closing:
+                    raise
+                code = "UNAVAILABLE"
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS)
             finally:
+                self._active_streams.discard(task)
                 gauge.dec()
                 self.metrics.record_request("macp", method, route.route_class,
                                             target[-1] if target else None, code,
                                             time.perf_counter() - started)
 
         return behavior
+
+    def _track_stream(self) -> asyncio.Task[object]:
+        """Register the calling stream handler so `end_streams` can end it."""
+        task: asyncio.Task[object] = asyncio.current_task()  # type: ignore[assignment]
+        self._active_streams.add(task)
+        if self._closing:
+            task.cancel()  # started after end_streams: refused like the others
+        return task
+
+    def end_streams(self) -> int:
+        """Shutdown: end every open stream now with UNAVAILABLE (clients reconnect to another
+        replica) instead of holding it until the grace period ends and gRPC cuts it; streams
+        that start from now on are refused the same way. Unary calls are left to finish."""
+        self._closing = True
+        for task in list(self._active_streams):
+            task.cancel()
+        return len(self._active_streams)
 
     # -- common forwarding -------------------------------------------------------------------
     async def _forward_unary(
@@ -341,6 +366,7 @@ class MacpProxy:
         name = self.locator.try_cached(sid)
         if name is None:
             return await self._locate_and_forward(route, sid, request, context, target)
+        self._cache_hits.inc()
         target.append(name)
         pod = self._pod(name)
         try:
@@ -515,6 +541,7 @@ class MacpProxy:
             target: list[str] = []
             code = "OK"
             gauge.inc()
+            task = self._track_stream()
             try:
                 await self._bidi(route, context, target)
             except Abort as abort:
@@ -529,8 +556,12 @@ class MacpProxy:
                 )
             except asyncio.CancelledError:
                 code = "CANCELLED"
-                raise
+                if not self._closing:
+                    raise
+                code = "UNAVAILABLE"
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS)
             finally:
+                self._active_streams.discard(task)
                 gauge.dec()
                 self.metrics.record_request("macp", route.method, route.route_class,
                                             target[-1] if target else None, code,
