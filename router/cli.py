@@ -199,12 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+READY_LOGGER = "macp_router.ready"
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The ready line is printed at every log level: tools, tests and operators wait for it.
+    logging.getLogger(READY_LOGGER).setLevel(logging.INFO)
 
 
 def run_async(main: Callable[[], object]) -> object:
@@ -313,6 +318,7 @@ async def _serve(config) -> int:  # type: ignore[no-untyped-def]
     from router.store import StoreUnavailable
 
     log = logging.getLogger("macp_router")
+    ready_log = logging.getLogger(READY_LOGGER)
     router = Router(config)
     try:
         await router.start()
@@ -324,9 +330,7 @@ async def _serve(config) -> int:  # type: ignore[no-untyped-def]
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     pods = ", ".join(f"{p.name}={p.address}" for p in config.pods) or config.pods_dns
-    # The ready line is printed at every log level: tools and tests wait for it.
-    log.log(
-        max(logging.INFO, log.getEffectiveLevel()),
+    ready_log.info(
         "ready: serving macp.v1.MACPRuntimeService on %s (pods %s; store %s%s%s)",
         router.address, pods, router.store.name,
         "; metrics on " + f"{config.metrics_listen.rpartition(':')[0]}:{router.metrics_port}"
@@ -334,8 +338,7 @@ async def _serve(config) -> int:  # type: ignore[no-untyped-def]
         f"; pid {os.getpid()}",
     )
     if router.acp is not None:
-        log.log(max(logging.INFO, log.getEffectiveLevel()),
-                "ready: serving ACP agents on %s (pods %s)", router.acp.url,
+        ready_log.info("ready: serving ACP agents on %s (pods %s)", router.acp.url,
                  ", ".join(f"{p.name}={p.url}" for p in router.acp.config.pods))
     await stop.wait()
     log.info("SIGTERM: no new calls; draining in-flight calls for up to %.1fs",
