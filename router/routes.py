@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message_factory
-from macp.v1 import core_pb2, policy_pb2  # noqa: F401  (policy_pb2 registers its messages)
+from google.protobuf.message import DecodeError
+from macp.v1 import core_pb2, envelope_pb2, policy_pb2  # noqa: F401  (policy_pb2 registers its messages)
 
 from router import wire
 
@@ -32,6 +33,11 @@ SERVICE = "macp.v1.MACPRuntimeService"
 _SERVICE_DESCRIPTOR = core_pb2.DESCRIPTOR.services_by_name["MACPRuntimeService"]
 
 SESSION_START = "SessionStart"
+# Envelope fields read as text: session_id and message_type (routing) first, then the other
+# string fields, checked too: a pod cannot decode an envelope with a bad string in any of them.
+_ENVELOPE_TEXT = (5, 3, *(f.number for f in envelope_pb2.Envelope.DESCRIPTOR.fields
+                          if f.type == _descriptor.FieldDescriptor.TYPE_STRING
+                          and f.number not in (5, 3)))
 AMBIENT_MESSAGE_TYPES = frozenset({"Signal", "Progress"})
 
 
@@ -112,11 +118,27 @@ class Route:
     """Field number of `session_id` in the request, for plain session-scoped requests."""
     request_class: type
     response_class: type
+    other_strings: tuple[int, ...] = ()
+    """The request's other top-level string fields, checked as UTF-8 by `session_id`."""
+    nested: bool = False
+    """The request holds sub-messages: `session_id` validates it with a full parse."""
 
     def session_id(self, request: bytes) -> str:
-        """The session id of a plain session-scoped request ("" when absent)."""
+        """The session id of a plain session-scoped request ("" when absent).
+
+        Raises `wire.WireError` for a request the pod could not decode, so it is never
+        forwarded: any string field that is not UTF-8, or (requests with sub-messages, all rare
+        control calls) anything protobuf rejects.
+        """
         assert self.session_field is not None
-        (span,) = wire.scan(request, (self.session_field,))
+        span, *others = wire.scan(request, (self.session_field, *self.other_strings))
+        for other in others:
+            wire.text(request, other)
+        if self.nested:
+            try:
+                self.request_class.FromString(request)
+            except DecodeError as exc:
+                raise wire.WireError(str(exc)) from None
         return wire.text(request, span)
 
 
@@ -129,9 +151,11 @@ def classify_envelope(envelope_field: int, request: bytes) -> EnvelopeKey | None
     (span,) = wire.scan(request, (envelope_field,))
     if span is None:
         return None
-    sid_span, type_span = wire.scan(request, (5, 3), span[0], span[1])
+    sid_span, type_span, *others = wire.scan(request, _ENVELOPE_TEXT, span[0], span[1])
     session_id = wire.text(request, sid_span)
     message_type = wire.text(request, type_span)
+    for other in others:
+        wire.text(request, other)
     if message_type == SESSION_START:
         route = RouteClass.START
     elif not session_id and message_type in AMBIENT_MESSAGE_TYPES:
@@ -144,10 +168,11 @@ def classify_envelope(envelope_field: int, request: bytes) -> EnvelopeKey | None
 def stream_session_key(frame: bytes) -> EnvelopeKey:
     """Route of StreamSession's first client frame: an envelope, or a subscription."""
     key = classify_envelope(1, frame)
+    (span,) = wire.scan(frame, (2,))
+    subscribe = wire.text(frame, span)  # checked even beside an envelope: the pod decodes it
     if key is not None:
         return key
-    (span,) = wire.scan(frame, (2,))
-    return EnvelopeKey(wire.text(frame, span), "", RouteClass.SESSION)
+    return EnvelopeKey(subscribe, "", RouteClass.SESSION)
 
 
 def _shape(method: _descriptor.MethodDescriptor) -> Shape:
@@ -191,6 +216,12 @@ def build_routes() -> dict[str, Route]:
             session_field=session_field,
             request_class=message_factory.GetMessageClass(method.input_type),
             response_class=message_factory.GetMessageClass(method.output_type),
+            other_strings=tuple(
+                f.number for f in method.input_type.fields
+                if f.type == _descriptor.FieldDescriptor.TYPE_STRING and f.number != session_field
+            ),
+            nested=any(f.type == _descriptor.FieldDescriptor.TYPE_MESSAGE
+                       for f in method.input_type.fields),
         )
     return routes
 
