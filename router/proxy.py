@@ -744,6 +744,10 @@ class MacpProxy:
         a pod's stream failing ends the merged stream with that pod's status, so the client
         resubscribes instead of silently missing that pod's events.
         """
+        try:
+            route.request_class.FromString(request)  # never open N streams for garbage
+        except Exception as exc:  # protobuf's DecodeError
+            raise WireError(str(exc)) from None
         pods = self.pods.healthy()
         if not pods:
             raise Abort(grpc.StatusCode.UNAVAILABLE, self._no_pod_message(route.method))
