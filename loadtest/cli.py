@@ -1,8 +1,10 @@
 """Command line of the load test: `run`, `bench-cache`, `passthrough`.
 
-    python -m loadtest run --scenario hit|stream|miss|start|mixed|pod-kill|scale|workers|memory|all
+    python -m loadtest run
+        --scenario hit|stream|miss|start|mixed|pod-kill|scale|workers|memory|acp|all
         [--duration 10] [--concurrency 32] [--rate R] [--pods 3 | --pods a=127.0.0.1:P,...]
         [--sessions 200] [--workers 2] [--redis-url URL | --redis embedded] [--out DIR]
+        [--acp-pods 3] [--acp-connections 16] [--acp-transport ws|http]
         [--quick] [--rounds 3] [--no-router | --require-router] [--max-wall 1800]
     python -m loadtest bench-cache [--sizes 1000,1000000] [--lookups 200000] [--memory 100000]
     python -m loadtest passthrough --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-SCENARIO_HELP = "hit, stream, miss, start, mixed, pod-kill, scale, workers, memory, or all"
+SCENARIO_HELP = "hit, stream, miss, start, mixed, pod-kill, scale, workers, memory, acp, or all"
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -55,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scale-pods", type=int, help="pods for the many-pods hit run (32)")
     run.add_argument("--cache-sizes", type=_csv_ints, help="near-cache sizes (1000,1000000)")
     run.add_argument("--kill-rate", type=float, help="open-loop rate of pod-kill (300/s)")
+    run.add_argument("--acp-pods", type=int, help="ACP agent pods for `acp` (3)")
+    run.add_argument("--acp-connections", type=int,
+                     help="ACP client connections at saturation, one prompt in flight each (16)")
+    run.add_argument("--acp-sessions", type=int, help="sessions per ACP connection (4)")
+    run.add_argument("--acp-miss-sessions", type=int,
+                     help="sessions created directly on the ACP pods for the miss phase (200)")
+    run.add_argument("--acp-transport", choices=["ws", "http"],
+                     help="the ACP client's transport, both legs: ws (acp's WebSocket, "
+                          "default) or http (Streamable HTTP: POST + SSE, ~5x the client CPU)")
     run.add_argument("--rounds", type=int,
                      help="split each compared phase into N chunks run leg after leg, "
                           "A B C A B C ... (3; quick 1): spreads background-load drift")
@@ -102,7 +113,10 @@ def settings_from(args: argparse.Namespace) -> Any:
                        ("miss_sessions", "miss_sessions"), ("mem_sessions", "mem_sessions"),
                        ("stream_messages", "stream_messages"), ("workers", "workers"),
                        ("scale_pods", "scale_pods"), ("kill_rate", "kill_rate"),
-                       ("rounds", "rounds")):
+                       ("acp_pods", "acp_pods"), ("acp_connections", "acp_connections"),
+                       ("acp_sessions", "acp_sessions"),
+                       ("acp_miss_sessions", "acp_miss_sessions"),
+                       ("acp_transport", "acp_transport"), ("rounds", "rounds")):
         value = getattr(args, flag)
         if value is not None:
             setattr(s, attr, value)
@@ -121,8 +135,12 @@ def settings_from(args: argparse.Namespace) -> Any:
     s.out = args.out
     if s.duration <= 0 or s.duration > 600 or s.concurrency < 1 or s.concurrency > 4096:
         raise SystemExit("--duration must be in (0, 600] and --concurrency in [1, 4096]")
-    if s.scale_pods > 64 or s.pods > 64:
-        raise SystemExit("at most 64 pods (bounded runs)")
+    if s.scale_pods > 64 or s.pods > 64 or not 1 <= s.acp_pods <= 16:
+        raise SystemExit("at most 64 pods and 1-16 ACP pods (bounded runs)")
+    if not 1 <= s.acp_connections <= 512 or not 1 <= s.acp_sessions <= 64:
+        raise SystemExit("--acp-connections must be in [1, 512] and --acp-sessions in [1, 64]")
+    if not 1 <= s.acp_miss_sessions <= 10_000:
+        raise SystemExit("--acp-miss-sessions must be in [1, 10000]")
     return s
 
 
@@ -136,8 +154,8 @@ def _machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "grpcio": grpc.__version__,
         "platform": platform.platform(),
-        "note": "generator, pods, passthrough, router (and Valkey) all run on this one "
-                "machine and compete for its cores",
+        "note": "generator, pods (MACP and ACP), passthrough, router (and Valkey) all run on "
+                "this one machine and compete for its cores",
     }
 
 
@@ -165,7 +183,7 @@ async def _run(settings: Any, max_wall: float) -> tuple[Any, str | None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from loadtest.hist import LatencyHistogram
-    from loadtest.report import bars_table, phase_table, quality_bars, write_outputs
+    from loadtest.report import acp_table, bars_table, phase_table, quality_bars, write_outputs
 
     settings = settings_from(args)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -187,6 +205,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     report["bars"] = quality_bars(run.results)
     paths = write_outputs(report, settings.out)
     print(phase_table(phases))
+    acp = acp_table(run.results)
+    if acp:
+        print()
+        print(acp)
     print()
     print(bars_table(report["bars"]))
     if run.skipped:

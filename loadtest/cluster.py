@@ -7,6 +7,9 @@ router's Prometheus `/metrics`, and Redis `INFO`.
 
 The router leg plugs in through `router_support()`: if `macp-router serve` is not importable
 yet the router leg is reported as skipped (or, with `require_router`, the run fails).
+ACP agent pods (`macp-router acp-pod`) and a router with its ACP front door (`serve
+--acp-listen --acp-pods`) are started by `start_acp_pods` / `start_router(acp_pods=...)`;
+`acp_support()` says whether the `acp` extra is installed.
 """
 
 from __future__ import annotations
@@ -79,6 +82,19 @@ class Pod:
 
 
 @dataclass
+class AcpPod:
+    """A simulated ACP agent pod (`macp-router acp-pod`) in its own process."""
+
+    name: str
+    address: str
+    proc: Proc
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}/acp"
+
+
+@dataclass
 class Router:
     address: str
     proc: Proc
@@ -86,6 +102,11 @@ class Router:
     workers: int
     pods: list[str]
     client: Client | None = None
+    acp_address: str | None = None  # --acp-listen, when started with ACP pods
+
+    @property
+    def acp_url(self) -> str | None:
+        return f"http://{self.acp_address}/acp" if self.acp_address else None
 
     async def metrics(self) -> dict[str, float]:
         """Flattened `/metrics`: 'name{label="v",...}' -> value ({} if unreachable)."""
@@ -119,6 +140,22 @@ def router_support() -> RouterSupport:
         tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
         return RouterSupport(False, f"router.cli serve unavailable: {tail[0]}")
     return RouterSupport(True, help_text=out.stdout)
+
+
+def acp_support() -> str | None:
+    """None when ACP pods and the ACP front door can run here, else why not (one line)."""
+    import importlib.util
+
+    missing = [m for m in ("acp", "hypercorn", "httpx", "websockets")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"the acp scenario needs {', '.join(missing)}: pip install '.[acp]'"
+    support = router_support()
+    if not support.available:
+        return support.reason
+    if not support.has_flag("--acp-listen"):
+        return "macp-router serve has no --acp-listen"
+    return None
 
 
 async def scrape(url: str) -> dict[str, float]:
@@ -208,6 +245,7 @@ class Cluster:
     passthrough_client: Client | None = None
     routers: list[Router] = field(default_factory=list)
     redis: Redis | None = None
+    acp_pods: list[AcpPod] = field(default_factory=list)
     _clients: list[Client] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -285,6 +323,32 @@ class Cluster:
                 total[k] = total.get(k, 0) + v
         return total
 
+    # ── ACP pods ────────────────────────────────────────────────────────
+    async def start_acp_pods(self, count: int, sessions_dir: Path, *,
+                             prefix: str = "acp") -> list[AcpPod]:
+        """Start `count` `macp-router acp-pod`s sharing `sessions_dir`, in parallel."""
+
+        async def one(index: int) -> AcpPod:
+            name = f"{prefix}{index}"
+            address = f"{LOOPBACK}:{free_port()}"
+            argv = python_argv("router.cli", "acp-pod", "--listen", address, "--name", name,
+                               "--sessions-dir", str(sessions_dir), "--log-level", "info")
+            proc = await self.procs.start(name, argv, address, timeout=60.0)
+            return AcpPod(name, address, proc)
+
+        results = await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
+        started = [r for r in results if isinstance(r, AcpPod)]
+        self.acp_pods.extend(started)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r  # the started ones are stopped by stop_acp_pods / aclose
+        return started
+
+    async def stop_acp_pods(self) -> None:
+        pods, self.acp_pods = self.acp_pods, []
+        for pod in pods:
+            await self.procs.stop(pod.proc)
+
     # ── passthrough ─────────────────────────────────────────────────────
     async def start_passthrough(self, upstream: Pod) -> Client:
         address = f"{LOOPBACK}:{free_port()}"
@@ -307,9 +371,11 @@ class Cluster:
         name: str = "router",
         extra_args: Sequence[str] = (),
         preload: int | None = None,
+        acp_pods: Sequence[AcpPod] = (),
     ) -> Router:
         """Start `macp-router serve` (or, with `preload`, `loadtest.routerhost`: the same
-        router in process with its near-cache preloaded with that many synthetic sessions)."""
+        router in process with its near-cache preloaded with that many synthetic sessions).
+        With `acp_pods`, the router also serves ACP (`--acp-listen`, `--acp-pods`)."""
         support = router_support()
         if not support.available:
             raise RuntimeError(support.reason)
@@ -327,13 +393,19 @@ class Cluster:
             args += ["--workers", str(workers)]
         if redis_url:
             args += ["--redis-url", redis_url]
+        acp_address = None
+        if acp_pods:
+            acp_address = f"{LOOPBACK}:{free_port()}"
+            args += ["--acp-listen", acp_address,
+                     "--acp-pods", ",".join(f"{p.name}={p.url}" for p in acp_pods)]
         args += list(extra_args)
         if preload is None:
             argv = python_argv("router.cli", *args)
         else:
             argv = python_argv("loadtest.routerhost", "--preload", str(preload), *args)
         proc = await self.procs.start(name, argv, address, timeout=120.0)
-        router = Router(address, proc, metrics, workers, [p.name for p in pods])
+        router = Router(address, proc, metrics, workers, [p.name for p in pods],
+                        acp_address=acp_address)
         router.client = self.client(address)
         self.routers.append(router)
         return router
@@ -375,6 +447,8 @@ def cpu_snapshot(cluster: Cluster) -> dict[str, float]:
     if cluster.passthrough is not None:
         out["passthrough"] = cluster.passthrough.cpu_seconds()
     out["pods"] = sum(p.proc.cpu_seconds() for p in cluster.pods if p.proc is not None)
+    if cluster.acp_pods:
+        out["acp_pods"] = sum(p.proc.cpu_seconds() for p in cluster.acp_pods)
     me = psutil.Process().cpu_times()
     out["generator"] = me.user + me.system
     if cluster.redis is not None and cluster.redis.proc is not None:

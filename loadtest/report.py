@@ -2,8 +2,10 @@
 
 The bars are DESIGN.md section 8, each computed from figures measured in the same run:
 value, goal, and "PASS" / "MISS" / "n/a" (with the reason when a figure is missing, e.g. the
-router leg was skipped). The HTML report is one self-contained file (plots embedded as
-base64 PNG, matplotlib with the Agg backend).
+router leg was skipped). DESIGN sets no goal for the ACP front door: its rows are "(info)",
+except that a clean run has no errors; `acp_table` puts the ACP figures side by side. The
+HTML report is one self-contained file (plots embedded as base64 PNG, matplotlib with the
+Agg backend).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _bar(name: str, value: Any, unit: str, goal: str, ok: Callable[[float], bool
 
 
 def quality_bars(results: dict[str, Any]) -> list[Bar]:
-    """DESIGN.md section 8 as measured in this run."""
+    """DESIGN.md section 8 as measured in this run: the rows of the scenarios that ran."""
     r = results
     bars: list[Bar] = [
         _bar("hit: router/passthrough throughput", _get(r, "hit", "ratio_router_passthrough"),
@@ -112,8 +114,101 @@ def quality_bars(results: dict[str, Any]) -> list[Bar]:
         _bar("pod-kill: non-retryable errors (router)",
              _get(r, "pod-kill", "router", "non_retryable_errors"), "", "== 0",
              lambda v: v == 0),
+        *acp_bars(r),
     ]
-    return bars
+    return [b for b in bars if b["name"].split(":", 1)[0] in r]
+
+
+def acp_bars(r: dict[str, Any]) -> list[Bar]:
+    """The `acp` scenario's rows (none when it did not run)."""
+    if "acp" not in r:
+        return []
+    a = r["acp"]
+    k = a.get("connections")
+    shared = "everything shares the machine's cores"
+    return [
+        _bar(f"acp: prompt router/direct throughput ({k} connections)",
+             _get(a, "prompt", "ratio_router_direct"), "x", "(info)", None, shared),
+        _bar("acp: prompt added p50 at c=1 (router - direct)",
+             _get(a, "prompt", "added_c1_ms", "p50"), "ms", "(info)", None),
+        _bar("acp: prompt added p99 at c=1 (router - direct)",
+             _get(a, "prompt", "added_c1_ms", "p99"), "ms", "(info)", None),
+        _bar(f"acp: prompt added p50 at saturation ({k} connections)",
+             _get(a, "prompt", "added_sat_ms", "p50"), "ms", "(info)", None),
+        _bar(f"acp: prompt added p99 at saturation ({k} connections)",
+             _get(a, "prompt", "added_sat_ms", "p99"), "ms", "(info)", None),
+        _bar("acp: router CPU per prompt", _get(a, "prompt", "router_cpu_ms_per_prompt"),
+             "ms", "(info)", None),
+        _bar("acp: generator CPU per prompt (router leg)",
+             _get(a, "prompt", "generator_cpu_ms_per_prompt", "router"), "ms", "(info)", None,
+             "the load client's own cost"),
+        _bar("acp: session/status p50, router cache hit - direct",
+             _get(a, "status", "added_ms", "p50"), "ms", "(info)", None),
+        _bar("acp: status miss p50 - one direct status RTT",
+             _get(a, "miss", "miss_minus_direct_status_p50_ms"), "ms",
+             "(info; DESIGN's miss goal, <= 2, is stated for MACP)", None),
+        _bar("acp: status miss p99 - one direct status RTT",
+             _get(a, "miss", "miss_minus_direct_status_p99_ms"), "ms", "(info)", None),
+        _bar("acp: probes per miss", _get(a, "miss", "probes_per_miss"), "",
+             f"(info; pods = {a.get('pods')})", None),
+        _bar("acp: errors, all phases", a.get("errors_total"), "", "== 0",
+             lambda v: v == 0,
+             json.dumps(a["errors"]) if a.get("errors") else a.get("skipped", "")),
+    ]
+
+
+def acp_table(results: dict[str, Any]) -> str:
+    """Direct vs router for the `acp` scenario ("" when it did not run)."""
+    a = results.get("acp")
+    if not isinstance(a, dict) or "prompt" not in a:
+        return ""
+    prompt, status, miss = a["prompt"], a.get("status", {}), a.get("miss", {})
+
+    def lat(d: Any) -> str:
+        if not isinstance(d, dict):
+            return "-"
+        return " / ".join(f"{d[f'p{p}_ms']:.2f}" for p in (50, 90, 99))
+
+    def diff(d: Any) -> str:
+        if not isinstance(d, dict):
+            return "-"
+        return " / ".join(f"{d[f'p{p}']:+.2f}" for p in (50, 90, 99))
+
+    def pair(d: Any) -> tuple[str, str]:
+        d = d if isinstance(d, dict) else {}
+        return _fmt(d.get("direct")), _fmt(d.get("router"))
+
+    ratio = prompt.get("ratio_router_direct")
+    rows = [
+        (f"ACP, {a.get('transport')}, {a.get('pods')} pods", "direct", "router",
+         "router - direct"),
+        (f"prompt sat rps ({a.get('connections')} connections)",
+         *pair(prompt.get("throughput_rps")), f"x{ratio:.3f}" if ratio is not None else "-"),
+        ("prompt sat p50/p90/p99 ms", lat(prompt["sat_latency_ms"].get("direct")),
+         lat(prompt["sat_latency_ms"].get("router")), diff(prompt.get("added_sat_ms"))),
+        ("prompt c=1 p50/p90/p99 ms", lat(prompt["c1_latency_ms"].get("direct")),
+         lat(prompt["c1_latency_ms"].get("router")), diff(prompt.get("added_c1_ms"))),
+    ]
+    if status:
+        rows.append(("status c=1 p50/p90/p99 ms", lat(status["latency_ms"].get("direct")),
+                     lat(status["latency_ms"].get("router")), diff(status.get("added_ms"))))
+    if miss:
+        rows.append(("status miss p50/p90/p99 ms", "-", lat(miss.get("latency_ms")),
+                     f"{miss['miss_minus_direct_status_p50_ms']:+.2f} p50 vs direct status"))
+        rows.append(("probes per miss", "-", _fmt(miss.get("probes_per_miss")),
+                     f"{_fmt(miss.get('fanouts'))} fan-outs"))
+    rows += [
+        ("generator CPU ms/prompt", *pair(prompt.get("generator_cpu_ms_per_prompt")), "-"),
+        ("ACP pods CPU ms/prompt", *pair(prompt.get("pods_cpu_ms_per_prompt")), "-"),
+        ("router CPU ms/prompt", "-", _fmt(prompt.get("router_cpu_ms_per_prompt")), "-"),
+    ]
+    errs = a.get("errors") or {}
+    rows.append(("errors", *(json.dumps(errs[t]) if errs.get(t) else "0"
+                             for t in ("direct", "router")), "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + f"\n({a.get('note', '')})"
 
 
 def _scale(v: Any, k: float) -> Any:
@@ -237,6 +332,8 @@ def write_html(report: dict[str, Any], path: Path) -> None:
         f"<h3>{html.escape(t)}</h3><img src='data:image/png;base64,{b64}'/>"
         for t, b64 in plots(report))
     meta = report["meta"]
+    acp = acp_table(report["results"])
+    acp_html = f"<h2>ACP: direct vs router</h2><pre>{html.escape(acp)}</pre>" if acp else ""
     body = (
         "<!doctype html><meta charset='utf-8'><title>macp-router load test</title>"
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
@@ -246,7 +343,7 @@ def write_html(report: dict[str, Any], path: Path) -> None:
         f"{html.escape(meta['machine']['note'])}</p>"
         f"<h2>Quality bars</h2><pre>{html.escape(bars_table(report['bars']))}</pre>"
         f"<h2>Phases</h2><pre>{html.escape(phase_table(report['phases']))}</pre>"
-        f"<h2>Plots</h2>{images or '<p>matplotlib not installed: no plots</p>'}"
+        f"{acp_html}<h2>Plots</h2>{images or '<p>matplotlib not installed: no plots</p>'}"
         f"<h2>Scenario summaries</h2><pre>{html.escape(json.dumps(report['results'], indent=1))}"
         "</pre>"
     )

@@ -5,9 +5,11 @@ Every scenario measures the same traffic against up to three targets in one run:
 `loadtest.passthrough`, upstream pod0) and `router` (`macp-router serve`). Traffic for the
 hop comparison goes to sessions on pod0, so the three legs share the same upstream process.
 
-Scenarios (`SCENARIOS`): hit, stream, miss, start, mixed, pod-kill, scale, workers, memory.
-All processes (generator, pods, proxy, router, Valkey) share one machine; CPU seconds per
-process group are recorded for every saturation phase so the split can be reported.
+Scenarios (`SCENARIOS`): hit, stream, miss, start, mixed, pod-kill, scale, workers, memory,
+acp (ACP agents direct vs through the router's ACP front door: `loadtest.acpscenario`; a run
+of `acp` alone starts one MACP pod and nothing else of the MACP set-up). All processes
+(generator, pods, proxy, router, Valkey) share one machine; CPU seconds per process group are
+recorded for every saturation phase so the split can be reported.
 """
 
 from __future__ import annotations
@@ -41,7 +43,11 @@ from loadtest.cluster import (
 )
 from loadtest.gen import Op, PhaseResult, merge, run_closed, run_open
 
-SCENARIOS = ("hit", "stream", "miss", "start", "mixed", "pod-kill", "scale", "workers", "memory")
+SCENARIOS = ("hit", "stream", "miss", "start", "mixed", "pod-kill", "scale", "workers", "memory",
+             "acp")
+# Scenarios that bring their own pods and router: they need one MACP pod (for `serve --pods`)
+# and none of the MACP sessions, passthrough or router of the others.
+OWN_SETUP = frozenset({"acp"})
 MD = payloads.METADATA
 T = CALL_TIMEOUT_S
 MISROUTE_CODES = frozenset({"ACK_SESSION_NOT_FOUND", "NOT_FOUND", "STREAM_SESSION_NOT_FOUND"})
@@ -67,6 +73,11 @@ class Settings:
     scale_pods: int = 32
     cache_sizes: tuple[int, int] = (1_000, 1_000_000)
     kill_rate: float = 300.0
+    acp_pods: int = 3
+    acp_connections: int = 16
+    acp_sessions: int = 4
+    acp_miss_sessions: int = 200
+    acp_transport: str = "ws"
     rounds: int = 3
     redis: str | None = None
     router: bool = True
@@ -81,6 +92,7 @@ class Settings:
             scenarios=scenarios, duration=1.0, concurrency=8, pods=2, sessions=40,
             miss_sessions=40, mem_sessions=300, stream_messages=3, scale_pods=4,
             cache_sizes=(1_000, 100_000), kill_rate=150.0, rounds=1, quick=True,
+            acp_pods=2, acp_connections=4, acp_miss_sessions=40,
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
@@ -296,13 +308,17 @@ class Run:
     # ── setup ───────────────────────────────────────────────────────────
     async def setup(self) -> None:
         s, cluster = self.settings, self.cluster
+        own_only = all(name in OWN_SETUP for name in s.scenarios)
         if s.pod_addresses:
             cluster.use_external_pods(s.pod_addresses)
             log(f"using {len(cluster.pods)} external pods")
         else:
-            log(f"starting {s.pods} pods")
-            await cluster.start_pods(s.pods)
+            count = 1 if own_only else s.pods
+            log(f"starting {count} pods")
+            await cluster.start_pods(count)
         await asyncio.gather(*(self._client(p).ready() for p in cluster.pods))
+        if own_only:
+            return
         if s.redis:
             await cluster.start_redis(s.redis)
         log(f"creating {s.sessions} sessions on {self.pod0.name} and {s.sessions} spread")
@@ -673,6 +689,12 @@ class Run:
             }
             # the restarted pod must be serving before the next leg
             await self._client(victim).ready(timeout=10.0)
+
+    async def scenario_acp(self) -> None:
+        """ACP prompts / status / misses, direct vs the router's ACP front door."""
+        from loadtest.acpscenario import scenario_acp
+
+        await scenario_acp(self)
 
     async def scenario_scale(self) -> None:
         """Hit cost with 1 vs K pods, and with 1k vs 1M cached sessions (preloaded in-process)."""

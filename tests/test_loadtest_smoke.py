@@ -165,3 +165,39 @@ def test_scale_workers_memory(tmp_path: Path) -> None:
     assert "skipped" in r["workers"] or 0 < r["workers"]["speedup"] < 3
     assert r["memory"]["near_cache_tracemalloc"]["bytes_per_session"] > 0
     assert r["memory"]["learned_via"].startswith("watch feed")
+
+
+def test_acp_scenario(tmp_path: Path) -> None:
+    """ACP pods + a router with --acp-listen, as subprocesses; ~3 s of load (quick: 2 pods)."""
+    report = run_loadtest(tmp_path, "--require-router", "--duration", "0.5",
+                          "--scenario", "acp")
+    a = report["results"]["acp"]
+    assert a["errors_total"] == 0 and not a["errors"], a["errors"]
+    for target in ("direct", "router"):
+        check = a["acp_client_check"][target]  # the stock acp client, once per target
+        assert check == {"stop_reason": "end_turn", "chunks": a["chunks_per_prompt"],
+                         "status": "live"}
+    prompt = a["prompt"]
+    assert 0 < prompt["ratio_router_direct"] < 2
+    for target in ("direct", "router"):
+        assert prompt["throughput_rps"][target] > 0
+        for key in ("sat_latency_ms", "c1_latency_ms"):
+            lat = prompt[key][target]
+            assert lat["count"] > 0 and 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"]
+        assert a["status"]["latency_ms"][target]["p50_ms"] > 0
+    assert set(prompt["added_sat_ms"]) == set(prompt["added_c1_ms"]) == {"p50", "p90", "p99"}
+    assert prompt["router_cpu_ms_per_prompt"] > 0
+    assert prompt["generator_cpu_ms_per_prompt"]["router"] > 0
+    assert set(a["status"]["added_ms"]) == {"p50", "p90", "p99"}
+    miss = a["miss"]
+    assert miss["latency_ms"]["count"] == miss["sessions"] > 0
+    assert miss["real_miss_fraction"] == 1.0  # every call was a probe fan-out
+    assert miss["probes_per_miss"] >= 1
+    assert miss["miss_minus_direct_status_p50_ms"] is not None
+    bars = {b["name"]: b for b in report["bars"]}
+    assert bars["acp: errors, all phases"]["status"] == "PASS"
+    assert all(name.startswith("acp:") for name in bars)  # rows of scenarios that ran
+    assert {(p["target"], p["phase"]) for p in report["phases"]} == {
+        (t, ph) for t in ("direct", "router") for ph in ("sat", "c1", "status")
+    } | {("router", "miss")}
+    assert "ACP: direct vs router" in (tmp_path / "out" / "latest.html").read_text()
