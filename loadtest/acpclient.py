@@ -11,7 +11,9 @@ requests answered (`session/request_permission` -> allow, anything else -> -3260
 
 `check_with_acp_client()` drives the same target once with the real `acp` client (initialize,
 new_session, prompt, `session/status` as a raw request), so every run also shows that what it
-measures is what a stock ACP client gets.
+measures is what a stock ACP client gets. `AcpStockConn` makes the same calls through acp's
+`ClientSideConnection` (`--acp-client acp`): what the lean client saves is then measured, not
+assumed.
 
 Error labels (what a failed op reports): `RPC_<code>` for a JSON-RPC error, `STOP_<reason>`
 for a prompt that did not end with `end_turn`, `MISSING_UPDATES` when the prompt's answer
@@ -205,6 +207,91 @@ class AcpLoadConn:
         if client is not None and hasattr(client, "aclose"):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.aclose(), 5.0)
+
+
+class _Recorder:
+    """The client side for acp's ClientSideConnection: counts updates, allows permissions."""
+
+    def __init__(self) -> None:
+        self.updates: Counter[str] = Counter()
+
+    async def session_update(self, session_id: str, update: Any, **kwargs: Any) -> None:
+        self.updates[session_id] += 1
+
+    async def request_permission(self, *args: Any, **kwargs: Any) -> Any:
+        from acp.schema import AllowedOutcome, RequestPermissionResponse
+
+        return RequestPermissionResponse(
+            outcome=AllowedOutcome(outcome="selected", option_id="allow"))
+
+
+class AcpStockConn:
+    """`AcpLoadConn`'s calls through the stock `acp` client (`acp.connect_to_agent`)."""
+
+    def __init__(self, conn: Any, recorder: _Recorder, transport: Any) -> None:
+        self.conn = conn
+        self.recorder = recorder
+        self.transport = transport
+
+    @classmethod
+    async def connect(cls, url: str, transport: str = WS, *, timeout: float = 5.0,
+                      name: str = "") -> AcpStockConn:
+        import acp
+
+        recorder = _Recorder()
+        stream = await open_transport(url, transport, timeout)
+        self = cls(acp.connect_to_agent(recorder, stream), recorder, stream)  # type: ignore[arg-type]
+        try:
+            await self._call(self.conn.initialize(protocol_version=1), timeout)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    @staticmethod
+    async def _call(coro: Any, timeout: float) -> Any:
+        from acp.exceptions import RequestError
+
+        try:
+            return await asyncio.wait_for(coro, timeout)
+        except RequestError as exc:
+            raise AcpCallError(f"RPC_{exc.code}", str(exc)) from None
+        except (ConnectionError, OSError) as exc:
+            raise AcpCallError("CLOSED", repr(exc)) from None
+
+    async def new_session(self, timeout: float, cwd: str = "/work") -> str:
+        reply = await self._call(self.conn.new_session(cwd=cwd, mcp_servers=[]), timeout)
+        return str(reply.session_id)
+
+    async def prompt(self, sid: str, text: str, timeout: float, chunks: int) -> None:
+        from acp import helpers
+
+        before = self.recorder.updates[sid]
+        reply = await self._call(
+            self.conn.prompt(session_id=sid, prompt=[helpers.text_block(text)]), timeout)
+        if reply.stop_reason != "end_turn":
+            raise AcpCallError(f"STOP_{reply.stop_reason}")
+        if self.recorder.updates[sid] - before < chunks:
+            raise AcpCallError("MISSING_UPDATES",
+                               f"{self.recorder.updates[sid] - before} of {chunks} chunks")
+
+    async def status(self, sid: str, timeout: float) -> str:
+        # not in acp 0.12.1's client API: a raw request, as router.acp.demo sends it
+        reply = await self._call(
+            self.conn._conn.send_request("session/status", {"sessionId": sid}), timeout)
+        return str(reply.get("status")) if isinstance(reply, dict) else "?"
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.conn.close(), 5.0)
+        client = getattr(self.transport, "_client", None)
+        if client is not None and hasattr(client, "aclose"):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.aclose(), 5.0)
+
+
+CLIENTS: dict[str, type[AcpLoadConn] | type[AcpStockConn]] = {
+    "lean": AcpLoadConn, "acp": AcpStockConn}
 
 
 def error_label(exc: BaseException) -> str:

@@ -5,7 +5,8 @@ Processes (all loopback, all killed at the end of the scenario, and by the run's
 `macp-router serve --acp-listen ... --acp-pods ... --metrics-listen ...` whose MACP side gets
 the run's first MACP pod (`serve` requires `--pods`).
 
-Traffic (the lean client of `loadtest.acpclient`, over acp's WebSocket transport by default):
+Traffic (the lean client of `loadtest.acpclient` by default, `--acp-client acp` for the stock
+one; acp's WebSocket transport by default, `--acp-transport http` for Streamable HTTP):
 - `sat`: prompt round trips (session/prompt -> its streamed session/update chunks ->
   `end_turn`), closed loop over K client connections (`--acp-connections`, 16), one prompt in
   flight per connection; `c1`: the same with one connection. Direct: connection i talks to
@@ -34,7 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loadtest.acpclient import AcpLoadConn, check_with_acp_client, error_label
+from loadtest.acpclient import (
+    CLIENTS,
+    AcpLoadConn,
+    AcpStockConn,
+    check_with_acp_client,
+    error_label,
+)
 from loadtest.cluster import CALL_TIMEOUT_S, Router, acp_support, metric_delta, metric_sum
 from loadtest.gen import Op, PhaseResult
 
@@ -44,6 +51,7 @@ if TYPE_CHECKING:
 T = CALL_TIMEOUT_S
 PROMPT = "hello from the load test"
 DEFAULT_CHUNKS = 3  # AcpSimPod's default; the acp-client check reads the real count
+Conn = AcpLoadConn | AcpStockConn
 NOTE = ("generator, ACP pods, the router (and an idle MACP pod) all run on this machine and "
         "compete for its cores (2 on the reference VM)")
 
@@ -62,13 +70,14 @@ class ConnPool:
     transport: str
     connections: int
     sessions: int
-    conns: list[AcpLoadConn] = field(default_factory=list)
-    free: list[tuple[AcpLoadConn, list[str]]] = field(default_factory=list)
+    client: str = "lean"
+    conns: list[Conn] = field(default_factory=list)
+    free: list[tuple[Conn, list[str]]] = field(default_factory=list)
 
     async def open(self) -> None:
-        async def one(i: int) -> tuple[AcpLoadConn, list[str]]:
-            conn = await AcpLoadConn.connect(self.urls[i % len(self.urls)], self.transport,
-                                             timeout=T, name=str(i))
+        async def one(i: int) -> tuple[Conn, list[str]]:
+            conn = await CLIENTS[self.client].connect(self.urls[i % len(self.urls)],
+                                                      self.transport, timeout=T, name=str(i))
             self.conns.append(conn)
             return conn, [await conn.new_session(T) for _ in range(self.sessions)]
 
@@ -176,8 +185,11 @@ async def scenario_acp(run: Run) -> None:
     k = s.acp_connections
     summary: dict[str, Any] = {
         "pods": s.acp_pods, "connections": k, "sessions_per_connection": s.acp_sessions,
-        "transport": s.acp_transport, "client": "loadtest.acpclient (lean JSON-RPC over "
-        f"acp's {'WebSocket' if s.acp_transport == 'ws' else 'Streamable HTTP'} transport)",
+        "transport": s.acp_transport,
+        "client": ("loadtest.acpclient.AcpLoadConn (lean JSON-RPC)" if s.acp_client == "lean"
+                   else "acp.connect_to_agent (the stock acp client)")
+        + f" over acp's {'WebSocket' if s.acp_transport == 'ws' else 'Streamable HTTP'} "
+        "transport",
         "note": NOTE,
     }
     run.results["acp"] = summary
@@ -240,7 +252,7 @@ async def _measure(run: Run, summary: dict[str, Any], errors: dict[str, Counter[
             if connections == 1:  # c=1 direct: a different pod each chunk
                 urls = [urls[rotation[target] % len(urls)]]
                 rotation[target] += 1
-            pool = ConnPool(urls, s.acp_transport, connections, sessions)
+            pool = ConnPool(urls, s.acp_transport, connections, sessions, s.acp_client)
             pools[target] = pool
             try:
                 await pool.open()
@@ -307,8 +319,8 @@ async def _miss(run: Run, router: Router, pod_urls: list[str], direct_status: Ph
     s = run.settings
     n = s.acp_miss_sessions
     log(f"acp: {n} sessions created directly on the pods, then session/status via the router")
-    creators = ConnPool(pod_urls, s.acp_transport, len(pod_urls), 0)
-    reader = ConnPool([router.acp_url or ""], s.acp_transport, 1, 0)
+    creators = ConnPool(pod_urls, s.acp_transport, len(pod_urls), 0, s.acp_client)
+    reader = ConnPool([router.acp_url or ""], s.acp_transport, 1, 0, s.acp_client)
     try:
         await creators.open()
         await reader.open()

@@ -4,7 +4,7 @@
         --scenario hit|stream|miss|start|mixed|pod-kill|scale|workers|memory|acp|all
         [--duration 10] [--concurrency 32] [--rate R] [--pods 3 | --pods a=127.0.0.1:P,...]
         [--sessions 200] [--workers 2] [--redis-url URL | --redis embedded] [--out DIR]
-        [--acp-pods 3] [--acp-connections 16] [--acp-transport ws|http]
+        [--acp-pods 3] [--acp-connections 16] [--acp-transport ws|http] [--acp-client lean|acp]
         [--quick] [--rounds 3] [--no-router | --require-router] [--max-wall 1800]
     python -m loadtest bench-cache [--sizes 1000,1000000] [--lookups 200000] [--memory 100000]
     python -m loadtest passthrough --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--acp-transport", choices=["ws", "http"],
                      help="the ACP client's transport, both legs: ws (acp's WebSocket, "
                           "default) or http (Streamable HTTP: POST + SSE, ~5x the client CPU)")
+    run.add_argument("--acp-client", choices=["lean", "acp"],
+                     help="the ACP load client: lean (loadtest.acpclient's JSON-RPC layer on "
+                          "acp's transports, default) or acp (acp.connect_to_agent)")
     run.add_argument("--rounds", type=int,
                      help="split each compared phase into N chunks run leg after leg, "
                           "A B C A B C ... (3; quick 1): spreads background-load drift")
@@ -116,7 +119,8 @@ def settings_from(args: argparse.Namespace) -> Any:
                        ("acp_pods", "acp_pods"), ("acp_connections", "acp_connections"),
                        ("acp_sessions", "acp_sessions"),
                        ("acp_miss_sessions", "acp_miss_sessions"),
-                       ("acp_transport", "acp_transport"), ("rounds", "rounds")):
+                       ("acp_transport", "acp_transport"), ("acp_client", "acp_client"),
+                       ("rounds", "rounds")):
         value = getattr(args, flag)
         if value is not None:
             setattr(s, attr, value)

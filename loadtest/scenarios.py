@@ -78,6 +78,7 @@ class Settings:
     acp_sessions: int = 4
     acp_miss_sessions: int = 200
     acp_transport: str = "ws"
+    acp_client: str = "lean"
     rounds: int = 3
     redis: str | None = None
     router: bool = True
