@@ -15,7 +15,7 @@ import logging
 import grpc
 
 from router import __version__
-from router.locator import LIVE, NOT_FOUND, SOURCE_CACHE, Locator
+from router.locator import LIVE, NOT_FOUND, SOURCE_CACHE, Located, Locator
 from router.metrics import Metrics
 from router.pods import Pod, PodSet
 from router.scope import bearer_token
@@ -69,35 +69,23 @@ class RouterAdmin(router_pb2_grpc.RouterAdminServicer):
         if not sid:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is required")
         entry = None if request.probe else self.locator.near.entry(sid)
-        if request.probe:
+        if entry is not None:
+            located = Located(LIVE, entry[0], SOURCE_CACHE)
+        elif request.probe:
             located = await self.locator.probe_now(sid)
-            located_pod, source, status = located.pod or "", located.source, located.status
-            unknown = located.unknown_pods
-            detail = (
-                located.describe_unknown(sid, self.locator.probe_timeout_s)
-                if located.unknown_pods else ""
-            )
-            entry = self.locator.near.entry(sid)
-        elif entry is not None:
-            located_pod, source, status = entry[0], SOURCE_CACHE, LIVE
-            unknown: tuple[str, ...] = ()
-            detail = ""
         else:
             located = await self.locator.lookup(sid, use_negative=False)
-            located_pod, source, status = located.pod or "", located.source, located.status
-            unknown = located.unknown_pods
-            detail = (
-                located.describe_unknown(sid, self.locator.probe_timeout_s)
-                if located.unknown_pods else ""
-            )
-            entry = self.locator.near.entry(sid)
+        located_pod, source, status = located.pod or "", located.source, located.status
+        detail = (located.describe_unknown(sid, self.locator.probe_timeout_s)
+                  if located.unknown_pods else "")
+        entry = self.locator.near.entry(sid)
         state = entry[1] if entry is not None else ""
         if status == LIVE and state in TERMINAL_STATES:
             status = NOT_FOUND
             detail = f"session ended ({state}); pod {located_pod} still answers GetSession for it"
         return router_pb2.SessionStatusResponse(
             status=status, pod=located_pod, source=source, state=state,
-            unknown_pods=list(unknown), detail=detail,
+            unknown_pods=list(located.unknown_pods), detail=detail,
         )
 
     def pod_status(self, pod: Pod) -> router_pb2.PodStatus:

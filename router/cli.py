@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
@@ -369,19 +369,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # -- pod ---------------------------------------------------------------------------------------
-def cmd_pod(args: argparse.Namespace) -> int:
+def _run_sim(args: argparse.Namespace, serve: Callable[[], Awaitable[None]]) -> int:
+    """Run a simulated pod until SIGTERM/SIGINT; one clear line when it cannot serve."""
     from router.config import parse_host_port
-    from router.sim import serve_pod
 
+    command = f"macp-router {args.command}"
     try:
         parse_host_port(args.listen, "--listen")
     except ValueError as exc:
-        print(f"macp-router pod: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     _setup_logging(args.log_level)
 
     async def main() -> int:
-        task = asyncio.ensure_future(serve_pod(args.listen, args.name, args.state_file))
+        task = asyncio.ensure_future(serve())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
@@ -390,12 +391,18 @@ def cmd_pod(args: argparse.Namespace) -> int:
         except asyncio.CancelledError:
             return 0
         except (OSError, RuntimeError) as exc:
-            print(f"macp-router pod: error: cannot serve on {args.listen}: {exc}",
-                  file=sys.stderr)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            print(f"{command}: error: cannot serve on {args.listen}: {reason}", file=sys.stderr)
             return EXIT_FAILURE
         return 0
 
     return int(run_async(main))  # type: ignore[arg-type]
+
+
+def cmd_pod(args: argparse.Namespace) -> int:
+    from router.sim import serve_pod
+
+    return _run_sim(args, lambda: serve_pod(args.listen, args.name, args.state_file))
 
 
 # -- admin clients -----------------------------------------------------------------------------
@@ -485,32 +492,16 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_acp_pod(args: argparse.Namespace) -> int:
-    from router.config import parse_host_port
+    from router.acp.config import require_acp_extra
 
     try:
-        parse_host_port(args.listen, "--listen")
+        require_acp_extra()
     except ValueError as exc:
         print(f"macp-router acp-pod: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    _setup_logging(args.log_level)
     from router.acp.sim_pod import serve_acp_pod
 
-    async def main() -> int:
-        task = asyncio.ensure_future(serve_acp_pod(args.listen, args.name, args.sessions_dir))
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await task
-        except asyncio.CancelledError:
-            return 0
-        except OSError as exc:
-            print(f"macp-router acp-pod: error: cannot serve on {args.listen}: {exc.strerror}",
-                  file=sys.stderr)
-            return EXIT_FAILURE
-        return 0
-
-    return int(run_async(main))  # type: ignore[arg-type]
+    return _run_sim(args, lambda: serve_acp_pod(args.listen, args.name, args.sessions_dir))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
