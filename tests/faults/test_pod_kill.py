@@ -86,9 +86,12 @@ async def test_pod_killed_and_restarted_under_traffic(pod_procs, routers):
     assert start_errors <= {"UNAVAILABLE"}, start_errors
     assert not await final_sweep(router.address, held)
 
+    start_failures = sum(1 for call in traffic.calls if call.op == "start" and not call.ok)
     report(FaultRow(
         fault="pod b SIGKILLed for 1.5 s, restarted (same name/port, state file)",
-        traffic=traffic.describe(),
+        traffic=f"{traffic.describe()}; errors: {len(failures)} on b's sessions, "
+                f"{start_failures} start attempts placed on b before it was marked down "
+                "(retried elsewhere by the client), 0 on a/c sessions",
         errors=traffic.errors(),
         misroutes=f"{len(client_misroutes(traffic, held))} "
                   f"(router stale relocations {router.stale_relocations()})",
