@@ -15,6 +15,7 @@ from router.config import RouterConfig
 from router.pods import PodSpec
 from router.sim import SimPod
 from tests import macp_calls
+from tests.waiting import eventually
 
 
 class FakeResolver:
@@ -30,14 +31,6 @@ class FakeResolver:
         if self.fail:
             raise OSError(f"[Errno -2] Name or service not known: {host!r}")
         return [PodSpec(pod.name, pod.address) for pod in self.pods]
-
-
-async def eventually(predicate, timeout: float = 10.0, what: str = "") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def readyz(router: Router) -> tuple[int, dict]:

@@ -23,9 +23,8 @@ One router (and its pods) serves the whole module; hypothesis runs are bounded.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -42,6 +41,7 @@ from router.config import RouterConfig
 from router.pods import PodSpec
 from router.sim import SimPod
 from tests.macp_calls import METADATA, proposal_envelope, start, start_envelope
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -145,14 +145,6 @@ def parses(request_class: type, data: bytes) -> bool:
     except DecodeError:
         return False
     return True
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout}s: {what}")
-        await asyncio.sleep(0.01)
 
 
 async def still_answers(cluster: Cluster) -> None:

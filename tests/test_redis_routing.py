@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 
 import grpc
@@ -12,6 +11,7 @@ import pytest
 from router.sim import SimPod
 from tests import macp_calls
 from tests.procs import router_process
+from tests.waiting import eventually
 
 
 def holders(pods: list[SimPod], sid: str) -> list[str]:
@@ -27,14 +27,6 @@ def redis_commands(server) -> dict[str, int]:  # type: ignore[no-untyped-def]
     with server.client() as client:
         stats = client.info("commandstats")
     return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
-
-
-async def eventually(predicate, timeout: float = 10.0, what: str = "") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.02)
 
 
 async def test_two_router_processes_racing_200_starts_place_each_session_once(

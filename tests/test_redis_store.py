@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from redis.asyncio.connection import AbstractConnection
@@ -17,25 +17,12 @@ from redis.asyncio.connection import AbstractConnection
 from router.redis_store import BATCH_SIZE, RedisStore, redact_url
 from router.store import OPEN, BroadcastRecord, Location, StoreUnavailable
 from tests.redis_fixture import RedisServer, free_port
+from tests.waiting import eventually
 
 LOGGER = "router.redis_store"
 WAIT_S = 10.0
 
 ServerFactory = Callable[..., RedisServer]
-
-
-async def eventually(predicate: Callable[[], bool | Awaitable[bool]], *, within_s: float = WAIT_S):
-    """Poll `predicate` until true; fail after `within_s` seconds."""
-    deadline = time.monotonic() + within_s
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached within {within_s} s")
-        await asyncio.sleep(0.02)
 
 
 def records(caplog: pytest.LogCaptureFixture, level: int, needle: str) -> list[logging.LogRecord]:

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import inspect
 import re
-import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -35,23 +32,10 @@ from tests.macp_calls import (
     start,
     start_envelope,
 )
+from tests.waiting import eventually
 
 
 # -- helpers -----------------------------------------------------------------------------------
-async def eventually(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
-    """Poll `predicate` (sync or async) until it is truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not true within {timeout}s: {what or predicate}")
-        await asyncio.sleep(0.02)
-
-
 def macp(channel: grpc.aio.Channel) -> core_pb2_grpc.MACPRuntimeServiceStub:
     return core_pb2_grpc.MACPRuntimeServiceStub(channel)
 

@@ -7,7 +7,6 @@ redis-server, see tests/redis_fixture.py). The invariants are the ones in `route
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -25,19 +24,11 @@ from router.store import (
     LocationStore,
     MemoryStore,
 )
+from tests.waiting import eventually
 
 MakeStore = Callable[..., Awaitable[LocationStore]]
 
 WAIT_S = 5.0
-
-
-async def eventually(predicate: Callable[[], Awaitable[bool]], *, within_s: float = WAIT_S) -> None:
-    """Poll `predicate` until true; fail after `within_s` seconds."""
-    deadline = time.monotonic() + within_s
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached within {within_s} s")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture(params=["memory", "redis"])
