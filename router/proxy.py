@@ -24,7 +24,7 @@ import base64
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 from macp.v1 import core_pb2
@@ -238,41 +238,51 @@ class MacpProxy:
 
     def _wrap_stream(self, route: Route, inner):  # type: ignore[no-untyped-def]
         """Server-streaming calls; the handler writes with context.write and may raise Abort."""
-        method = route.method
-        gauge = self.metrics.active_streams.labels("macp", route.method)
 
         async def behavior(request: bytes, context: grpc.aio.ServicerContext) -> None:
-            started = time.perf_counter()
-            target: list[str] = []
-            code = "OK"
-            gauge.inc()
-            task = self._track_stream()
-            try:
-                await inner(route, request, context, target)
-            except Abort as abort:
-                code = abort.code.name
-                await context.abort(abort.code, abort.details, abort.trailing)
-            except WireError as exc:
-                code = "INVALID_ARGUMENT"
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{method}: request is not a valid {route.request_class.DESCRIPTOR.name}: "
-                    f"{exc}",
-                )
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                if not self._closing:
-                    raise
-                code = "UNAVAILABLE"
-                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS)
-            finally:
-                self._active_streams.discard(task)
-                gauge.dec()
-                self.metrics.record_request("macp", method, route.route_class,
-                                            target[-1] if target else None, code,
-                                            time.perf_counter() - started)
+            await self._run_stream(route, context, "request",
+                                   lambda target: inner(route, request, context, target))
 
         return behavior
+
+    async def _run_stream(
+        self,
+        route: Route,
+        context: grpc.aio.ServicerContext,
+        what: str,
+        body: Callable[[list[str]], Awaitable[None]],
+    ) -> None:
+        """One streaming call's bookkeeping: active-streams gauge, shutdown, status, metrics."""
+        started = time.perf_counter()
+        target: list[str] = []
+        code = "OK"
+        gauge = self.metrics.active_streams.labels("macp", route.method)
+        gauge.inc()
+        task = self._track_stream()
+        try:
+            await body(target)
+        except Abort as abort:
+            code = abort.code.name
+            await context.abort(abort.code, abort.details, abort.trailing)
+        except WireError as exc:
+            code = "INVALID_ARGUMENT"
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{route.method}: {what} is not a valid "
+                f"{route.request_class.DESCRIPTOR.name}: {exc}",
+            )
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            if not self._closing:
+                raise
+            code = "UNAVAILABLE"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS)
+        finally:
+            self._active_streams.discard(task)
+            gauge.dec()
+            self.metrics.record_request("macp", route.method, route.route_class,
+                                        target[-1] if target else None, code,
+                                        time.perf_counter() - started)
 
     def _track_stream(self) -> asyncio.Task[object]:
         """Register the calling stream handler so `end_streams` can end it."""
@@ -533,39 +543,10 @@ class MacpProxy:
         return self._pod(name)
 
     def _wrap_bidi(self, route: Route):  # type: ignore[no-untyped-def]
-        gauge = self.metrics.active_streams.labels("macp", route.method)
-
         async def behavior(request_iterator: AsyncIterator[bytes],
                            context: grpc.aio.ServicerContext) -> None:
-            started = time.perf_counter()
-            target: list[str] = []
-            code = "OK"
-            gauge.inc()
-            task = self._track_stream()
-            try:
-                await self._bidi(route, context, target)
-            except Abort as abort:
-                code = abort.code.name
-                await context.abort(abort.code, abort.details, abort.trailing)
-            except WireError as exc:
-                code = "INVALID_ARGUMENT"
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{route.method}: first frame is not a valid "
-                    f"{route.request_class.DESCRIPTOR.name}: {exc}",
-                )
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                if not self._closing:
-                    raise
-                code = "UNAVAILABLE"
-                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS)
-            finally:
-                self._active_streams.discard(task)
-                gauge.dec()
-                self.metrics.record_request("macp", route.method, route.route_class,
-                                            target[-1] if target else None, code,
-                                            time.perf_counter() - started)
+            await self._run_stream(route, context, "first frame",
+                                   lambda target: self._bidi(route, context, target))
 
         return behavior
 

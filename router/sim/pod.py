@@ -51,6 +51,7 @@ log = logging.getLogger("router.sim")
 SERVICE_NAME = "macp.v1.MACPRuntimeService"
 PROTOCOL_VERSION = "1.0"
 RUNTIME_VERSION = "0.9.0-sim"
+HALF_CLOSE_GRACE_S = 0.01
 
 MODE_DECISION = "macp.mode.decision.v1"
 MODE_PROPOSAL = "macp.mode.proposal.v1"
@@ -563,6 +564,10 @@ class _SessionStream:
         try:
             async for frame in frames:
                 self._frame(frame)
+            # grpc.aio ends a cancelled call's request stream just like a half-close, and the
+            # cancellation reaches the handler a moment later; the real runtime tells the two
+            # apart, so wait that moment before treating the end as a half-close.
+            await asyncio.sleep(HALF_CLOSE_GRACE_S)
             self.out.push(_END)  # half-close: end OK after what is already queued
         except _Abort as exc:
             self.out.push(exc)
