@@ -11,7 +11,9 @@ fan-out, broadcast) live in named methods beside it.
 Invariants:
 - Client calls carry the client's own credentials upstream; the router's token is used only for
   its own feeds and probes (watch.py, `probe`).
-- A frame that does not parse is answered INVALID_ARGUMENT and never forwarded.
+- A frame the router routes on (session, start, fan-out, broadcast) that does not parse is
+  answered INVALID_ARGUMENT and never forwarded; `any`-class requests go to one pod unread and
+  get that pod's own answer.
 - A session is forwarded only to the pod that holds it; if no pod answers for it, the caller
   gets UNAVAILABLE naming the silent pods, never a guess.
 - A reservation is released only when its pod provably did not accept the start.

