@@ -319,7 +319,11 @@ async def _serve(config) -> int:  # type: ignore[no-untyped-def]
 
     log = logging.getLogger("macp_router")
     ready_log = logging.getLogger(READY_LOGGER)
-    router = Router(config)
+    try:
+        router = Router(config)
+    except ValueError as exc:
+        print(f"macp-router serve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         await router.start()
     except (ListenError, StoreUnavailable) as exc:

@@ -109,6 +109,10 @@ class RouterConfig:
             raise ValueError("--workers must be at least 1")
         if self.redis_prefix.startswith("macp:"):
             raise ValueError("--redis-prefix must not be 'macp:' (that namespace is the runtime's)")
+        if self.redis_url:
+            from router.redis_store import validate_url
+
+            validate_url(self.redis_url)  # ValueError: one line naming the problem
         if self.admin_listen:
             parse_host_port(self.admin_listen, "--admin-listen")
         if bool(self.tls_cert) != bool(self.tls_key):

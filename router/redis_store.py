@@ -144,7 +144,7 @@ def redact_url(url: str) -> str:
         return f"{scheme}://<unparseable>" if scheme else "<unparseable>"
 
 
-def _validate_url(url: str) -> None:
+def validate_url(url: str) -> None:
     """Raise ValueError (password-free message) unless `url` is a usable Redis URL."""
     shown = redact_url(url)
 
@@ -398,7 +398,7 @@ class RedisStore:
         observe_latency: Callable[[str, float], None] | None = None,
         marker_interval_s: float = 5.0,
     ) -> None:
-        _validate_url(url)
+        validate_url(url)
         if not prefix:
             raise ValueError("Redis key prefix must not be empty")
         if prefix.startswith("macp:"):

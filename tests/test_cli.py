@@ -158,10 +158,13 @@ def test_console_script_runs():
         (["pod", "--listen", "127.0.0.1:1"], "--name"),
         (["status"], "SESSION_ID"),
         (["no-such-command"], "no-such-command"),
+        (["serve", "--pods", "a=127.0.0.1:1", "--redis-url", "notaurl://x"], "'notaurl'"),
+        (["serve", "--pods", "a=127.0.0.1:1", "--redis-url", "redis://:s3cret@h:notaport/0"],
+         "Redis URL"),
     ],
     ids=["unknown-flag", "not-a-number", "bad-choice", "bad-listen", "no-pods", "pod-no-port",
          "pod-no-address", "pod-bad-port", "duplicate-pod", "pod-without-name",
-         "status-without-sid", "unknown-command"],
+         "status-without-sid", "unknown-command", "bad-redis-scheme", "bad-redis-port"],
 )
 def test_bad_input_exits_2_with_one_clear_line(args, expected):
     result = run(*args)
@@ -171,6 +174,7 @@ def test_bad_input_exits_2_with_one_clear_line(args, expected):
     assert lines[0].startswith("macp-router") and "error:" in lines[0], lines[0]
     assert expected in lines[0], lines[0]
     assert "--help" in lines[0], lines[0]  # says what to do next
+    assert "s3cret" not in result.stderr  # a password in a bad URL is never echoed
 
 
 def test_bad_pods_in_the_environment_are_named():
