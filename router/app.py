@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import threading
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer, make_server
 
@@ -401,39 +402,59 @@ class Router:
         return all(feed.reconciles > 0 for feed in self.feeds.values())
 
     async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight calls finish within `grace`, then close everything.
+
+        Every step is bounded: a step that does not finish is logged by name and skipped, so
+        SIGTERM always ends the process.
+        """
         grace = self.config.shutdown_grace_s if grace is None else grace
         if self.acp is not None and self.acp.started:
-            await self.acp.aclose()
+            await self._bounded("ACP front door", self.acp.aclose(), grace + 5)
         if self.admin_server is not None:
-            await self.admin_server.stop(0)
+            await self._bounded("admin server", self.admin_server.stop(0))
             self.admin_server = None
         if self.server is not None:
             for service in ("", routes.SERVICE):
-                await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+                await self._bounded("health status",
+                                    self.health.set(service,
+                                                    health_pb2.HealthCheckResponse.NOT_SERVING))
             self.proxy.end_streams()
-            await self.server.stop(grace)
+            await self._bounded("gRPC server", self.server.stop(grace), grace + 5)
             self.server = None
         if self.discovery is not None:
-            await self.discovery.aclose()
+            await self._bounded("DNS discovery", self.discovery.aclose())
         for task in (self._status_task, self._drain_task):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await self._bounded(task.get_name(), asyncio.gather(task,
+                                                                    return_exceptions=True))
         for feed in list(self.feeds.values()):
-            await feed.aclose()
+            await self._bounded(f"watch feed of pod {feed.pod.name}", feed.aclose())
         self.feeds.clear()
         if self._feed_closers:
-            await asyncio.gather(*self._feed_closers, return_exceptions=True)
-        with contextlib.suppress(StoreUnavailable, RuntimeError):  # store never started
-            await self.locator.flush()
-        await self.locator.aclose()
-        await self.pods.aclose()
-        await self.store.aclose()
+            await self._bounded("watch feeds of removed pods",
+                                asyncio.gather(*self._feed_closers, return_exceptions=True))
+        await self._bounded("store write-behind", self._flush_quietly())
+        await self._bounded("locator", self.locator.aclose())
+        await self._bounded("pod channels", self.pods.aclose())
+        await self._bounded("store", self.store.aclose())
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+    async def _flush_quietly(self) -> None:
+        with contextlib.suppress(StoreUnavailable, RuntimeError):  # store never started
+            await self.locator.flush()
+
+    @staticmethod
+    async def _bounded(what: str, step: Awaitable[object], timeout: float = 5.0) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await step
+        except TimeoutError:
+            log.warning("shutdown: %s did not finish within %.0fs; going on without it",
+                        what, timeout)
 
     async def __aenter__(self) -> Router:
         await self.start()

@@ -35,10 +35,12 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
+    # Keepalive pings only while calls are open (a watch feed always is), at a pace gRPC
+    # servers accept: faster idle pings earn a GOAWAY "too_many_pings". Dead pods are found
+    # sooner by the health loop; this catches a silently dropped connection under a feed.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 0),
     # One TCP connection per channel: pooled channels must not share a subchannel.
     ("grpc.use_local_subchannel_pool", 1),
 ]
