@@ -52,32 +52,48 @@ class PodSpec:
     address: str
 
 
-def parse_pod_list(text: str) -> list[PodSpec]:
-    """Parse `NAME=HOST:PORT[,NAME=HOST:PORT...]`; raise ValueError naming the bad part."""
-    specs: list[PodSpec] = []
-    seen_names: set[str] = set()
-    seen_addresses: set[str] = set()
+def parse_named_targets(
+    text: str, *, what: str, form: str, check: Callable[[str, str], str | None]
+) -> list[tuple[str, str]]:
+    """Parse `NAME=TARGET[,NAME=TARGET...]` (a pod list flag); ValueError naming the bad part.
+
+    `check(name, target)` returns what is wrong with one target, or None. Names and targets
+    must each be unique, and the list must not be empty.
+    """
+    entries: list[tuple[str, str]] = []
     for raw in text.split(","):
         item = raw.strip()
         if not item:
             continue
-        name, sep, address = item.partition("=")
-        name, address = name.strip(), address.strip()
-        if not sep or not name or not address:
-            raise ValueError(f"pod entry {item!r} is not NAME=HOST:PORT")
-        host, colon, port = address.rpartition(":")
-        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"pod {name!r}: address {address!r} is not HOST:PORT")
-        if name in seen_names:
-            raise ValueError(f"pod name {name!r} appears twice")
-        if address in seen_addresses:
-            raise ValueError(f"pod address {address!r} appears twice")
-        seen_names.add(name)
-        seen_addresses.add(address)
-        specs.append(PodSpec(name, address))
-    if not specs:
-        raise ValueError("no pods given (expected NAME=HOST:PORT[,NAME=HOST:PORT...])")
-    return specs
+        name, sep, target = item.partition("=")
+        name, target = name.strip(), target.strip()
+        if not sep or not name or not target:
+            raise ValueError(f"{what} entry {item!r} is not {form}")
+        problem = check(name, target)
+        if problem:
+            raise ValueError(problem)
+        if any(name == seen for seen, _ in entries):
+            raise ValueError(f"{what} name {name!r} appears twice")
+        if any(target == seen for _, seen in entries):
+            raise ValueError(f"{what} {'URL' if '://' in target else 'address'} {target!r} "
+                             "appears twice")
+        entries.append((name, target))
+    if not entries:
+        raise ValueError(f"no {what}s given (expected {form}[,...])")
+    return entries
+
+
+def _check_host_port(name: str, address: str) -> str | None:
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"pod {name!r}: address {address!r} is not HOST:PORT"
+    return None
+
+
+def parse_pod_list(text: str) -> list[PodSpec]:
+    """Parse `NAME=HOST:PORT[,NAME=HOST:PORT...]`; raise ValueError naming the bad part."""
+    return [PodSpec(name, address) for name, address in
+            parse_named_targets(text, what="pod", form="NAME=HOST:PORT", check=_check_host_port)]
 
 
 class Pod:

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from router.config import parse_host_port
 from router.placement import POLICIES
+from router.pods import parse_named_targets
 
 WS = "ws"
 HTTP = "http"
@@ -35,36 +36,22 @@ class AcpPodSpec:
     url: str
 
 
+def _check_url(name: str, url: str) -> str | None:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+        return f"ACP pod {name!r}: {url!r} is not http://HOST:PORT/PATH"
+    return None
+
+
 def parse_acp_pod_list(text: str) -> list[AcpPodSpec]:
     """Parse `NAME=http://HOST:PORT/acp[,...]`; raise ValueError naming the bad part."""
-    specs: list[AcpPodSpec] = []
-    names: set[str] = set()
-    urls: set[str] = set()
-    for raw in text.split(","):
-        item = raw.strip()
-        if not item:
-            continue
-        name, sep, url = item.partition("=")
-        name, url = name.strip(), url.strip()
-        if not sep or not name or not url:
-            raise ValueError(f"ACP pod entry {item!r} is not NAME=http://HOST:PORT/acp")
-        parts = urlsplit(url)
-        try:
-            port = parts.port
-        except ValueError:
-            port = None
-        if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
-            raise ValueError(f"ACP pod {name!r}: {url!r} is not http://HOST:PORT/PATH")
-        if name in names:
-            raise ValueError(f"ACP pod name {name!r} appears twice")
-        if url in urls:
-            raise ValueError(f"ACP pod URL {url!r} appears twice")
-        names.add(name)
-        urls.add(url)
-        specs.append(AcpPodSpec(name, url))
-    if not specs:
-        raise ValueError("no ACP pods given (expected NAME=http://HOST:PORT/acp[,...])")
-    return specs
+    return [AcpPodSpec(name, url) for name, url in
+            parse_named_targets(text, what="ACP pod", form="NAME=http://HOST:PORT/acp",
+                                check=_check_url)]
 
 
 @dataclass(frozen=True)
