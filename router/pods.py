@@ -21,8 +21,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,6 +31,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from router.aio import wait_event
 
 log = logging.getLogger("macp_router.pods")
+
+
+class _RosterPod(Protocol):
+    name: str
+    healthy: bool
+
+    @property
+    def placeable(self) -> bool: ...
+
+
+P = TypeVar("P", bound=_RosterPod)
 
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -252,24 +264,23 @@ class Pod:
             await channel.close()
 
 
-class PodSet:
-    """All pods by name, with the views the locator and placement need."""
+class NamedPods(Generic[P]):
+    """Pods by name and the views every front door needs (the locator's `PodRoster`).
 
-    def __init__(self, **pod_options: object) -> None:
-        self._pods: dict[str, Pod] = {}
-        self._pod_options = pod_options
+    A pod is anything with `name`, `healthy` and `placeable`; subclasses fill `_pods`.
+    """
+
+    def __init__(self) -> None:
+        self._pods: dict[str, P] = {}
         self._round_robin = itertools.count()
-        self.on_join: list[Callable[[Pod], None]] = []
-        self.on_leave: list[Callable[[Pod], None]] = []
-        self.on_health_change: list[Callable[[Pod], None]] = []
 
     def __len__(self) -> int:
         return len(self._pods)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[P]:
         return iter(list(self._pods.values()))
 
-    def get(self, name: str) -> Pod | None:
+    def get(self, name: str) -> P | None:
         return self._pods.get(name)
 
     def names(self) -> list[str]:
@@ -279,23 +290,34 @@ class PodSet:
         pod = self._pods.get(name)
         return pod is not None and pod.healthy
 
-    def healthy(self) -> list[Pod]:
+    def healthy(self) -> list[P]:
         return [pod for pod in self._pods.values() if pod.healthy]
 
     def placeable_names(self) -> list[str]:
         return [pod.name for pod in self._pods.values() if pod.placeable]
 
-    def report_silent(self, name: str, reason: str) -> None:
-        pod = self._pods.get(name)
-        if pod is not None:
-            pod.report_silent(reason)
-
-    def any_healthy(self) -> Pod | None:
+    def any_healthy(self) -> P | None:
         """One healthy pod, round robin; None when none is healthy."""
         healthy = self.healthy()
         if not healthy:
             return None
         return healthy[next(self._round_robin) % len(healthy)]
+
+
+class PodSet(NamedPods[Pod]):
+    """The MACP pods: gRPC channels, health loops, joins and leaves."""
+
+    def __init__(self, **pod_options: object) -> None:
+        super().__init__()
+        self._pod_options = pod_options
+        self.on_join: list[Callable[[Pod], None]] = []
+        self.on_leave: list[Callable[[Pod], None]] = []
+        self.on_health_change: list[Callable[[Pod], None]] = []
+
+    def report_silent(self, name: str, reason: str) -> None:
+        pod = self._pods.get(name)
+        if pod is not None:
+            pod.report_silent(reason)
 
     def add(self, spec: PodSpec) -> Pod:
         if spec.name in self._pods:

@@ -34,6 +34,8 @@ from router import __version__
 from router.acp.config import WS, AcpPodSpec
 from router.acp.routes import STATUS_METHOD
 from router.acp.upstream import Upstream, UpstreamClosed
+from router.aio import wait_event
+from router.pods import NamedPods
 
 log = logging.getLogger("macp_router.acp.pods")
 
@@ -131,8 +133,7 @@ class AcpPod:
             self.on_health_change(self)
 
     async def wait_healthy(self, timeout: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._became_healthy.wait(), timeout)
+        await wait_event(self._became_healthy, timeout)
         return self.healthy
 
     def _control_closed(self, upstream: Upstream) -> None:
@@ -208,7 +209,7 @@ class AcpPod:
             await control.aclose()
 
 
-class AcpPodRoster:
+class AcpPodRoster(NamedPods[AcpPod]):
     """All ACP pods by name: the locator's roster and the placement candidates."""
 
     def __init__(
@@ -220,6 +221,7 @@ class AcpPodRoster:
         health_interval_s: float = 1.0,
         health_timeout_s: float = 1.0,
     ) -> None:
+        super().__init__()
         # Each session stream of an http upstream holds one HTTP/1.1 connection: no pool cap.
         self.http_client = (
             httpx.AsyncClient(
@@ -236,43 +238,11 @@ class AcpPodRoster:
             )
             for spec in specs
         }
-        self._round_robin = 0
         self.on_health_change: list[Callable[[AcpPod], None]] = []
         self.on_disconnect: list[Callable[[AcpPod], None]] = []
         for pod in self._pods.values():
             pod.on_health_change = self._health_changed
             pod.on_disconnect = self._disconnected
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(list(self._pods.values()))
-
-    def __len__(self) -> int:
-        return len(self._pods)
-
-    def get(self, name: str) -> AcpPod | None:
-        return self._pods.get(name)
-
-    # -- PodRoster -----------------------------------------------------------------------------
-    def names(self) -> list[str]:
-        return list(self._pods)
-
-    def is_healthy(self, name: str) -> bool:
-        pod = self._pods.get(name)
-        return pod is not None and pod.healthy
-
-    def placeable_names(self) -> list[str]:
-        return [pod.name for pod in self._pods.values() if pod.placeable]
-
-    # -- helpers -------------------------------------------------------------------------------
-    def healthy(self) -> list[AcpPod]:
-        return [pod for pod in self._pods.values() if pod.healthy]
-
-    def any_healthy(self) -> AcpPod | None:
-        healthy = self.healthy()
-        if not healthy:
-            return None
-        self._round_robin += 1
-        return healthy[self._round_robin % len(healthy)]
 
     async def probe(self, pod: str, sid: str) -> str:
         """The locator's probe function."""
