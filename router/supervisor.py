@@ -1,0 +1,166 @@
+"""Supervised background services: one way to run, watch, restart and stop the router's loops.
+
+Job: run each long-lived background coroutine (a watch feed, a health loop, the store writer,
+a sweeper) as a named service. A service that raises is logged with its traceback, counted,
+marked down, and restarted after an exponential backoff with jitter; a service that returns is
+restarted too unless it was declared `once`. Stopping cancels every service and waits for each,
+bounded, naming any that does not stop.
+
+Invariants:
+- A service is reported `up` only while its coroutine is running; from the instant it raises
+  until its next start it is down, with the exception as `last_error`. Nothing a service forgets
+  to do in its own error handling can leave it looking alive.
+- Every task belongs to the supervisor that spawned it; `aclose()` leaves none running.
+- `asyncio.CancelledError` is never swallowed: cancelling a service stops it for good.
+- The supervisor knows no metrics library: crash counting and state changes go through the
+  `on_crash` / `on_state` callbacks its owner passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+log = logging.getLogger("router.supervisor")
+
+ServiceBody = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class ServiceState:
+    """What an operator sees of one service (`/readyz`, `macp-router pods`)."""
+
+    name: str
+    up: bool = False
+    starts: int = 0
+    crashes: int = 0
+    last_error: str = ""
+    since: float = 0.0  # monotonic time of the last change of `up`
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Restart delays: base * 2**n (n = crashes in a row), capped, times a jitter in [0.5, 1]."""
+
+    base_s: float = 0.1
+    max_s: float = 5.0
+    stable_s: float = 10.0  # a run at least this long resets the crash streak
+
+    def delay(self, streak: int) -> float:
+        raw = min(self.max_s, self.base_s * 2 ** min(streak, 16))
+        return raw * random.uniform(0.5, 1.0)
+
+
+class Supervisor:
+    """Owns named background services; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        on_crash: Callable[[str, BaseException], None] | None = None,
+        on_state: Callable[[ServiceState], None] | None = None,
+        stop_timeout_s: float = 5.0,
+    ) -> None:
+        self._on_crash = on_crash
+        self._on_state = on_state
+        self._stop_timeout_s = stop_timeout_s
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._states: dict[str, ServiceState] = {}
+        self._closing = False
+
+    def spawn(
+        self,
+        name: str,
+        body: ServiceBody,
+        *,
+        backoff: Backoff | None = None,
+        once: bool = False,
+    ) -> ServiceState:
+        """Start `body` as service `name` (unique among running services)."""
+        if self._closing:
+            raise RuntimeError(f"cannot start service {name}: the supervisor is stopping")
+        running = self._tasks.get(name)
+        if running is not None and not running.done():
+            raise ValueError(f"service {name} is already running")
+        state = ServiceState(name, since=time.monotonic())
+        self._states[name] = state
+        self._tasks[name] = asyncio.create_task(
+            self._supervise(state, body, backoff or Backoff(), once), name=f"service:{name}"
+        )
+        return state
+
+    def state(self, name: str) -> ServiceState | None:
+        return self._states.get(name)
+
+    def states(self) -> Iterator[ServiceState]:
+        return iter(list(self._states.values()))
+
+    def down(self) -> list[ServiceState]:
+        """Services that are not running right now (crashed and waiting, or finished)."""
+        return [state for state in self._states.values() if not state.up]
+
+    async def stop(self, name: str) -> None:
+        """Cancel one service and wait for it (bounded); forget its state."""
+        task = self._tasks.pop(name, None)
+        self._states.pop(name, None)
+        if task is not None:
+            await self._cancel({name: task})
+
+    async def aclose(self) -> None:
+        """Cancel every service and wait for each, bounded; log the ones that do not stop."""
+        self._closing = True
+        tasks, self._tasks = self._tasks, {}
+        await self._cancel(tasks)
+
+    async def _cancel(self, tasks: dict[str, asyncio.Task[None]]) -> None:
+        for task in tasks.values():
+            task.cancel()
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks.values(), timeout=self._stop_timeout_s)
+        if pending:
+            names = sorted(name for name, task in tasks.items() if task in pending)
+            log.error("background services did not stop within %.1fs: %s",
+                      self._stop_timeout_s, ", ".join(names))
+
+    def _set_up(self, state: ServiceState, up: bool, error: str = "") -> None:
+        state.up = up
+        state.since = time.monotonic()
+        if error:
+            state.last_error = error
+        if self._on_state is not None:
+            self._on_state(state)
+
+    async def _supervise(
+        self, state: ServiceState, body: ServiceBody, backoff: Backoff, once: bool
+    ) -> None:
+        streak = 0
+        while True:
+            started = time.monotonic()
+            state.starts += 1
+            self._set_up(state, True)
+            try:
+                await body()
+            except asyncio.CancelledError:
+                self._set_up(state, False)
+                raise
+            except Exception as exc:  # any exception: reporting it is the whole job
+                state.crashes += 1
+                streak = 0 if time.monotonic() - started >= backoff.stable_s else streak + 1
+                error = f"{type(exc).__name__}: {exc}"
+                self._set_up(state, False, error)
+                log.error("background service %s crashed (%s); restarting", state.name, error,
+                          exc_info=exc)
+                if self._on_crash is not None:
+                    self._on_crash(state.name, exc)
+            else:
+                self._set_up(state, False)
+                if once:
+                    return
+                streak = 0 if time.monotonic() - started >= backoff.stable_s else streak + 1
+                log.info("background service %s ended; restarting", state.name)
+            await asyncio.sleep(backoff.delay(streak))
