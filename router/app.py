@@ -189,6 +189,12 @@ class Router:
 
     def _pod_health_changed(self, pod: Pod) -> None:
         self.metrics.set_pod_health(pod.name, pod.healthy, pod.draining)
+        if pod.healthy and pod.feed_up and not pod.registry_synced:
+            # Unhealthy and back without its feed dropping (a blip, or a call it missed):
+            # replay what it lacks now, since no feed reconnect will.
+            task = asyncio.ensure_future(self.proxy.replay_broadcasts(pod))
+            self._feed_closers.add(task)
+            task.add_done_callback(self._feed_closers.discard)
         self._refresh_health()
 
     def _refresh_health(self) -> None:
@@ -209,6 +215,7 @@ class Router:
                 pod.name: {
                     "address": pod.address, "healthy": pod.healthy, "draining": pod.draining,
                     "feed_up": pod.feed_up, "last_error": pod.last_error,
+                    "placeable": pod.placeable, "not_placeable": pod.not_placeable_reason,
                 }
                 for pod in self.pods
             },

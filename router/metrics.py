@@ -23,7 +23,7 @@ LOCATE_RESULTS = frozenset(
     {"hit", "store_hit", "probe_hit", "not_found", "negative_hit", "unknown", "stale"}
 )
 PROBE_RESULTS = frozenset({"live", "not_found", "unknown"})
-BROADCAST_RESULTS = frozenset({"ok", "partial", "failed"})
+BROADCAST_RESULTS = frozenset({"ok", "partial", "failed", "refused"})
 PLACEMENT_RESULTS = frozenset({"placed", "lost_race", "released"})
 WATCH_EVENTS = frozenset(
     {"created", "resolved", "expired", "suspended", "resumed", "cancelled", "unspecified"}
@@ -121,13 +121,13 @@ class Metrics:
         )
         self.broadcasts = Counter(
             "macp_router_broadcasts",
-            "Broadcast registry calls by method and outcome (ok, partial, failed)",
+            "Broadcast registry calls by method and outcome (ok, partial, failed, refused)",
             ["method", "result"],
             registry=r,
         )
         self.broadcast_replays = Counter(
             "macp_router_broadcast_replays",
-            "Registry calls replayed to a pod that joined or restarted",
+            "Registry calls replayed to a pod that joined or restarted (ok, failed, refused)",
             ["pod", "result"],
             registry=r,
         )

@@ -7,7 +7,8 @@ or probe fails.
 
 Invariants:
 - `healthy` is False from the first failed forward/probe/check until a health check answers
-  SERVING; unhealthy and draining pods are never offered for placement. A pod that did not
+  SERVING; a pod is offered for placement only when healthy, not draining, its feed up and
+  its registry replayed (`placeable`, `not_placeable_reason`). A pod that did not
   answer at all within a deadline (`report_silent`: it accepts calls, never answers) stays
   unhealthy until it answers a call again (`answer_check`), not merely its health service.
 - Channel reconnect backoff is capped at about 1 s, so a restarted pod is reachable within
@@ -141,6 +142,8 @@ class Pod:
         self.healthy = False
         self.draining = False
         self.feed_up = False
+        self.registry_synced = False
+        """The remembered registry calls were replayed to this incarnation of the pod."""
         self.last_error = ""
         self._health_interval_s = health_interval_s
         self._health_timeout_s = health_timeout_s
@@ -178,7 +181,22 @@ class Pod:
 
     @property
     def placeable(self) -> bool:
-        return self.healthy and not self.draining
+        """Ready for new sessions: healthy, not draining, its feed up and reconciled, and the
+        broadcast registry replayed to it. Its existing sessions route regardless."""
+        return self.healthy and not self.draining and self.feed_up and self.registry_synced
+
+    @property
+    def not_placeable_reason(self) -> str:
+        """Why the pod takes no new sessions ("" when it does)."""
+        if not self.healthy:
+            return f"unhealthy ({self.last_error or 'no health answer yet'})"
+        if self.draining:
+            return "draining"
+        if not self.feed_up:
+            return "watch feed not up and reconciled yet"
+        if not self.registry_synced:
+            return "registry replay pending"
+        return ""
 
     # -- health ------------------------------------------------------------------------------
     def report_failure(self, reason: str) -> None:
@@ -207,6 +225,7 @@ class Pod:
             self._became_healthy.set()
         else:
             self._became_healthy.clear()
+            self.registry_synced = False  # a restart empties the runtime's registries
         if self.on_health_change is not None:
             self.on_health_change(self)
 

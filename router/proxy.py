@@ -27,9 +27,11 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import grpc
-from macp.v1 import core_pb2
+from google.protobuf.message import DecodeError
+from macp.v1 import core_pb2, policy_pb2
 
 from router import routes
 from router.locator import LIVE, NOT_FOUND, Locator, NoPlaceablePod
@@ -117,10 +119,30 @@ async def _unary_call(
     return call, await call
 
 
+ACK_WITHOUT_OK = "ACK_WITHOUT_OK"
+"""What `_ack_error_code` calls an Ack that neither says ok nor names an error."""
+
+
 def _ack_error_code(response: bytes) -> str:
-    """The Ack error code of a SendResponse ("" when ok)."""
+    """The Ack error code of a SendResponse: "" when ok, ACK_WITHOUT_OK when the Ack is
+    missing or has neither `ok` nor an error code (never read as success)."""
     ack = core_pb2.SendResponse.FromString(response).ack
-    return "" if ack.ok else ack.error.code
+    if ack.ok:
+        return ""
+    return ack.error.code or ACK_WITHOUT_OK
+
+
+def _send_error_code(pod: Pod, response: bytes, sid: str) -> str:
+    """`_ack_error_code`, with a pod's unparsable answer turned into an error naming it."""
+    try:
+        return _ack_error_code(response)
+    except DecodeError:
+        log.warning("pod %s (%s) answered Send for session %s with bytes that are not a "
+                    "SendResponse", pod.name, pod.address, sid)
+        raise Abort(grpc.StatusCode.INTERNAL,
+                    f"pod {pod.name} ({pod.address}) answered Send with bytes that are not a "
+                    "SendResponse: is it a MACP runtime of a supported version? (check that "
+                    "pod; whether it applied the message is unknown)") from None
 
 
 class MacpProxy:
@@ -148,6 +170,7 @@ class MacpProxy:
         self._active_streams: set[asyncio.Task[object]] = set()
         self._cache_hits = metrics.locate.labels("macp", "hit")
         self._closing = False
+        self._replay_locks: dict[str, asyncio.Lock] = {}
 
     # -- grpc plumbing -----------------------------------------------------------------------
     def generic_handler(self) -> grpc.GenericRpcHandler:
@@ -332,6 +355,11 @@ class MacpProxy:
             raise Abort(grpc.StatusCode.UNAVAILABLE, self._no_pod_message(method))
         return pod
 
+    def _why_not_placeable(self) -> str:
+        reasons = [f"{pod.name}: {pod.not_placeable_reason}" for pod in self.pods
+                   if pod.not_placeable_reason]
+        return f" ({'; '.join(reasons)})" if reasons else ""
+
     def _no_pod_message(self, method: str) -> str:
         if not len(self.pods):
             return f"{method}: no pods configured (start the router with --pods)"
@@ -388,7 +416,7 @@ class MacpProxy:
                 raise
             return await self._stale(route, sid, name, request, context, target, abort)
         if _NOT_FOUND_MARK in response and route.method == "Send":
-            if _ack_error_code(response) == "SESSION_NOT_FOUND":
+            if _send_error_code(pod, response, sid) == "SESSION_NOT_FOUND":
                 return await self._stale(route, sid, name, request, context, target, response)
         return response
 
@@ -457,7 +485,8 @@ class MacpProxy:
         try:
             owner, won = await self.locator.place(sid)
         except NoPlaceablePod as exc:
-            raise Abort(grpc.StatusCode.UNAVAILABLE, f"SessionStart {sid}: {exc} (retry)") from None
+            raise Abort(grpc.StatusCode.UNAVAILABLE,
+                        f"SessionStart {sid}: {exc}{self._why_not_placeable()} (retry)") from None
         target.append(owner)
         pod = self._pod(owner)
         try:
@@ -472,7 +501,17 @@ class MacpProxy:
         trailing = await call.trailing_metadata()
         if trailing:
             context.set_trailing_metadata(forwardable(trailing))
-        error_code = _ack_error_code(response)
+        error_code = _send_error_code(pod, response, sid)
+        if error_code == ACK_WITHOUT_OK:
+            # Accepted or not, nobody can tell: the reservation stays until its TTL.
+            log.warning("pod %s (%s) answered SessionStart %s with an Ack that has neither ok "
+                        "nor an error code; is it a MACP runtime of a supported version?",
+                        pod.name, pod.address, sid)
+            raise Abort(grpc.StatusCode.INTERNAL,
+                        f"SessionStart {sid}: pod {pod.name} answered with an Ack that has "
+                        "neither ok nor an error code, so whether it started the session is "
+                        "unknown; check the session with GetSession before retrying, and check "
+                        f"that pod {pod.name} runs a supported MACP runtime")
         if not error_code or error_code == "SESSION_ALREADY_EXISTS":
             self.locator.confirm(sid, owner)
         elif won:
@@ -528,7 +567,15 @@ class MacpProxy:
         await self._relay_server_stream(pod, route, request, context)
 
     async def _session_pod(self, sid: str, method: str) -> Pod:
-        """The pod holding `sid` for a stream (no retry: a stream cannot be replayed)."""
+        """The pod holding `sid` for a server stream (no retry: it cannot be replayed)."""
+        pod, _holds = await self._stream_pod(sid, method)
+        return pod
+
+    async def _stream_pod(self, sid: str, method: str) -> tuple[Pod, bool]:
+        """The pod for a stream on `sid`, and whether it is believed to hold it.
+
+        False means no pod holds it: any pod gives the runtime's own not-found answer.
+        """
         name = self.locator.try_cached(sid)
         if name is None:
             located = await self.locator.lookup(sid)
@@ -536,13 +583,13 @@ class MacpProxy:
                 assert located.pod is not None
                 name = located.pod
             elif located.status == NOT_FOUND:
-                return self._any_pod(method)
+                return self._any_pod(method), False
             else:
                 raise Abort(
                     grpc.StatusCode.UNAVAILABLE,
                     located.describe_unknown(sid, self.locator.probe_timeout_s),
                 )
-        return self._pod(name)
+        return self._pod(name), True
 
     def _wrap_bidi(self, route: Route):  # type: ignore[no-untyped-def]
         async def behavior(request_iterator: AsyncIterator[bytes],
@@ -559,23 +606,28 @@ class MacpProxy:
         if first is grpc.aio.EOF:
             return  # the client half-closed without a frame: nothing to route
         assert isinstance(first, bytes)
-        if route.method == "StreamSession":
-            key = routes.stream_session_key(first)
-            if key.route is RouteClass.START:
-                owner, _won = await self._place_for_stream(key.session_id)
-                pod = self._pod(owner)
-            elif key.route is RouteClass.AMBIENT:
-                pod = self._any_pod(route.method)
-            else:
-                if not key.session_id:
-                    raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "StreamSession: the first frame must name a session "
-                                "(envelope.session_id or subscribe_session_id)")
-                pod = await self._session_pod(key.session_id, route.method)
-        else:
+        if route.method != "StreamSession":
             pod = self._any_pod(route.method)
-        target.append(pod.name)
-        await self._relay_bidi(pod, route, first, context)
+            target.append(pod.name)
+            await self._relay_bidi(_StreamRoute(pod), route, first, context, target)
+            return
+        key = routes.stream_session_key(first)
+        if key.route is RouteClass.START:
+            owner, won = await self._place_for_stream(key.session_id)
+            plan = _StreamRoute(self._pod(owner), sid=key.session_id, start=True, won=won,
+                                expects_answer=True)
+        elif key.route is RouteClass.AMBIENT:
+            plan = _StreamRoute(self._any_pod(route.method))
+        else:
+            if not key.session_id:
+                raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            "StreamSession: the first frame must name a session "
+                            "(envelope.session_id or subscribe_session_id)")
+            pod, holds = await self._stream_pod(key.session_id, route.method)
+            plan = _StreamRoute(pod, sid=key.session_id, relocatable=holds,
+                                expects_answer=bool(key.message_type))
+        target.append(plan.pod.name)
+        await self._relay_bidi(plan, route, first, context, target)
 
     async def _place_for_stream(self, sid: str) -> tuple[str, bool]:
         if not sid:
@@ -583,51 +635,28 @@ class MacpProxy:
         try:
             return await self.locator.place(sid)
         except NoPlaceablePod as exc:
-            raise Abort(grpc.StatusCode.UNAVAILABLE, f"SessionStart {sid}: {exc} (retry)") from None
+            raise Abort(grpc.StatusCode.UNAVAILABLE,
+                        f"SessionStart {sid}: {exc}{self._why_not_placeable()} (retry)") from None
 
     async def _relay_bidi(
-        self, pod: Pod, route: Route, first: bytes, context: grpc.aio.ServicerContext
+        self, plan: _StreamRoute, route: Route, first: bytes,
+        context: grpc.aio.ServicerContext, target: list[str],
     ) -> None:
-        call = pod.stream_stream(route.path)(
-            metadata=forwardable(context.invocation_metadata()),
-            timeout=context.time_remaining(),
-        )
+        """Relay a bidi stream; its first answer is read to settle the route:
 
-        async def client_to_pod() -> None:
-            await call.write(first)
-            while True:
-                frame = await context.read()
-                if frame is grpc.aio.EOF:
-                    break
-                await call.write(frame)
-            # A client's cancel reaches this read as EOF before grpc cancels the handler task;
-            # give the cancel a moment to arrive (the finally below then cancels this pump and
-            # the upstream call) so the pod sees a cancel, not a half-close it would finish.
-            await asyncio.sleep(CANCEL_AFTER_EOF_GRACE_S)
-            await call.done_writing()
-
-        pump = asyncio.create_task(client_to_pod(), name=f"bidi-up:{pod.name}")
+        - a session stream whose pod answers "unknown session" (inline MACPError or NOT_FOUND)
+          before anything was accepted: the route was stale. The entry is dropped, the session
+          re-located, and the frames sent so far are re-sent on the right pod; the client
+          never sees the stale pod's answer.
+        - a stream that starts a session: the echoed SessionStart (or ALREADY_EXISTS) confirms
+          the reservation, INVALID_ARGUMENT or an inline error releases it.
+        After the first answer every frame is relayed as raw bytes, unread.
+        """
+        relay = _BidiRelay(self, plan, route, first, context, target)
         try:
-            initial = await call.initial_metadata()
-            if initial:
-                await context.send_initial_metadata(forwardable(initial))
-            async for message in call:
-                await context.write(message)
-            code = await call.code()
-        except grpc.aio.AioRpcError as exc:
-            raise _upstream_abort(pod, exc) from None
+            await relay.run()
         finally:
-            if not pump.done():
-                pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError,
-                                     grpc.aio.UsageError):
-                await pump
-            call.cancel()
-        trailing = await call.trailing_metadata()
-        if code is not grpc.StatusCode.OK:
-            raise Abort(code, await call.details() or "", forwardable(trailing))
-        if trailing:
-            context.set_trailing_metadata(forwardable(trailing))
+            await relay.close()
 
     def _wrap_client_stream(self, route: Route):  # type: ignore[no-untyped-def]
         async def behavior(request_iterator: AsyncIterator[bytes],
@@ -791,6 +820,14 @@ class MacpProxy:
     async def _broadcast(
         self, route: Route, request: bytes, context: grpc.aio.ServicerContext, target: list[str]
     ) -> bytes:
+        """A registry call to every healthy pod, remembered for replay only if the pods hold it.
+
+        Each pod's answer is read (`registry_outcome`): held (accepted, or "already
+        registered"), refused (in-band ok=false for any other reason, or a status such as
+        PERMISSION_DENIED / FAILED_PRECONDITION / INVALID_ARGUMENT) or failed (no answer). It is
+        recorded for replay only when some pod holds it and none refused it; when pods
+        disagree the caller is told which refused and why.
+        """
         try:
             key, adds = routes.broadcast_key(route, request)
         except Exception as exc:  # protobuf's DecodeError
@@ -805,57 +842,140 @@ class MacpProxy:
             *(pod.unary(route.path)(request, metadata=metadata, timeout=timeout) for pod in pods),
             return_exceptions=True,
         )
-        answers = [(pod, r) for pod, r in zip(pods, results, strict=True)
-                   if isinstance(r, bytes)]
-        failures = [(pod, r) for pod, r in zip(pods, results, strict=True)
-                    if not isinstance(r, bytes)]
-        if answers:
+        outcomes = [(pod, result, registry_outcome(route, adds, result))
+                    for pod, result in zip(pods, results, strict=True)]
+        held = [(pod, result, why) for pod, result, (kind, why) in outcomes if kind == HELD]
+        refused = [(pod, result, why) for pod, result, (kind, why) in outcomes
+                   if kind == REFUSED]
+        failed = [(pod, result, why) for pod, result, (kind, why) in outcomes if kind == FAILED]
+        for pod, _result, why in failed:
+            pod.registry_synced = False  # it may have missed this call: replay when it is back
+            log.warning("pod %s: %s %s got no answer (%s); it is replayed to the pod when its "
+                        "feed reconnects", pod.name, route.method, key, why)
+        if held and not refused:
             with contextlib.suppress(StoreUnavailable):
                 if adds:
                     await self.store.record_broadcast(BroadcastRecord(key, route.method, request))
                 else:
                     await self.store.forget_broadcast(key)
-        if not failures:
+        if held and not refused and not failed:
             self.metrics.record_broadcast(route.method, "ok")
-            return answers[0][1]  # type: ignore[return-value]
-        described = ", ".join(f"{pod.name} ({_describe(error)})" for pod, error in failures)
-        self.metrics.record_broadcast(route.method, "partial" if answers else "failed")
-        if answers:
-            done = ", ".join(pod.name for pod, _ in answers)
+            accepted = [result for _pod, result, why in held if not why]
+            return (accepted or [held[0][1]])[0]  # type: ignore[return-value]
+        described_failed = ", ".join(f"{pod.name} ({why})" for pod, _r, why in failed)
+        if refused:
+            self.metrics.record_broadcast(route.method, "refused")
+            reasons = {why for _pod, _r, why in refused}
+            if not held and not failed and len(reasons) == 1:
+                return _pass_through(refused[0][1])  # every pod gave the same answer
+            described = "; ".join(f"{pod.name} refused it ({why})" for pod, _r, why in refused)
+            holders = ", ".join(
+                f"{pod.name} ({'already held it' if why else 'accepted'})"
+                for pod, _r, why in held
+            ) or "none"
+            raise Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{route.method} {key}: the pods disagree: {described}; held by {holders}"
+                + (f"; no answer from {described_failed}" if failed else "")
+                + ". It is not remembered for replay: fix the refusing pods (their "
+                "configuration or the caller's registry rights) and call again (pods that "
+                "hold it answer 'already registered', which counts as held)",
+            )
+        self.metrics.record_broadcast(route.method, "partial" if held else "failed")
+        if held:
+            done = ", ".join(pod.name for pod, _r, _w in held)
             raise Abort(
                 grpc.StatusCode.UNAVAILABLE,
-                f"{route.method} {key}: applied on {done}; failed on {described}. It is "
+                f"{route.method} {key}: applied on {done}; failed on {described_failed}. It is "
                 "remembered and will be replayed to those pods when they reconnect (retry "
                 "is safe)",
             )
-        first = failures[0][1]
-        if (isinstance(first, grpc.aio.AioRpcError)
-                and first.code() is not grpc.StatusCode.UNAVAILABLE):
-            raise Abort(first.code(), first.details() or "",
-                        forwardable(first.trailing_metadata()))
         raise Abort(grpc.StatusCode.UNAVAILABLE,
-                    f"{route.method} {key}: failed on every pod: {described} (retry)")
+                    f"{route.method} {key}: failed on every pod: {described_failed} (retry)")
 
     async def replay_broadcasts(self, pod: Pod) -> None:
-        """Give a pod that joined or restarted every remembered registry call, in order."""
+        """Give a pod every remembered registry call it does not hold, once per incarnation.
+
+        Runs on every feed (re)connect, before the feed is marked up (so before the pod takes
+        new sessions). Calls for what the pod lists (ListPolicies, ListExtModes, ListModes)
+        are skipped, so a reconnect of a pod that kept its registry replays nothing and a
+        restarted pod gets exactly what it lost. For what a pod cannot list, the call is
+        replayed only while `pod.registry_synced` is False: it is cleared when the pod goes
+        unhealthy (a restart empties the runtime's in-memory registries) and set once a
+        replay had no failure.
+        """
+        lock = self._replay_locks.setdefault(pod.name, asyncio.Lock())
+        async with lock:
+            await self._replay(pod)
+
+    async def _replay(self, pod: Pod) -> None:
         try:
             records = await self.store.broadcasts()
         except StoreUnavailable:
-            log.warning("pod %s: cannot replay registry calls while the store is degraded",
-                        pod.name)
+            log.warning("pod %s: cannot replay registry calls while the store is degraded; "
+                        "it takes no new sessions until they are replayed", pod.name)
             return
+        holds = await self._registry_listing(pod) if records else None
+        complete = True
         for record in records:
-            path = f"/{routes.SERVICE}/{record.method}"
+            route = self.routes[f"/{routes.SERVICE}/{record.method}"]
+            listed = holds(record) if holds is not None else None
+            if listed or (listed is None and pod.registry_synced):
+                continue  # the pod lists it, or (unlistable) this incarnation already got it
             try:
-                await pod.unary(path)(record.request, metadata=self.router_metadata,
-                                      timeout=self.broadcast_timeout_s)
-                self.metrics.broadcast_replays.labels(self.metrics.pod_label(pod.name),
-                                                      "ok").inc()
+                result: bytes | BaseException = await pod.unary(route.path)(
+                    record.request, metadata=self.router_metadata,
+                    timeout=self.broadcast_timeout_s)
             except grpc.aio.AioRpcError as exc:
-                self.metrics.broadcast_replays.labels(self.metrics.pod_label(pod.name),
-                                                      "failed").inc()
-                log.warning("pod %s: replay of %s %s failed: %s %s", pod.name, record.method,
-                            record.key, exc.code().name, exc.details())
+                result = exc
+            kind, why = registry_outcome(route, True, result)
+            label = {HELD: "ok", REFUSED: "refused", FAILED: "failed"}[kind]
+            self.metrics.broadcast_replays.labels(self.metrics.pod_label(pod.name), label).inc()
+            if kind == FAILED:
+                complete = False
+                log.warning("pod %s: replay of %s %s failed (%s); tried again when its feed "
+                            "reconnects", pod.name, record.method, record.key, why)
+            elif kind == REFUSED:
+                log.warning("pod %s refused the replay of %s %s (%s): its configuration differs "
+                            "from the pods that hold it (policies directory, or the router "
+                            "token's registry rights: can_manage_mode_registry); it is not "
+                            "retried", pod.name, record.method, record.key, why)
+        pod.registry_synced = complete
+
+    async def _registry_listing(
+        self, pod: Pod
+    ) -> Callable[[BroadcastRecord], bool | None]:
+        """What the pod already holds, as a predicate over records (None: it cannot list
+        that kind)."""
+        metadata, timeout = self.router_metadata, self.broadcast_timeout_s
+
+        async def names(method: str, response: type, field: str, attr: str) -> set[str] | None:
+            try:
+                raw = await pod.unary(f"/{routes.SERVICE}/{method}")(
+                    b"", metadata=metadata, timeout=timeout)
+                return {getattr(item, attr) for item in getattr(response.FromString(raw), field)}
+            except (grpc.aio.AioRpcError, DecodeError) as exc:
+                log.info("pod %s: %s failed (%s); replaying its registry calls unchecked",
+                         pod.name, method, _describe(exc))
+                return None
+
+        policies = await names("ListPolicies", policy_pb2.ListPoliciesResponse,
+                               "descriptors", "policy_id")
+        ext_modes = await names("ListExtModes", core_pb2.ListExtModesResponse, "modes", "mode")
+        modes = await names("ListModes", core_pb2.ListModesResponse, "modes", "mode")
+
+        def holds(record: BroadcastRecord) -> bool | None:
+            kind, _, name = record.key.partition(":")
+            if kind == "policy" and policies is not None:
+                return name in policies
+            if kind == "ext_mode" and ext_modes is not None:
+                return name in ext_modes
+            if kind == "promote" and modes is not None:
+                request = core_pb2.PromoteModeRequest.FromString(record.request)
+                return (request.promoted_mode_name or request.mode) in modes
+            return None
+
+        return holds
 
     # -- probe: the MACP adapter's answer to "does this pod hold sid?" --------------------------
     async def probe(self, pod_name: str, sid: str) -> str:
@@ -892,6 +1012,270 @@ class MacpProxy:
             return exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED,
                                       grpc.StatusCode.UNAVAILABLE)
         return True
+
+
+STREAM_REPLAY_FRAMES = 64
+"""Frames kept until a stream's first answer, for a transparent re-route (beyond: no re-route)."""
+FIRST_ANSWER_WARN_S = 10.0
+UNKNOWN_SESSION_CODES = frozenset({"UnknownSession", "SESSION_NOT_FOUND"})
+"""Inline StreamSession error codes for "this pod does not hold the session" (the runtime puts
+its status message in `code`: "UnknownSession"; older sims and the Ack use SESSION_NOT_FOUND)."""
+
+
+@dataclass(slots=True)
+class _StreamRoute:
+    """Where a bidi stream goes and what its first answer must settle."""
+
+    pod: Pod
+    sid: str = ""
+    start: bool = False
+    """The first frame is a SessionStart placed on `pod`."""
+    won: bool = False
+    """This call made the reservation (it may release it)."""
+    relocatable: bool = False
+    """`pod` was located as the holder: an "unknown session" first answer means a stale route."""
+    expects_answer: bool = False
+    """The first frame carries an envelope: the runtime answers it (echo or inline error)."""
+
+
+class _BidiRelay:
+    """One relayed bidi call: client frames up, pod frames down, one re-route at most.
+
+    Until the pod's first answer the frames sent up are kept (at most STREAM_REPLAY_FRAMES) so
+    they can be re-sent on another pod; the upstream call is swapped under `_lock`, which the
+    client pump holds while it writes. After the first answer nothing is kept or parsed.
+    """
+
+    def __init__(
+        self, proxy: MacpProxy, plan: _StreamRoute, route: Route, first: bytes,
+        context: grpc.aio.ServicerContext, target: list[str],
+    ) -> None:
+        self.proxy = proxy
+        self.plan = plan
+        self.route = route
+        self.context = context
+        self.target = target
+        self.pod = plan.pod
+        self.metadata = forwardable(context.invocation_metadata())
+        self.first = first
+        self.kept: list[bytes] | None = [first]
+        self.settled = False
+        self.rerouted = False
+        self.client_done = False
+        self._lock = asyncio.Lock()
+        self.call = self._open(self.pod)
+        self._pump: asyncio.Task[None] | None = None
+        self._warn: asyncio.TimerHandle | None = None
+
+    def _open(self, pod: Pod) -> grpc.aio.StreamStreamCall:
+        return pod.stream_stream(self.route.path)(
+            metadata=self.metadata, timeout=self.context.time_remaining()
+        )
+
+    async def _client_to_pod(self) -> None:
+        async with self._lock:
+            await self.call.write(self.first)
+        context = self.context
+        while True:
+            frame = await context.read()
+            if frame is grpc.aio.EOF:
+                break
+            if self.settled and self.kept is None:
+                await self.call.write(frame)  # the hot path: raw bytes, no lock, no copy
+                continue
+            async with self._lock:
+                if self.kept is not None:
+                    if len(self.kept) < STREAM_REPLAY_FRAMES:
+                        self.kept.append(frame)
+                    else:
+                        self.kept = None  # too much to re-send: a stale answer passes through
+                await self.call.write(frame)
+        # A client's cancel reaches this read as EOF before grpc cancels the handler task;
+        # give the cancel a moment to arrive (close() then cancels this pump and the upstream
+        # call) so the pod sees a cancel, not a half-close it would finish.
+        await asyncio.sleep(CANCEL_AFTER_EOF_GRACE_S)
+        async with self._lock:
+            self.client_done = True
+            await self.call.done_writing()
+
+    def _silent_first_answer(self) -> None:
+        log.warning(
+            "pod %s (%s) has not answered the first frame of a %s stream%s within %.0f s; the "
+            "stream stays open (a re-sent message gets no echo), but if this repeats the pod is "
+            "overloaded or hung: check its logs and `macp-router pods`",
+            self.pod.name, self.pod.address, self.route.method,
+            f" for session {self.plan.sid}" if self.plan.sid else "", FIRST_ANSWER_WARN_S,
+        )
+
+    async def run(self) -> None:
+        self._pump = asyncio.create_task(self._client_to_pod(), name=f"bidi-up:{self.pod.name}")
+        if self.plan.expects_answer:
+            self._warn = asyncio.get_running_loop().call_later(FIRST_ANSWER_WARN_S,
+                                                               self._silent_first_answer)
+        context = self.context
+        try:
+            initial = await self.call.initial_metadata()
+            if initial:
+                await context.send_initial_metadata(forwardable(initial))
+            while True:
+                try:
+                    message = await self.call.read()
+                except grpc.aio.AioRpcError as exc:
+                    if not self.settled and await self._first_status(exc):
+                        continue
+                    raise _upstream_abort(self.pod, exc) from None
+                if message is grpc.aio.EOF:
+                    break
+                if not self.settled and await self._first_answer(message):
+                    continue  # the stale pod's answer: swallowed, the stream moved
+                await context.write(message)
+            code = await self.call.code()
+        except grpc.aio.AioRpcError as exc:
+            raise _upstream_abort(self.pod, exc) from None
+        trailing = await self.call.trailing_metadata()
+        if code is not grpc.StatusCode.OK:
+            raise Abort(code, await self.call.details() or "", forwardable(trailing))
+        if trailing:
+            context.set_trailing_metadata(forwardable(trailing))
+
+    def _settle(self) -> None:
+        self.settled = True
+        self.kept = None
+        if self._warn is not None:
+            self._warn.cancel()
+
+    async def _first_answer(self, message: bytes) -> bool:
+        """Read the pod's first answer; True when it was a stale route and the stream moved."""
+        plan = self.plan
+        if not (plan.start or plan.relocatable):
+            self._settle()
+            return False
+        try:
+            answer = core_pb2.StreamSessionResponse.FromString(message)
+        except DecodeError:
+            self._settle()  # a start's reservation stays to its TTL: nobody knows the outcome
+            raise Abort(
+                grpc.StatusCode.INTERNAL,
+                f"pod {self.pod.name} ({self.pod.address}) answered StreamSession with bytes "
+                "that are not a StreamSessionResponse: is it a MACP runtime of a supported "
+                "version? (the router ended the stream; retry, and check that pod)",
+            ) from None
+        if plan.start:
+            self._settle()
+            if answer.HasField("envelope"):
+                if answer.envelope.session_id == plan.sid:
+                    self.proxy.locator.confirm(plan.sid, self.pod.name)
+            elif plan.won:
+                await self.proxy.locator.release(plan.sid, self.pod.name)
+            return False
+        if (answer.HasField("error") and answer.error.code in UNKNOWN_SESSION_CODES
+                and self.kept is not None and not self.rerouted):
+            if await self._reroute(f"inline {answer.error.code}"):
+                return True
+        self._settle()
+        return False
+
+    async def _first_status(self, exc: grpc.aio.AioRpcError) -> bool:
+        """The call ended before any answer; True when it was a stale route and moved."""
+        plan = self.plan
+        code = exc.code()
+        if plan.start:
+            self._settle()
+            if code is grpc.StatusCode.ALREADY_EXISTS:
+                self.proxy.locator.confirm(plan.sid, self.pod.name)
+            elif plan.won and (code is grpc.StatusCode.INVALID_ARGUMENT
+                               or _is_connect_failure(exc)):
+                await self.proxy.locator.release(plan.sid, self.pod.name)
+            return False
+        if (plan.relocatable and code is grpc.StatusCode.NOT_FOUND and self.kept is not None
+                and not self.rerouted and await self._reroute("NOT_FOUND")):
+            return True
+        self._settle()
+        return False
+
+    async def _reroute(self, answer: str) -> bool:
+        """The located pod does not hold the session: locate it again and move the stream."""
+        sid, stale = self.plan.sid, self.pod
+        locator = self.proxy.locator
+        await locator.invalidate(sid, stale.name)
+        located = await locator.lookup(sid, use_negative=False)
+        pod = self.proxy.pods.get(located.pod or "") if located.status == LIVE else None
+        if pod is None or pod is stale:
+            return False
+        log.info("StreamSession %s: pod %s answered %s (stale route); moved to pod %s",
+                 sid, stale.name, answer, pod.name)
+        self.rerouted = True
+        async with self._lock:
+            kept = self.kept or []
+            self.call.cancel()
+            self.call = self._open(pod)
+            self.pod = pod
+            self.target.append(pod.name)
+            for frame in kept:
+                await self.call.write(frame)
+            if self.client_done:
+                await self.call.done_writing()
+        return True
+
+    async def close(self) -> None:
+        if self._warn is not None:
+            self._warn.cancel()
+        pump = self._pump
+        if pump is not None:
+            if not pump.done():
+                pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError,
+                                     grpc.aio.UsageError, Exception):
+                await pump
+        self.call.cancel()
+
+
+HELD = "held"
+REFUSED = "refused"
+FAILED = "failed"
+_HELD_MARKS = ("already registered", "already standards-track")
+"""In-band errors of a registry call that mean the pod already holds what was asked."""
+_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                        grpc.StatusCode.CANCELLED})
+
+
+def registry_outcome(route: Route, adds: bool, result: object) -> tuple[str, str]:
+    """One pod's answer to a registry call: (HELD | REFUSED | FAILED, why).
+
+    `why` is "" for a plain acceptance, else the pod's own words. A removal the pod answers
+    "not found" holds too (the pod does not have it, which is what was asked). A reply that
+    does not parse, or says neither ok nor why not, is FAILED: its effect is unknown.
+    """
+    if isinstance(result, grpc.aio.AioRpcError):
+        kind = FAILED if result.code() in _TRANSIENT else REFUSED
+        return kind, _describe(result)
+    if not isinstance(result, bytes):
+        return FAILED, repr(result)
+    try:
+        answer = route.response_class.FromString(result)
+    except DecodeError:
+        return FAILED, (f"answered bytes that are not a {route.response_class.DESCRIPTOR.name}:"
+                        " is it a MACP runtime of a supported version?")
+    if answer.ok:
+        return HELD, ""
+    error = answer.error
+    if not error:
+        return FAILED, "answered ok=false without an error (not a MACP runtime's answer?)"
+    lowered = error.lower()
+    if adds and any(mark in lowered for mark in _HELD_MARKS):
+        return HELD, error
+    if not adds and "not found" in lowered:
+        return HELD, error
+    return REFUSED, f"ok=false: {error}"
+
+
+def _pass_through(result: object) -> bytes:
+    """A pod's own answer for the caller: its bytes, or its status as an Abort."""
+    if isinstance(result, bytes):
+        return result
+    if isinstance(result, grpc.aio.AioRpcError):
+        raise Abort(result.code(), result.details() or "", forwardable(result.trailing_metadata()))
+    raise Abort(grpc.StatusCode.INTERNAL, f"unexpected answer {result!r}")
 
 
 def _describe(error: object) -> str:
