@@ -127,6 +127,10 @@ class Router:
             scope=(DiscoveryScope(config.observer_tokens, dict(config.token_identities))
                    if config.scope_discovery else None),
         )
+        self.metrics.add_broadcast_methods(
+            method for method, route_class in routes.ROUTE_CLASSES.items()
+            if route_class is routes.RouteClass.BROADCAST
+        )
         self.acp: AcpFrontDoor | None = None
         if config.acp is not None:
             from router.acp.frontdoor import AcpFrontDoor
@@ -182,10 +186,17 @@ class Router:
 
     def _pod_left(self, pod: Pod) -> None:
         feed = self.feeds.pop(pod.name, None)
+        task = asyncio.ensure_future(self._forget_pod_series(pod.name, feed))
+        self._feed_closers.add(task)
+        task.add_done_callback(self._feed_closers.discard)
+
+    async def _forget_pod_series(self, name: str, feed: WatchFeed | None) -> None:
+        """Once the pod's feed is closed (its last write), drop every series of the pod."""
         if feed is not None:
-            task = asyncio.ensure_future(feed.aclose())
-            self._feed_closers.add(task)
-            task.add_done_callback(self._feed_closers.discard)
+            await feed.aclose()
+        if self.pods.get(name) is None:  # not re-added meanwhile
+            self.metrics.remove_pod(name)
+        self._refresh_health()
 
     def _pod_health_changed(self, pod: Pod) -> None:
         self.metrics.set_pod_health(pod.name, pod.healthy, pod.draining)
@@ -231,6 +242,7 @@ class Router:
             ),
         }
         self.metrics.store_degraded.set(1 if self.store.degraded else 0)
+        self.metrics.set_pod_counts("macp", len(self.pods), len(healthy))
         self._status_changed.set()
 
     async def _status_loop(self) -> None:

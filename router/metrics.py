@@ -7,6 +7,17 @@ the known set (methods of the route table, configured pods, gRPC codes, locate r
 
 Each `Metrics` owns its own `CollectorRegistry` (no module globals), so several routers can run
 in one process (tests) without clashing. Hot-path helpers cache labelled children.
+
+Series lifecycle (what dashboards and alerts rely on):
+- Known label sets exist from the start at 0: every locate result, fan-outs, coalesced misses
+  and duplicates per protocol (when a locator registers, `watch_cached_sessions`), per-pod
+  feed reconnects, probes, placements, replays (`add_pod`), and broadcast results per
+  broadcast method (`add_broadcast_methods`). A panel shows 0, never "No data".
+- A pod that leaves loses every series with its `pod` label (`remove_pod`), so an alert on a
+  gauge of a pod that is gone (feed down, unhealthy) stops instead of firing for ever. Later
+  writes for a removed pod's gauges are ignored.
+- `macp_router_pods` / `macp_router_healthy_pods` count pods per protocol, so "no healthy pod"
+  is a series at 0 even when the router has no pod at all.
 """
 
 from __future__ import annotations
@@ -45,8 +56,9 @@ def bounded(value: str, allowed: Iterable[str] | frozenset[str]) -> str:
 class _CachedSessionsCollector(Collector):
     """`macp_router_cached_sessions{protocol,pod,state}` read from near-caches at scrape time."""
 
-    def __init__(self) -> None:
+    def __init__(self, known_pods: set[str]) -> None:
         self.sources: dict[str, Callable[[], Mapping[tuple[str, str], int]]] = {}
+        self.known_pods = known_pods  # entries cached for a pod that left are not exported
 
     def collect(self):  # type: ignore[no-untyped-def]
         family = GaugeMetricFamily(
@@ -56,8 +68,25 @@ class _CachedSessionsCollector(Collector):
         )
         for protocol, source in sorted(self.sources.items()):
             for (pod, state), count in sorted(source().items()):
-                family.add_metric([protocol, pod, state], count)
+                if pod in self.known_pods:
+                    family.add_metric([protocol, pod, state], count)
         yield family
+
+
+def _remove_series(metric: Counter | Gauge, label: str, value: str) -> None:
+    """Remove every child of `metric` whose `label` is `value` (public collect/remove API)."""
+    seen: set[tuple[str, ...]] = set()
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.labels.get(label) != value:
+                continue
+            names = [n for n in sample.labels if n not in ("le", "quantile")]
+            seen.add(tuple(sample.labels[n] for n in names))
+    for values in seen:
+        try:
+            metric.remove(*values)
+        except KeyError:
+            pass
 
 
 class Metrics:
@@ -172,16 +201,72 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self._cached_sessions = _CachedSessionsCollector()
+        self.pods = Gauge(
+            "macp_router_pods", "Pods the router routes to (configured or discovered)",
+            ["protocol"], registry=r,
+        )
+        self.healthy_pods = Gauge(
+            "macp_router_healthy_pods",
+            "Pods that answer health checks; 0 also when the router has no pod at all",
+            ["protocol"], registry=r,
+        )
+        self._cached_sessions = _CachedSessionsCollector(self.known_pods)
         r.register(self._cached_sessions)
         self._request_children: dict[tuple[str, str, str, str, str], tuple[object, object]] = {}
         self._locate_children: dict[tuple[str, str], object] = {}
 
     # -- registration of bounded label sets -------------------------------------------------
-    def add_pod(self, pod: str) -> None:
+    def add_pod(self, pod: str, protocol: str = "macp") -> None:
+        """A MACP pod joined: its gauges at 0 and its counters' known label sets at 0."""
         self.known_pods.add(pod)
         self.pod_healthy.labels(pod).set(0)
+        self.pod_draining.labels(pod).set(0)
         self.watch_up.labels(pod).set(0)
+        self.watch_reconnects.labels(pod)
+        self.reconcile_dropped.labels(pod)
+        protocol = bounded(protocol, PROTOCOLS)
+        for result in PROBE_RESULTS:
+            self.probes.labels(protocol, pod, result)
+        for result in PLACEMENT_RESULTS:
+            self.placements.labels(protocol, pod, result)
+        for result in ("ok", "failed", "refused"):
+            self.broadcast_replays.labels(pod, result)
+
+    def remove_pod(self, pod: str) -> None:
+        """A pod left: delete every series labelled with it (alerts on it stop).
+
+        Call it once nothing writes the pod's series any more (its feed closed); gauges written
+        later for an unknown pod are ignored by the setters.
+        """
+        self.known_pods.discard(pod)
+        for metric in (self.requests, self.probes, self.placements, self.broadcast_replays,
+                       self.watch_up, self.watch_reconnects, self.watch_events,
+                       self.reconcile_dropped, self.pod_healthy, self.pod_draining,
+                       getattr(self, "_pod_up_gauge", None)):
+            if metric is not None:
+                _remove_series(metric, "pod", pod)
+        for key in [key for key in self._request_children if key[3] == pod]:
+            del self._request_children[key]
+
+    def set_pod_counts(self, protocol: str, pods: int, healthy: int) -> None:
+        protocol = bounded(protocol, PROTOCOLS)
+        self.pods.labels(protocol).set(pods)
+        self.healthy_pods.labels(protocol).set(healthy)
+
+    def add_broadcast_methods(self, methods: Iterable[str]) -> None:
+        """Broadcast results per registry method start at 0."""
+        for method in methods:
+            for result in BROADCAST_RESULTS:
+                self.broadcasts.labels(bounded(method, self.known_methods), result)
+
+    def _start_protocol(self, protocol: str) -> None:
+        protocol = bounded(protocol, PROTOCOLS)
+        for result in LOCATE_RESULTS:
+            self.locate.labels(protocol, result)
+        for counter in (self.probe_fanouts, self.coalesced_misses, self.duplicate_sessions):
+            counter.labels(protocol)
+        self.pods.labels(protocol)
+        self.healthy_pods.labels(protocol)
 
     def add_methods(self, methods: Iterable[str]) -> None:
         self.known_methods.update(methods)
@@ -189,8 +274,13 @@ class Metrics:
     def watch_cached_sessions(
         self, source: Callable[[], Mapping[tuple[str, str], int]], protocol: str = "macp"
     ) -> None:
-        """Export a near-cache's (pod, state) counts; one source per protocol."""
+        """Export a near-cache's (pod, state) counts; one source per protocol.
+
+        Each protocol's locator registers here once, so this also starts that protocol's
+        locate, fan-out and coalesced-miss series at 0.
+        """
         self._cached_sessions.sources[bounded(protocol, PROTOCOLS)] = source
+        self._start_protocol(protocol)
 
     def pod_label(self, pod: str | None) -> str:
         if not pod:
@@ -249,7 +339,9 @@ class Metrics:
         self.watch_events.labels(self.pod_label(pod), bounded(event, WATCH_EVENTS)).inc()
 
     def set_pod_health(self, pod: str, healthy: bool, draining: bool) -> None:
-        label = self.pod_label(pod)
+        if pod not in self.known_pods:
+            return  # a pod that left: its series are gone and stay gone
+        label = pod
         self.pod_healthy.labels(label).set(1 if healthy else 0)
         self.pod_draining.labels(label).set(1 if draining else 0)
 
@@ -267,7 +359,9 @@ class Metrics:
         self._pod_up().labels(bounded(protocol, PROTOCOLS), pod).set(0)
 
     def set_protocol_pod_up(self, protocol: str, pod: str, up: bool) -> None:
-        self._pod_up().labels(bounded(protocol, PROTOCOLS), self.pod_label(pod)).set(
+        if pod not in self.known_pods:
+            return
+        self._pod_up().labels(bounded(protocol, PROTOCOLS), pod).set(
             1 if up else 0
         )
 

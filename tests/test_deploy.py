@@ -17,6 +17,7 @@ No Docker engine and no cluster run here, so each artefact is checked offline:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -57,12 +58,15 @@ ROUTER_METRICS = frozenset(
         "macp_router_cached_sessions",
         "macp_router_active_streams",
         "macp_router_pod_healthy",
+        "macp_router_pods",
+        "macp_router_healthy_pods",
         "macp_router_store_degraded",
         "macp_router_redis_command_duration_seconds",
     }
 )
 REQUIRED_ALERTS = {
-    "MacpRouterNoHealthyPods": "macp_router_pod_healthy",
+    "MacpRouterDown": 'absent(up{job="macp-router"})',
+    "MacpRouterNoHealthyPods": 'macp_router_healthy_pods{protocol="macp"} == 0',
     "MacpRouterFeedDown": "macp_router_watch_up == 0",
     "MacpRouterStoreDegraded": "macp_router_store_degraded == 1",
     "MacpRouterUnknownLocates": 'rate(macp_router_locate_total{result="unknown"}[5m])) > 0.1',
@@ -345,6 +349,7 @@ def render(kdir: Path) -> list[dict]:
         "images",
         "patches",
         "labels",
+        "replacements",
     }
     assert not unsupported, f"{kdir}: teach render() {sorted(unsupported)}"
     docs: list[dict] = []
@@ -359,6 +364,8 @@ def render(kdir: Path) -> list[dict]:
         assert key(patch) in by_key, f"{patch_entry['path']} patches a missing {key(patch)}"
         i = by_key[key(patch)]
         docs[i] = strategic_merge(docs[i], patch)
+    for replacement in k.get("replacements", []):
+        replace(docs, replacement)
     for label_set in k.get("labels", []):
         for doc in docs:
             doc["metadata"].setdefault("labels", {}).update(label_set["pairs"])
@@ -373,6 +380,31 @@ def render(kdir: Path) -> list[dict]:
                 if name == image["name"]:
                     container["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag)}"
     return docs
+
+
+def replace(docs: list[dict], replacement: dict) -> None:
+    """A kustomize replacement: source field -> target fields (`*` = every list item), with
+    `options.delimiter`/`index` replacing one delimited part of the target value."""
+    source = replacement["source"]
+    value: object = find(docs, source["kind"], source["name"])
+    for part in re.split(r"\.(?![^\[]*\])", source["fieldPath"]):
+        value = value[part]  # type: ignore[index]
+    for target in replacement["targets"]:
+        doc = find(docs, target["select"]["kind"], target["select"]["name"])
+        options = target.get("options", {})
+        for field_path in target["fieldPaths"]:
+            *parents, leaf = field_path.split(".")
+            nodes: list = [doc]
+            for part in parents:
+                nodes = [n for node in nodes
+                         for n in (node if part == "*" else [node[part]])]
+            for node in nodes:
+                if "delimiter" in options:
+                    parts = node[leaf].split(options["delimiter"])
+                    parts[options.get("index", 0)] = value
+                    node[leaf] = options["delimiter"].join(parts)
+                else:
+                    node[leaf] = value
 
 
 def find(docs: list[dict], kind: str, name: str) -> dict:
@@ -655,12 +687,34 @@ def test_prometheus_rules_define_the_required_alerts(base_docs):
         assert_promql_sane(rule["expr"])
         assert re.fullmatch(r"\d+[smh]", rule["for"]), name
         assert rule["labels"]["severity"] in {"critical", "warning"}, name
-        assert {"summary", "description", "runbook"} <= rule["annotations"].keys(), name
+        assert {"summary", "description", "runbook_url"} <= rule["annotations"].keys(), name
 
 
 def test_overlay_labels_monitoring_objects_for_prometheus_operator(example_docs):
     for kind in ("ServiceMonitor", "PrometheusRule"):
         assert "release" in find(example_docs, kind, "macp-router")["metadata"]["labels"]
+
+
+def test_overlay_sets_the_runbook_base_url_of_every_alert(example_docs):
+    rule = copy.deepcopy(find(example_docs, "PrometheusRule", "macp-router"))
+    rule["metadata"]["annotations"]["macp-router/runbook-base-url"] = "https://wiki.example/ops"
+    overlay = kustomization(OVERLAY)
+    replace([rule], overlay["replacements"][0])
+    urls = [r["annotations"]["runbook_url"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert urls and all(re.fullmatch(r"https://wiki\.example/ops#runbook-[a-z-]+", u)
+                        for u in urls), urls
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed: "
+                    "the overlay is rendered by this file's minimal kustomize only")
+def test_minimal_kustomize_renders_what_kubectl_kustomize_renders(example_docs):
+    result = run(["kubectl", "kustomize", str(OVERLAY)], timeout=60)
+    if result.returncode != 0 and "kustomize" not in result.stderr.lower():
+        pytest.skip(f"kubectl cannot run kustomize here: {result.stderr.strip()[:200]}")
+    assert result.returncode == 0, result.stderr
+    rendered = {key(d): d for d in yaml.safe_load_all(result.stdout) if d}
+    ours = find(example_docs, "PrometheusRule", "macp-router")
+    assert rendered[("PrometheusRule", "macp-router")]["spec"] == ours["spec"]
 
 
 # -- Grafana dashboard -------------------------------------------------------------------------
@@ -717,7 +771,7 @@ def test_operations_guide_covers_deploy_metrics_alerts_and_variables(base_docs):
         assert needle in text, f"docs/operations.md does not mention {needle}"
     anchors = heading_anchors(text)
     for name, rule in alert_rules(base_docs).items():
-        path, _, anchor = rule["annotations"]["runbook"].partition("#")
-        assert path == "docs/operations.md" and anchor in anchors, f"{name}: {anchor}"
+        url, _, anchor = rule["annotations"]["runbook_url"].partition("#")
+        assert url.endswith("/docs/operations.md") and anchor in anchors, f"{name}: {anchor}"
     for runbook in ("session-not-found", "unavailable", "store-degraded", "feed-down"):
         assert f"runbook-{runbook}" in anchors

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.metrics import UNKNOWN, Metrics, bounded
 from tests import macp_calls
+from tests.waiting import eventually
 
 
 def test_bounded_maps_unexpected_label_values_to_unknown():
@@ -107,3 +108,118 @@ async def test_metrics_count_what_happened(scraped):
     cached = sum(v for (name, _), v in samples.items() if name == "macp_router_cached_sessions")
     assert cached == 1
     assert value("macp_router_store_degraded") == 0
+
+
+# -- series lifecycle: known label sets at 0, a removed pod's series gone -----------------------
+
+
+def scrape(router) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:  # type: ignore[no-untyped-def]
+    url = f"http://127.0.0.1:{router.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text) for s in family.samples
+    }
+
+
+def series_of_pod(samples: dict, pod: str) -> list[str]:
+    return [name for name, labels in samples if ("pod", pod) in labels]
+
+
+def sample(samples: dict, name: str, **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+async def test_fresh_router_exports_every_known_series_at_zero(sim_pods, make_router):
+    pods = await sim_pods(2)
+    router = await make_router(pods, metrics_listen="127.0.0.1:0")
+    samples = await asyncio.to_thread(scrape, router)
+    for result in ("hit", "store_hit", "probe_hit", "not_found", "negative_hit", "unknown",
+                   "stale"):
+        assert sample(samples, "macp_router_locate_total", protocol="macp", result=result) == 0
+    for name in ("macp_router_coalesced_misses_total", "macp_router_probe_fanouts_total",
+                 "macp_router_duplicate_sessions_total"):
+        assert sample(samples, name, protocol="macp") == 0, name
+    for pod in ("a", "b"):
+        assert sample(samples, "macp_router_watch_reconnects_total", pod=pod) == 0
+        assert sample(samples, "macp_router_placements_total", protocol="macp", pod=pod,
+                      result="placed") == 0
+        assert sample(samples, "macp_router_pod_draining", pod=pod) == 0
+    for result in ("ok", "partial", "failed"):
+        assert sample(samples, "macp_router_broadcasts_total", method="RegisterPolicy",
+                      result=result) == 0
+    assert sample(samples, "macp_router_pods", protocol="macp") == 2
+    assert sample(samples, "macp_router_healthy_pods", protocol="macp") == 2
+
+
+async def test_removed_pod_loses_every_series_and_others_keep_theirs(sim_pods, make_router):
+    pods = await sim_pods(3)
+    router = await make_router(pods, metrics_listen="127.0.0.1:0")
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        for _ in range(6):  # placements spread over the pods: request series per pod
+            await macp_calls.start(channel)
+    before = await asyncio.to_thread(scrape, router)
+    assert "macp_router_requests_total" in series_of_pod(before, "c") or \
+        "macp_router_placements_total" in series_of_pod(before, "c")
+    assert sample(before, "macp_router_watch_up", pod="c") == 1
+
+    await router.pods.remove("c")  # what a static pod list change or DNS discovery does
+
+    async def gone() -> bool:
+        samples = await asyncio.to_thread(scrape, router)
+        return bool(samples) and not series_of_pod(samples, "c")
+
+    await eventually(gone, what="every series of pod c deleted")
+    after = await asyncio.to_thread(scrape, router)
+    assert sample(after, "macp_router_watch_up", pod="c") is None
+    assert sample(after, "macp_router_pod_healthy", pod="c") is None
+    assert sample(after, "macp_router_watch_up", pod="a") == 1
+    assert sample(after, "macp_router_pod_healthy", pod="b") == 1
+    assert not series_of_pod(after, "unknown"), "late writes for c must not reappear as unknown"
+    assert sample(after, "macp_router_pods", protocol="macp") == 2
+
+
+async def test_pod_gone_from_dns_loses_its_feed_series_so_feed_down_stops(sim_pods):
+    from tests.test_discovery import FakeResolver, start_router
+
+    resolver = FakeResolver()
+    a, b = await sim_pods(2)
+    resolver.pods = [a, b]
+    router = await start_router(resolver)
+    try:
+        await eventually(lambda: {p.name for p in router.pods if p.feed_up} == {"a", "b"},
+                         what="a and b up")
+        resolver.pods = [a]
+        await b.stop()  # scaled down: gone from DNS and silent
+
+        async def feed_series_gone() -> bool:
+            samples = await asyncio.to_thread(scrape, router)
+            return sample(samples, "macp_router_watch_up", pod="b") is None and \
+                not series_of_pod(samples, "b")
+
+        await eventually(feed_series_gone, what="b's series deleted after it left DNS")
+        samples = await asyncio.to_thread(scrape, router)
+        assert sample(samples, "macp_router_watch_up", pod="a") == 1
+    finally:
+        await router.stop(grace=0)
+
+
+async def test_router_with_no_pod_at_all_exports_zero_healthy_pods(sim_pods):
+    from tests.test_discovery import FakeResolver, start_router
+
+    router = await start_router(FakeResolver())  # DNS answers, with no pod
+    try:
+        await eventually(lambda: router.discovery is not None
+                         and router.discovery.resolutions >= 1, what="resolved once")
+
+        async def exported() -> bool:
+            samples = await asyncio.to_thread(scrape, router)
+            return sample(samples, "macp_router_healthy_pods", protocol="macp") == 0 and \
+                sample(samples, "macp_router_pods", protocol="macp") == 0
+
+        await eventually(exported, what="healthy_pods 0 with no pod")
+        samples = await asyncio.to_thread(scrape, router)
+        assert not [name for name, _ in samples if name == "macp_router_pod_healthy"]
+    finally:
+        await router.stop(grace=0)
