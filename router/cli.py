@@ -147,6 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(pod, "--name", required=True, metavar="NAME", help="the pod's stable name")
     _flag(pod, "--state-file", metavar="PATH",
           help="persist sessions here so a restarted pod replays them")
+    _flag(pod, "--auth-tokens-json", metavar="JSON",
+          help="token entries in the runtime's MACP_AUTH_TOKENS_JSON shape: [{\"token\", "
+               "\"sender\", \"is_observer\", \"can_manage_mode_registry\", ...}]")
+    _flag(pod, "--auth-tokens-file", metavar="PATH",
+          help="the same entries from a file (MACP_AUTH_TOKENS_FILE); the JSON flag wins")
+    _flag(pod, "--allow-insecure", action="store_true", default=False,
+          help="MACP_ALLOW_INSECURE=1: serve plaintext and, with no token entries, dev-mode "
+               "auth (any bearer token is a full identity named by the token); without it and "
+               "without token entries the pod refuses to start, as the runtime does")
+    _flag(pod, "--session-start-limit-per-minute", type=int, default=60, metavar="N",
+          help="per-sender SessionStart rate limit (the runtime's default: 60)")
+    _flag(pod, "--message-limit-per-minute", type=int, default=600, metavar="N",
+          help="per-sender message rate limit (the runtime's default: 600)")
+    _flag(pod, "--policies-dir", metavar="DIR",
+          help="as MACP_POLICIES_DIR: the policy registry becomes read-only "
+               "(RegisterPolicy answers FAILED_PRECONDITION); the directory is not read")
+    _flag(pod, "--session-retention-s", type=float, default=3600.0, metavar="S",
+          help="terminal sessions leave memory this long after they started "
+               "(MACP_SESSION_RETENTION_SECS)")
+    _flag(pod, "--no-health", action="store_true", default=False,
+          help="serve no grpc.health.v1 (a runtime built before it: Health/Check UNIMPLEMENTED)")
     _flag(pod, "--log-level", default="info", choices=["debug", "info", "warning", "error"],
           help="log verbosity")
 
@@ -405,8 +426,42 @@ def _run_sim(args: argparse.Namespace, serve: Callable[[], Awaitable[None]]) -> 
 
 def cmd_pod(args: argparse.Namespace) -> int:
     from router.sim import serve_pod
+    from router.sim.auth import load_token_file, parse_token_entries
 
-    return _run_sim(args, lambda: serve_pod(args.listen, args.name, args.state_file))
+    command = "macp-router pod"
+    try:
+        if args.auth_tokens_json:
+            parse_token_entries(args.auth_tokens_json)
+        elif args.auth_tokens_file:
+            load_token_file(args.auth_tokens_file)
+    except (OSError, ValueError) as exc:
+        print(f"{command}: error: bad token entries: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not (args.auth_tokens_json or args.auth_tokens_file or args.allow_insecure):
+        print(f"{command}: error: no authentication configured: give --auth-tokens-json or "
+              "--auth-tokens-file, or --allow-insecure for dev-mode auth (as the runtime "
+              "refuses to start without MACP_AUTH_TOKENS_* or MACP_ALLOW_INSECURE=1)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if not args.allow_insecure:
+        print(f"{command}: error: the simulated pod serves plaintext only; give "
+              "--allow-insecure (the runtime requires TLS without MACP_ALLOW_INSECURE=1)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if args.session_start_limit_per_minute <= 0 or args.message_limit_per_minute <= 0:
+        print(f"{command}: error: rate limits must be positive integers", file=sys.stderr)
+        return EXIT_USAGE
+    options = {
+        "auth_tokens": args.auth_tokens_json or None,
+        "auth_tokens_file": args.auth_tokens_file or None,
+        "allow_insecure": args.allow_insecure,
+        "start_limit_per_minute": args.session_start_limit_per_minute,
+        "message_limit_per_minute": args.message_limit_per_minute,
+        "policies_dir": args.policies_dir or None,
+        "session_retention_s": args.session_retention_s,
+        "health": not args.no_health,
+    }
+    return _run_sim(args, lambda: serve_pod(args.listen, args.name, args.state_file, **options))
 
 
 # -- admin clients -----------------------------------------------------------------------------

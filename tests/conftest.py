@@ -11,6 +11,7 @@ from router.app import Router
 from router.config import RouterConfig
 from router.pods import PodSpec
 from router.sim import SimPod
+from tests.pod_auth import ROUTER_TOKEN, pod_options
 
 pytest_plugins = ["tests.redis_fixture"]
 
@@ -32,13 +33,19 @@ RouterFactory = Callable[..., Awaitable[Router]]
 
 @pytest.fixture
 async def sim_pods() -> AsyncIterator[PodsFactory]:
-    """`await sim_pods(3)` -> started simulated pods a, b, c on free loopback ports."""
+    """`await sim_pods(3)` -> started simulated pods a, b, c on free loopback ports.
+
+    Each pod is configured as the runtime would be in a deployment (`tests.pod_auth`: token
+    entries for the router and the test agents, default rate limits); keyword arguments
+    override single settings (e.g. `start_limit_per_minute=1000` for a test that starts many
+    sessions from one sender, as an operator would raise it).
+    """
     started: list[SimPod] = []
 
     async def make(count: int = 3, **kwargs: object) -> list[SimPod]:
         pods = []
         for _ in range(count):
-            pod = SimPod(chr(ord("a") + len(started)), "127.0.0.1:0", **kwargs)  # type: ignore[arg-type]
+            pod = SimPod(chr(ord("a") + len(started)), "127.0.0.1:0", **pod_options(**kwargs))
             await pod.start()
             started.append(pod)
             pods.append(pod)
@@ -58,7 +65,7 @@ async def make_router() -> AsyncIterator[RouterFactory]:
         settings: dict[str, object] = {
             "listen": "127.0.0.1:0",
             "pods": tuple(PodSpec(pod.name, pod.address) for pod in pods),
-            "token": "router",
+            "token": ROUTER_TOKEN,
             "health_interval_ms": 200,
         }
         settings.update(overrides)
@@ -83,11 +90,11 @@ async def named_pods(tmp_path) -> AsyncIterator[Callable[..., Awaitable[list[Sim
     """
     started: list[SimPod] = []
 
-    async def make(*names: str, persist: bool = False) -> list[SimPod]:
+    async def make(*names: str, persist: bool = False, **kwargs: object) -> list[SimPod]:
         pods = []
         for name in names:
             state_file = str(tmp_path / f"pod-{name}.json") if persist else None
-            pod = SimPod(name, "127.0.0.1:0", state_file=state_file)
+            pod = SimPod(name, "127.0.0.1:0", state_file=state_file, **pod_options(**kwargs))
             await pod.start()
             started.append(pod)
             pods.append(pod)

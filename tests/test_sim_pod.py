@@ -22,6 +22,7 @@ from macp_sdk import AsyncDecisionSession, AsyncMacpClient, AuthConfig, Decision
 from macp_sdk.watchers import SessionLifecycleWatcher
 
 from router.sim import SimPod, serve_pod
+from tests.pod_auth import pod_options
 
 DECISION = "macp.mode.decision.v1"
 T = 5.0  # deadline (s) for every RPC
@@ -76,7 +77,7 @@ def msg_env(
 
 @pytest.fixture
 async def pod() -> AsyncIterator[SimPod]:
-    async with SimPod("pod-0") as p:
+    async with SimPod("pod-0", **pod_options()) as p:
         yield p
 
 
@@ -211,7 +212,7 @@ async def test_duplicate_message_terminal_session_and_commit(
     assert (await send(stub, prop)).ok
     dup = await send(stub, prop)
     assert dup.ok and dup.duplicate
-    outsider = await send(stub, msg_env(sid, sender="eve"), token="eve")
+    outsider = await send(stub, msg_env(sid, sender="outsider"), token="outsider")
     assert not outsider.ok and outsider.error.code == "FORBIDDEN"
     by_participant = await send(stub, msg_env(sid, sender="alice"), token="alice")
     assert by_participant.ok
@@ -269,7 +270,7 @@ async def test_get_session_not_found_and_permissions(
     assert trailers.get("macp-error-code") == "SESSION_NOT_FOUND"
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.GetSession(core_pb2.GetSessionRequest(session_id=missing), timeout=T)
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # auth before lookup
 
     sid = new_sid()
     assert (await send(stub, start_env(sid))).ok
@@ -278,63 +279,44 @@ async def test_get_session_not_found_and_permissions(
             core_pb2.GetSessionRequest(session_id=sid), metadata=md(token), timeout=T
         )
         assert resp.metadata.session_id == sid
-    for token in ("eve", None):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetSession(
+            core_pb2.GetSessionRequest(session_id=sid), metadata=md("outsider"), timeout=T
+        )
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    for token in ("eve", None):  # not configured / absent: authentication fails first
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.GetSession(
                 core_pb2.GetSessionRequest(session_id=sid), metadata=md(token), timeout=T
             )
-        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 # ── ListSessions ─────────────────────────────────────────────────────────
 
 
-async def test_list_sessions_pages(stub: core_pb2_grpc.MACPRuntimeServiceStub) -> None:
+async def test_list_sessions_is_one_unpaged_reply_of_every_session(
+    pod: SimPod, stub: core_pb2_grpc.MACPRuntimeServiceStub
+) -> None:
     sids = [new_sid() for _ in range(7)]
     for sid in sids:
         assert (await send(stub, start_env(sid))).ok
-    seen: list[str] = []
-    token = ""
-    pages = 0
-    while True:
-        resp = await stub.ListSessions(
-            core_pb2.ListSessionsRequest(page_size=3, page_token=token),
-            metadata=md("router"),
-            timeout=T,
-        )
-        pages += 1
-        assert len(resp.sessions) <= 3
-        seen.extend(s.session_id for s in resp.sessions)
-        token = resp.next_page_token
-        if not token:
-            break
-    assert pages == 3 and seen == sids
-    whole = await stub.ListSessions(
-        core_pb2.ListSessionsRequest(), metadata=md("router"), timeout=T
-    )
-    assert [s.session_id for s in whole.sessions] == sids and not whole.next_page_token
+    assert (await send(stub, msg_env(sids[0], "Commitment"))).ok
+    for request in (
+        core_pb2.ListSessionsRequest(),
+        core_pb2.ListSessionsRequest(page_size=3),
+        core_pb2.ListSessionsRequest(page_size=3, page_token="garbage!"),
+    ):
+        reply = await stub.ListSessions(request, metadata=md("router"), timeout=T)
+        assert [s.session_id for s in reply.sessions] == sids and not reply.next_page_token
+        assert reply.sessions[0].state == envelope_pb2.SESSION_STATE_RESOLVED
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.ListSessions(
-            core_pb2.ListSessionsRequest(page_token="garbage!"), metadata=md("router"), timeout=T
-        )
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-
-async def test_list_sessions_default_page_size_is_100(
-    pod: SimPod, stub: core_pb2_grpc.MACPRuntimeServiceStub
-) -> None:
-    for _ in range(130):
-        assert (await send(stub, start_env(new_sid()))).ok
-    first = await stub.ListSessions(
-        core_pb2.ListSessionsRequest(), metadata=md("router"), timeout=T
-    )
-    assert len(first.sessions) == 100 and first.next_page_token
-    rest = await stub.ListSessions(
-        core_pb2.ListSessionsRequest(page_token=first.next_page_token),
-        metadata=md("router"),
-        timeout=T,
-    )
-    assert len(rest.sessions) == 30 and not rest.next_page_token
+        await stub.ListSessions(core_pb2.ListSessionsRequest(), timeout=T)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Any authenticated identity may list, observer or not (the runtime does not scope it).
+    reply = await stub.ListSessions(core_pb2.ListSessionsRequest(), metadata=md("outsider"),
+                                    timeout=T)
+    assert len(reply.sessions) == 7
 
 
 # ── WatchSessions ────────────────────────────────────────────────────────
@@ -355,9 +337,12 @@ async def test_watch_sessions_snapshot_then_live(
     assert (await send(stub, msg_env(done_sid, "Commitment"))).ok
 
     call = stub.WatchSessions(core_pb2.WatchSessionsRequest(), metadata=md("router"), timeout=30)
-    snap = await next_event(call)  # one CREATED per non-terminal session
+    snap = await next_event(call)  # one CREATED per in-memory session, terminal ones too
     assert snap.event_type == Ev.EVENT_TYPE_CREATED and snap.session.session_id == open_sid
     assert snap.session.state == envelope_pb2.SESSION_STATE_OPEN
+    snap = await next_event(call)
+    assert snap.event_type == Ev.EVENT_TYPE_CREATED and snap.session.session_id == done_sid
+    assert snap.session.state == envelope_pb2.SESSION_STATE_RESOLVED
 
     live = new_sid()
     assert (await send(stub, start_env(live))).ok
@@ -449,11 +434,14 @@ async def test_stream_session_start_echo_errors_and_half_close(
     assert (await call.read()).envelope.message_type == "Proposal"
     assert (await sub.read()).envelope.message_type == "Proposal"
 
-    # Protocol errors come back inline; the stream stays open.
-    await call.write(core_pb2.StreamSessionRequest(envelope=start_env(sid)))
+    # Application errors come back inline (code = the runtime's status message); the stream
+    # stays open.
+    wrong_version = msg_env(sid)
+    wrong_version.macp_version = "2.0"
+    await call.write(core_pb2.StreamSessionRequest(envelope=wrong_version))
     err = await call.read()
     assert err.WhichOneof("response") == "error"
-    assert err.error.code == "SESSION_ALREADY_EXISTS"
+    assert (err.error.code, err.error.session_id) == ("InvalidMacpVersion", sid)
 
     await call.write(core_pb2.StreamSessionRequest(envelope=msg_env(sid, "Commitment")))
     await call.done_writing()
@@ -479,8 +467,15 @@ async def test_stream_session_subscribe_rules(
     assert (await resume.read()).envelope.message_type == "Proposal"
     assert await resume.read() is grpc.aio.EOF
 
+    # Not a participant: PERMISSION_DENIED is not a stream-ending code, so it comes inline.
+    call = stub.StreamSession(metadata=md("outsider"), timeout=T)
+    await call.write(core_pb2.StreamSessionRequest(subscribe_session_id=sid))
+    inline = await call.read()
+    assert inline.WhichOneof("response") == "error"
+    assert inline.error.code.startswith("FORBIDDEN: caller is not a declared participant")
+    call.cancel()
     for token, sub_sid, code in (
-        ("eve", sid, grpc.StatusCode.PERMISSION_DENIED),
+        ("eve", sid, grpc.StatusCode.UNAUTHENTICATED),  # unknown token: the call fails at once
         ("coordinator", new_sid(), grpc.StatusCode.NOT_FOUND),
     ):
         call = stub.StreamSession(metadata=md(token), timeout=T)
@@ -530,21 +525,25 @@ async def test_registries_and_health(
     assert (
         await stub.RegisterPolicy(
             policy_pb2.RegisterPolicyRequest(policy_descriptor=policy),
-            metadata=md("admin"),
+            metadata=md("coordinator"),
             timeout=T,
         )
     ).ok
-    got = await stub.GetPolicy(policy_pb2.GetPolicyRequest(policy_id="p.1"), timeout=T)
+    got = await stub.GetPolicy(policy_pb2.GetPolicyRequest(policy_id="p.1"),
+                               metadata=md("alice"), timeout=T)
     assert got.policy_descriptor.mode == DECISION
-    listed = await stub.ListPolicies(policy_pb2.ListPoliciesRequest(mode=DECISION), timeout=T)
+    listed = await stub.ListPolicies(policy_pb2.ListPoliciesRequest(mode=DECISION),
+                                     metadata=md("alice"), timeout=T)
     assert [d.policy_id for d in listed.descriptors] == ["p.1"]
     assert (
         await stub.UnregisterPolicy(
-            policy_pb2.UnregisterPolicyRequest(policy_id="p.1"), metadata=md("admin"), timeout=T
+            policy_pb2.UnregisterPolicyRequest(policy_id="p.1"), metadata=md("coordinator"),
+            timeout=T,
         )
     ).ok
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.GetPolicy(policy_pb2.GetPolicyRequest(policy_id="p.1"), timeout=T)
+        await stub.GetPolicy(policy_pb2.GetPolicyRequest(policy_id="p.1"), metadata=md("alice"),
+                             timeout=T)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
     mode = core_pb2.ModeDescriptor(
@@ -555,13 +554,14 @@ async def test_registries_and_health(
     )
     assert (
         await stub.RegisterExtMode(
-            core_pb2.RegisterExtModeRequest(mode_descriptor=mode), metadata=md("admin"), timeout=T
+            core_pb2.RegisterExtModeRequest(mode_descriptor=mode), metadata=md("coordinator"),
+            timeout=T,
         )
     ).ok
     ext = await stub.ListExtModes(core_pb2.ListExtModesRequest(), timeout=T)
     assert [m.mode for m in ext.modes] == ["ext.vote.v1"]
     promoted = await stub.PromoteMode(
-        core_pb2.PromoteModeRequest(mode="ext.vote.v1"), metadata=md("admin"), timeout=T
+        core_pb2.PromoteModeRequest(mode="ext.vote.v1"), metadata=md("coordinator"), timeout=T
     )
     assert promoted.ok and promoted.mode == "ext.vote.v1"
     modes = await stub.ListModes(core_pb2.ListModesRequest(), timeout=T)
@@ -631,7 +631,7 @@ async def test_hang_mode_deadline_and_cancel_observed(
 async def test_state_file_replay_after_restart(tmp_path: Path) -> None:
     path = str(tmp_path / "pod-0.json")
     open_sid, done_sid = new_sid(), new_sid()
-    pod = SimPod("pod-0", state_file=path)
+    pod = SimPod("pod-0", state_file=path, **pod_options())
     await pod.start()
     address = pod.address
     async with grpc.aio.insecure_channel(address) as channel:
@@ -644,7 +644,7 @@ async def test_state_file_replay_after_restart(tmp_path: Path) -> None:
 
     await pod.start()  # same object: reloads from the file, same address
     assert pod.address == address
-    restarted = SimPod("pod-0", state_file=path)
+    restarted = SimPod("pod-0", state_file=path, **pod_options())
     await restarted.start()
     try:
         for p in (pod, restarted):
@@ -653,8 +653,9 @@ async def test_state_file_replay_after_restart(tmp_path: Path) -> None:
                 call = stub.WatchSessions(
                     core_pb2.WatchSessionsRequest(), metadata=md("router"), timeout=T
                 )
-                ev = await next_event(call)
-                assert (ev.event_type, ev.session.session_id) == (Ev.EVENT_TYPE_CREATED, open_sid)
+                snapshot = [await next_event(call), await next_event(call)]
+                assert [(e.event_type, e.session.session_id) for e in snapshot] == [
+                    (Ev.EVENT_TYPE_CREATED, open_sid), (Ev.EVENT_TYPE_CREATED, done_sid)]
                 call.cancel()
                 dup = await send(stub, start)  # dedup state survives the restart
                 assert dup.ok and dup.duplicate
@@ -683,7 +684,7 @@ async def test_without_state_file_restart_forgets(pod: SimPod) -> None:
 
 async def test_state_file_written_behind_without_stop(tmp_path: Path) -> None:
     path = tmp_path / "pod-1.json"
-    async with SimPod("pod-1", state_file=str(path)) as pod:
+    async with SimPod("pod-1", state_file=str(path), **pod_options()) as pod:
         async with grpc.aio.insecure_channel(pod.address) as channel:
             stub = core_pb2_grpc.MACPRuntimeServiceStub(channel)
             sid = new_sid()
@@ -702,7 +703,7 @@ async def test_state_file_written_behind_without_stop(tmp_path: Path) -> None:
 
 async def test_serve_pod_logs_ready_and_stops_on_cancel(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="router.sim")
-    task = asyncio.ensure_future(serve_pod("127.0.0.1:0", "pod-7", None))
+    task = asyncio.ensure_future(serve_pod("127.0.0.1:0", "pod-7", None, allow_insecure=True))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + T
     while not [r for r in caplog.records if "ready" in r.getMessage()]:
@@ -726,7 +727,7 @@ async def test_serve_pod_process_exits_cleanly_on_sigterm() -> None:
     code = (
         "import asyncio, logging; from router.sim import serve_pod; "
         "logging.basicConfig(level=logging.INFO); "
-        "asyncio.run(serve_pod('127.0.0.1:0', 'pod-9', None))"
+        "asyncio.run(serve_pod('127.0.0.1:0', 'pod-9', None, allow_insecure=True))"
     )
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", code, stderr=asyncio.subprocess.PIPE

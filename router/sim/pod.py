@@ -1,27 +1,56 @@
 """A simulated MACP runtime pod: an in-memory `macp.v1.MACPRuntimeService` on grpc.aio.
 
-Job: stand in for one real runtime pod (github multiagentcoordinationprotocol/runtime) in
-tests, the demo and load tests, faithfully enough that the Python SDK and the router cannot tell
-the difference on the paths the router cares about: session placement (SessionStart),
-per-session routing (Send, StreamSession, GetSession, Cancel/Suspend/Resume), fan-out reads
-(ListSessions paging, WatchSessions, WatchSignals) and broadcast registries (policies, ext modes).
+Job: stand in for one macp-runtime v0.6.1 pod in tests, the demo and load tests, faithfully
+enough that the Python SDK and the router cannot tell the difference on the paths the router
+cares about: session placement (SessionStart), per-session routing (Send, StreamSession,
+GetSession, Cancel/Suspend/Resume), fan-out reads (ListSessions, WatchSessions, WatchSignals)
+and broadcast registries (policies, ext modes). `docs/runtime-compat.md` lists every behaviour,
+the runtime source it comes from and the test that covers it.
+
+By default the pod is as strict as the runtime:
+- Auth where the runtime requires it (token entries in the runtime's MACP_AUTH_TOKENS_JSON
+  shape, `router.sim.auth`; no built-in observers). With no entries the pod refuses to start
+  unless `allow_insecure` (dev mode: any bearer token is a full identity named by the token);
+  plaintext also needs `allow_insecure`, as the runtime requires TLS otherwise.
+- Per-sender rate limits on (60 starts / 600 messages per minute); RATE_LIMITED.
+- WatchSessions' snapshot holds every in-memory session, terminal ones too; ListSessions is
+  one unpaged reply (page_size / page_token ignored).
+- Registries live in memory only (empty after a restart; the state file holds sessions only);
+  duplicates are answered in-band (`ok=false`, "... is already registered"); writes need
+  `can_manage_mode_registry` (PERMISSION_DENIED); with `policies_dir` set, Register/
+  UnregisterPolicy are FAILED_PRECONDITION.
+- StreamSession ends the stream for UNAUTHENTICATED, INTERNAL, RESOURCE_EXHAUSTED,
+  INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS and answers every other error inline with a
+  `MACPError` whose code and message are the status message (an unknown session:
+  "UnknownSession"), keeping the stream open.
+- SessionStart ids must be a lowercase UUID v4/v7 or base64url of 22+ chars (INVALID_SESSION_ID).
+- Session-scoped Progress is accepted without looking the session up.
+- grpc.health.v1 always answers SERVING (`health=False` removes the service, as in runtimes
+  built before it existed: Health/Check is UNIMPLEMENTED).
+- At most 128 concurrent streams per connection (HTTP/2 setting) and 64 requests in flight per
+  connection (more wait in a queue, as tonic's concurrency limit does).
+- Terminal sessions are evicted silently from memory `session_retention_s` (3600) after they
+  started, by a sweep every `cleanup_interval_s` (60).
+Kinder behaviour exists only behind explicit constructor arguments (raised rate limits,
+`allow_insecure` dev mode, a shorter retention) that tests and the demo name.
 
 Invariants:
 - The event loop is the only lock: every state change and its lifecycle event happen in one
   synchronous step, so a WatchSessions subscriber registered together with its snapshot sees
   every later change exactly once and nothing twice.
 - Protocol errors of Send come back inside a gRPC OK (`Ack.ok == false`, registry code in
-  `Ack.error.code`); errors of the other RPCs are gRPC statuses carrying the registry code in
-  the `macp-error-code` trailer, as runtime >= 0.9 does.
-- A session id maps to one record for the pod's life; records are never deleted (terminal
-  sessions stay listable and readable, like the runtime's registry).
-- The per-call path is O(1) in the number of sessions (ListSessions is O(page)); no per-call
-  logging. Persistence is write-behind with a short debounce and flushed on stop.
+  `Ack.error.code`); errors of the other RPCs are gRPC statuses (the sim adds the registry code
+  in a `macp-error-code` trailer for tests; the runtime sends no such trailer and nothing in the
+  router reads it).
+- The per-call path is O(1) in the number of sessions (ListSessions and the snapshot are
+  O(sessions), as the runtime's are); no per-call logging. Persistence is write-behind with a
+  short debounce and flushed on stop.
 - Every task and timer the pod creates is referenced by the pod and cancelled on stop.
 
 Instrumentation for tests: `calls` (Counter per method), `cancelled_calls` (Counter per method
 of handlers that observed a client cancellation or deadline), `hang` (every MACP method awaits
-forever while set; health is unaffected), `drop_watchers()`, `sessions` (sid -> SessionRecord).
+forever while set; health is unaffected), `drop_watchers()`, `sessions` (sid -> SessionRecord),
+`max_in_flight` (the most requests seen in flight on one connection).
 """
 
 from __future__ import annotations
@@ -37,7 +66,8 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -46,11 +76,22 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from macp.v1 import core_pb2, core_pb2_grpc, envelope_pb2, policy_pb2
 
+from router.sim.auth import (
+    DEFAULT_MESSAGE_LIMIT_PER_MINUTE,
+    DEFAULT_START_LIMIT_PER_MINUTE,
+    Identity,
+    RateLimiter,
+    bearer_token,
+    dev_identity,
+    load_token_file,
+    parse_token_entries,
+)
+
 log = logging.getLogger("router.sim")
 
 SERVICE_NAME = "macp.v1.MACPRuntimeService"
 PROTOCOL_VERSION = "1.0"
-RUNTIME_VERSION = "0.9.0-sim"
+RUNTIME_VERSION = "0.6.1-sim"
 HALF_CLOSE_GRACE_S = 0.01
 
 MODE_DECISION = "macp.mode.decision.v1"
@@ -92,10 +133,14 @@ STANDARD_MODES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 MAX_TTL_MS = 24 * 60 * 60 * 1000
 DEFAULT_MAX_SUSPEND_MS = 7 * 24 * 60 * 60 * 1000
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 WATCH_QUEUE_LIMIT = 10_000
 PERSIST_DEBOUNCE_S = 0.05
+# src/main.rs defaults: MACP_MAX_CONCURRENT_STREAMS, MACP_CONCURRENCY_LIMIT_PER_CONNECTION,
+# MACP_SESSION_RETENTION_SECS, MACP_CLEANUP_INTERVAL_SECS.
+MAX_CONCURRENT_STREAMS = 128
+CONCURRENCY_LIMIT_PER_CONNECTION = 64
+SESSION_RETENTION_S = 3600.0
+CLEANUP_INTERVAL_S = 60.0
 
 # Registry error codes (macp_sdk.errors / runtime macp-core error.rs).
 SESSION_ALREADY_EXISTS = "SESSION_ALREADY_EXISTS"
@@ -109,6 +154,16 @@ FORBIDDEN = "FORBIDDEN"
 INVALID_REQUEST = "INVALID_REQUEST"
 AGENT_NOT_FOUND = "AGENT_NOT_FOUND"
 STREAM_LAGGED = "STREAM_LAGGED"
+INVALID_SESSION_ID = "INVALID_SESSION_ID"
+RATE_LIMITED = "RATE_LIMITED"
+
+# StreamSession: statuses that end the stream; any other error is answered inline
+# (src/server.rs is_stream_terminal_error).
+STREAM_TERMINAL_CODES = frozenset({
+    grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
+})
 
 State = envelope_pb2.SessionState
 OPEN = envelope_pb2.SESSION_STATE_OPEN
@@ -242,7 +297,8 @@ def _ack(
     )
     if code is not None:
         ack.error.code = code
-        ack.error.message = message or code
+        known = _RUNTIME_ERRORS.get(code)
+        ack.error.message = known[0] if known is not None else (message or code)
         ack.error.session_id = env.session_id
         ack.error.message_id = env.message_id
     return ack
@@ -256,16 +312,30 @@ def _control_ack(
     )
 
 
-def _identity_of(context: grpc.aio.ServicerContext) -> str:
-    """The bearer token of the call ("" when absent)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            if isinstance(value, bytes):
-                value = value.decode("utf-8", "replace")
-            if value[:7].lower() == "bearer ":
-                return value[7:].strip()
-            return ""
-    return ""
+def _token_of(context: grpc.aio.ServicerContext) -> str | None:
+    """The call's bearer token as the runtime reads it (None when absent)."""
+    return bearer_token(context.invocation_metadata())
+
+
+_B64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def valid_session_id(session_id: str) -> bool:
+    """The runtime's acceptance rule for a new session id (macp-core session.rs).
+
+    A canonical lowercase hyphenated UUID v4 or v7, or base64url (`[A-Za-z0-9_-]`) of 22+
+    characters; a 36-character string that parses as a UUID is held to the UUID rule only.
+    """
+    if not session_id:
+        return False
+    if len(session_id) == 36 and "-" in session_id:
+        try:
+            parsed = uuid.UUID(session_id)
+        except ValueError:
+            parsed = None
+        if parsed is not None:
+            return str(parsed) == session_id and parsed.version in (4, 7)
+    return len(session_id) >= 22 and all(c in _B64URL for c in session_id)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -280,9 +350,10 @@ def _unary(fn: F) -> F:
         pod = self.pod
         pod.calls[name] += 1
         try:
-            if pod.hang:
-                await pod._hang_forever()
-            return await fn(self, request, context)
+            async with pod._connection_slot(context):
+                if pod.hang:
+                    await pod._hang_forever()
+                return await fn(self, request, context)
         except _Abort as exc:
             await _send_abort(context, exc)
         except asyncio.CancelledError:
@@ -303,6 +374,10 @@ def _streaming(fn: F) -> F:
         pod = self.pod
         pod.calls[name] += 1
         try:
+            # tonic's per-connection limit holds a slot until the handler hands back its
+            # response stream (right after auth), not for the stream's life.
+            async with pod._connection_slot(context):
+                pass
             if pod.hang:
                 await pod._hang_forever()
             async for item in fn(self, request, context):
@@ -335,8 +410,55 @@ def _status(code: grpc.StatusCode, details: str, macp_code: str | None = None) -
     return _Abort(code, details, macp_code)
 
 
+# Registry code -> the runtime's MacpError display string and the status `status_from_error`
+# gives it (src/server.rs); Ack.error.message carries the display string, as the runtime's does.
+PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+_RUNTIME_ERRORS: dict[str, tuple[str, grpc.StatusCode]] = {
+    UNSUPPORTED_PROTOCOL_VERSION: ("InvalidMacpVersion", grpc.StatusCode.FAILED_PRECONDITION),
+    INVALID_ENVELOPE: ("InvalidEnvelope", grpc.StatusCode.FAILED_PRECONDITION),
+    SESSION_ALREADY_EXISTS: ("SessionAlreadyExists", grpc.StatusCode.ALREADY_EXISTS),
+    SESSION_NOT_FOUND: ("UnknownSession", grpc.StatusCode.FAILED_PRECONDITION),
+    SESSION_NOT_OPEN: ("SessionNotOpen", grpc.StatusCode.FAILED_PRECONDITION),
+    MODE_NOT_SUPPORTED: ("UnknownMode", grpc.StatusCode.FAILED_PRECONDITION),
+    FORBIDDEN: ("Forbidden", grpc.StatusCode.PERMISSION_DENIED),
+    UNAUTHENTICATED: ("Unauthenticated", grpc.StatusCode.UNAUTHENTICATED),
+    PAYLOAD_TOO_LARGE: ("PayloadTooLarge", grpc.StatusCode.RESOURCE_EXHAUSTED),
+    RATE_LIMITED: ("RateLimited", grpc.StatusCode.RESOURCE_EXHAUSTED),
+    INVALID_SESSION_ID: ("InvalidSessionId", grpc.StatusCode.INVALID_ARGUMENT),
+}
+
+
+def _error_status(code: str) -> _Abort:
+    """The status the runtime raises for a registry error code outside Send."""
+    display, status = _RUNTIME_ERRORS.get(code, (code, grpc.StatusCode.FAILED_PRECONDITION))
+    return _Abort(status, display, code)
+
+
 def _not_found(session_id: str) -> _Abort:
     return _Abort(grpc.StatusCode.NOT_FOUND, f"Session '{session_id}' not found", SESSION_NOT_FOUND)
+
+
+class _Health(health.aio.HealthServicer):
+    """grpc.health.v1 whose Check waits for a connection slot like every runtime request."""
+
+    def __init__(self, pod: SimPod) -> None:
+        super().__init__()
+        self._pod = pod
+
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async with self._pod._connection_slot(context):
+            return await super().Check(request, context)
+
+
+class _ConnSlots:
+    """The in-flight requests of one client connection (tonic concurrency_limit_per_connection)."""
+
+    __slots__ = ("active", "sem", "users")
+
+    def __init__(self, limit: int) -> None:
+        self.sem = asyncio.Semaphore(limit)
+        self.users = 0
+        self.active = 0
 
 
 class _Servicer(core_pb2_grpc.MACPRuntimeServiceServicer):
@@ -381,13 +503,13 @@ class _Servicer(core_pb2_grpc.MACPRuntimeServiceServicer):
                 "SendRequest must contain an envelope",
                 INVALID_REQUEST,
             )
-        return core_pb2.SendResponse(ack=self.pod._process(request.envelope, _identity_of(context)))
+        return core_pb2.SendResponse(ack=self.pod._send(request.envelope, _token_of(context)))
 
     @_unary
     async def GetSession(
         self, request: core_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> core_pb2.GetSessionResponse:
-        rec = self.pod._access(request.session_id, _identity_of(context))
+        rec = self.pod._access(request.session_id, _token_of(context))
         out = core_pb2.GetSessionResponse()
         out.metadata.CopyFrom(rec.metadata)
         return out
@@ -396,36 +518,36 @@ class _Servicer(core_pb2_grpc.MACPRuntimeServiceServicer):
     async def CancelSession(
         self, request: core_pb2.CancelSessionRequest, context: grpc.aio.ServicerContext
     ) -> core_pb2.CancelSessionResponse:
-        ack = self.pod._control(request.session_id, _identity_of(context), "cancel")
+        ack = self.pod._control(request.session_id, _token_of(context), "cancel")
         return core_pb2.CancelSessionResponse(ack=ack)
 
     @_unary
     async def SuspendSession(
         self, request: core_pb2.SuspendSessionRequest, context: grpc.aio.ServicerContext
     ) -> core_pb2.SuspendSessionResponse:
-        ack = self.pod._control(request.session_id, _identity_of(context), "suspend")
+        ack = self.pod._control(request.session_id, _token_of(context), "suspend")
         return core_pb2.SuspendSessionResponse(ack=ack)
 
     @_unary
     async def ResumeSession(
         self, request: core_pb2.ResumeSessionRequest, context: grpc.aio.ServicerContext
     ) -> core_pb2.ResumeSessionResponse:
-        ack = self.pod._control(request.session_id, _identity_of(context), "resume")
+        ack = self.pod._control(request.session_id, _token_of(context), "resume")
         return core_pb2.ResumeSessionResponse(ack=ack)
 
     @_unary
     async def ListSessions(
         self, request: core_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
     ) -> core_pb2.ListSessionsResponse:
-        self.pod._authenticate(_identity_of(context))
-        return self.pod._list_sessions(request)
+        self.pod._authenticate(_token_of(context))
+        return self.pod._list_sessions()
 
     @_streaming
     async def WatchSessions(
         self, request: core_pb2.WatchSessionsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[core_pb2.WatchSessionsResponse]:
         pod = self.pod
-        pod._authenticate(_identity_of(context))
+        pod._authenticate(_token_of(context))
         await context.send_initial_metadata(())  # headers now, as tonic does
         sub = _Sub()
         snapshot = pod._snapshot_events()  # taken together with the subscription: no gap
@@ -443,7 +565,7 @@ class _Servicer(core_pb2_grpc.MACPRuntimeServiceServicer):
         self, request: core_pb2.WatchSignalsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[core_pb2.WatchSignalsResponse]:
         pod = self.pod
-        pod._authenticate(_identity_of(context))
+        pod._authenticate(_token_of(context))
         await context.send_initial_metadata(())
         sub = _Sub()
         pod._signal_watchers.add(sub)
@@ -460,8 +582,9 @@ class _Servicer(core_pb2_grpc.MACPRuntimeServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[core_pb2.StreamSessionResponse]:
         pod = self.pod
+        identity = pod._authenticate(_token_of(context))  # before any frame, as the runtime
         await context.send_initial_metadata(())
-        stream = _SessionStream(pod, _identity_of(context))
+        stream = _SessionStream(pod, identity)
         reader = pod._spawn(stream.read(request_iterator))
         try:
             async for item in stream.out.items_until_closed():
@@ -485,41 +608,44 @@ class _Servicer(core_pb2_grpc.MACPRuntimeServiceServicer):
     async def RegisterExtMode(
         self, request: core_pb2.RegisterExtModeRequest, context: grpc.aio.ServicerContext
     ) -> core_pb2.RegisterExtModeResponse:
-        self.pod._authenticate(_identity_of(context))
+        self.pod._authorize_registry(_token_of(context))
         return self.pod._register_ext_mode(request.mode_descriptor)
 
     @_unary
     async def UnregisterExtMode(
         self, request: core_pb2.UnregisterExtModeRequest, context: grpc.aio.ServicerContext
     ) -> core_pb2.UnregisterExtModeResponse:
-        self.pod._authenticate(_identity_of(context))
+        self.pod._authorize_registry(_token_of(context))
         return self.pod._unregister_ext_mode(request.mode)
 
     @_unary
     async def PromoteMode(
         self, request: core_pb2.PromoteModeRequest, context: grpc.aio.ServicerContext
     ) -> core_pb2.PromoteModeResponse:
-        self.pod._authenticate(_identity_of(context))
+        self.pod._authorize_registry(_token_of(context))
         return self.pod._promote_mode(request.mode, request.promoted_mode_name)
 
     @_unary
     async def RegisterPolicy(
         self, request: policy_pb2.RegisterPolicyRequest, context: grpc.aio.ServicerContext
     ) -> policy_pb2.RegisterPolicyResponse:
-        self.pod._authenticate(_identity_of(context))
+        self.pod._check_policies_writable()
+        self.pod._authorize_registry(_token_of(context))
         return self.pod._register_policy(request.policy_descriptor)
 
     @_unary
     async def UnregisterPolicy(
         self, request: policy_pb2.UnregisterPolicyRequest, context: grpc.aio.ServicerContext
     ) -> policy_pb2.UnregisterPolicyResponse:
-        self.pod._authenticate(_identity_of(context))
+        self.pod._check_policies_writable()
+        self.pod._authorize_registry(_token_of(context))
         return self.pod._unregister_policy(request.policy_id)
 
     @_unary
     async def GetPolicy(
         self, request: policy_pb2.GetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> policy_pb2.GetPolicyResponse:
+        self.pod._authenticate(_token_of(context))
         desc = self.pod.policies.get(request.policy_id)
         if desc is None:
             raise _status(
@@ -533,6 +659,7 @@ class _Servicer(core_pb2_grpc.MACPRuntimeServiceServicer):
     async def ListPolicies(
         self, request: policy_pb2.ListPoliciesRequest, context: grpc.aio.ServicerContext
     ) -> policy_pb2.ListPoliciesResponse:
+        self.pod._authenticate(_token_of(context))
         descs = [
             d for d in self.pod.policies.values() if not request.mode or d.mode == request.mode
         ]
@@ -540,30 +667,46 @@ class _Servicer(core_pb2_grpc.MACPRuntimeServiceServicer):
 
 
 class _SessionStream:
-    """State of one StreamSession call: the bound session and the outgoing mailbox."""
+    """State of one StreamSession call: the bound session and the outgoing mailbox.
 
-    __slots__ = ("bound", "out", "pod", "sender", "token")
+    Frames are handled as the runtime's `process_stream_request` does: a status in
+    `STREAM_TERMINAL_CODES` ends the stream; any other error is sent inline as a `MACPError`
+    (code and message = the status message, session_id = the bound session) and the stream
+    stays open. The stream binds to the first envelope's session id before it is processed,
+    known or not; accepted envelopes of the bound session are streamed back (the start too).
+    """
 
-    def __init__(self, pod: SimPod, token: str) -> None:
+    __slots__ = ("bound", "bound_sid", "identity", "out", "pod")
+
+    def __init__(self, pod: SimPod, identity: Identity) -> None:
         self.pod = pod
-        self.token = token
-        self.sender = pod._sender_of(token)
+        self.identity = identity
         self.out = _Sub()
         self.bound: SessionRecord | None = None
+        self.bound_sid: str | None = None
 
     def unbind(self) -> None:
         if self.bound is not None:
             self.bound.subs.discard(self.out)
 
-    def _bind(self, rec: SessionRecord) -> None:
-        if self.bound is None:
-            self.bound = rec
-            rec.subs.add(self.out)
+    def _bind(self, sid: str) -> None:
+        if self.bound_sid is None:
+            self.bound_sid = sid
+        if self.bound is None and sid == self.bound_sid:
+            rec = self.pod.sessions.get(sid)
+            if rec is not None:
+                self.bound = rec
+                rec.subs.add(self.out)
 
     async def read(self, frames: AsyncIterator[core_pb2.StreamSessionRequest]) -> None:
         try:
             async for frame in frames:
-                self._frame(frame)
+                try:
+                    self._frame(frame)
+                except _Abort as exc:
+                    if exc.code in STREAM_TERMINAL_CODES:
+                        raise
+                    self._inline(exc.details)
             # grpc.aio ends a cancelled call's request stream just like a half-close, and the
             # cancellation reaches the handler a moment later; the real runtime tells the two
             # apart, so wait that moment before treating the end as a half-close.
@@ -576,6 +719,13 @@ class _SessionStream:
         except Exception as exc:  # a broken request stream; end the call rather than hang
             self.out.push(_Abort(grpc.StatusCode.INTERNAL, f"StreamSession read failed: {exc}"))
 
+    def _inline(self, text: str) -> None:
+        err = core_pb2.StreamSessionResponse()
+        err.error.code = text
+        err.error.message = text
+        err.error.session_id = self.bound_sid or ""
+        self.out.push(err)
+
     def _frame(self, frame: core_pb2.StreamSessionRequest) -> None:
         pod = self.pod
         if frame.subscribe_session_id:
@@ -583,17 +733,17 @@ class _SessionStream:
                 raise _Abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     "StreamSessionRequest must not contain both envelope and subscribe_session_id",
-                    INVALID_REQUEST,
                 )
             sid = frame.subscribe_session_id
-            if self.bound is not None and self.bound.session_id != sid:
+            if self.bound_sid is not None and self.bound_sid != sid:
                 raise _Abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     "StreamSession may only carry envelopes for one session_id",
-                    INVALID_REQUEST,
                 )
-            rec = pod._access_as(sid, self.sender)
-            self._bind(rec)
+            rec = pod._access_as(sid, self.identity,
+                                 forbidden="FORBIDDEN: caller is not a declared participant or "
+                                           "observer for this session")
+            self._bind(sid)
             for env in rec.log[frame.after_sequence :]:
                 self.out.push(core_pb2.StreamSessionResponse(envelope=env))
             return
@@ -601,46 +751,76 @@ class _SessionStream:
             raise _Abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "StreamSessionRequest must contain an envelope or subscribe_session_id",
-                INVALID_REQUEST,
             )
         env = frame.envelope
-        if not env.session_id:
-            raise _Abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "StreamSession requires a non-empty session_id",
-                INVALID_ENVELOPE,
-            )
-        if self.bound is not None and self.bound.session_id != env.session_id:
+        code = pod._shape_error(env)
+        if code is not None:
+            raise _error_status(code)
+        if not env.session_id.strip():
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         "StreamSession requires a non-empty session_id")
+        if not env.mode.strip():
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         "StreamSession requires a non-empty mode")
+        if self.bound_sid is not None and self.bound_sid != env.session_id:
             raise _Abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "StreamSession may only carry envelopes for one session_id",
-                INVALID_REQUEST,
             )
-        if env.sender and env.sender != self.sender:
-            raise _Abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "envelope sender does not match the authenticated identity",
-                UNAUTHENTICATED,
-            )
-        rec = pod.sessions.get(env.session_id)
-        if rec is not None:
-            self._bind(rec)
-        ack = pod._process(env, self.token)
-        if rec is None and ack.ok:
+        identity = self.identity
+        if env.sender and env.sender != identity.sender:
+            raise _error_status(UNAUTHENTICATED)
+        if env.sender != identity.sender:
+            accepted = envelope_pb2.Envelope()
+            accepted.CopyFrom(env)
+            accepted.sender = identity.sender
+            env = accepted
+        start = env.message_type == "SessionStart"
+        if not start:
             rec = pod.sessions.get(env.session_id)
-            if rec is not None and self.bound is None:
-                # Started by this frame: bind, then deliver the start envelope just broadcast.
-                self._bind(rec)
-                self.out.push(core_pb2.StreamSessionResponse(envelope=rec.log[0]))
+            if rec is not None:
+                pod._maybe_expire(rec)
+                if env.mode != rec.metadata.mode:
+                    raise _Abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "INVALID_ENVELOPE: envelope mode does not match the bound session mode",
+                    )
+                if rec.metadata.state != OPEN:
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "SESSION_NOT_OPEN")
+        code = pod._authorize_and_limit(identity, env)
+        if code is not None:
+            raise _error_status(code)
+        self._bind(env.session_id)
+        existed = self.bound is not None
+        ack = pod._apply(env, identity)
         if not ack.ok:
-            self.out.push(core_pb2.StreamSessionResponse(error=ack.error))
+            raise _error_status(ack.error.code)
+        if not existed:
+            self._bind(env.session_id)
+            if self.bound is not None and start and not ack.duplicate:
+                # Started by this frame: the start envelope was broadcast before we subscribed.
+                self.out.push(core_pb2.StreamSessionResponse(envelope=self.bound.log[0]))
 
 
 class SimPod:
     """One simulated runtime pod. See the module docstring for behaviour and invariants.
 
     Public attributes: `name`, `port`, `address` (after start), `calls`, `cancelled_calls`,
-    `hang`, `sessions`, `observers`, `policies`, `ext_modes`, `promoted_modes`.
+    `hang`, `sessions`, `identities`, `policies`, `ext_modes`, `promoted_modes`,
+    `max_in_flight`, `queued_calls`.
+
+    Configuration (each argument is the runtime's environment variable of the same meaning):
+    `auth_tokens` (MACP_AUTH_TOKENS_JSON: JSON text or parsed entries), `auth_tokens_file`
+    (MACP_AUTH_TOKENS_FILE), `allow_insecure` (MACP_ALLOW_INSECURE=1: plaintext, and dev-mode
+    auth when no tokens are configured), `start_limit_per_minute` /
+    `message_limit_per_minute` (MACP_SESSION_START_LIMIT_PER_MINUTE /
+    MACP_MESSAGE_LIMIT_PER_MINUTE), `policies_dir` (MACP_POLICIES_DIR: the policy registry is
+    read-only; the directory itself is not read), `max_concurrent_streams`
+    (MACP_MAX_CONCURRENT_STREAMS), `concurrency_limit_per_connection`
+    (MACP_CONCURRENCY_LIMIT_PER_CONNECTION), `session_retention_s`
+    (MACP_SESSION_RETENTION_SECS), `cleanup_interval_s` (MACP_CLEANUP_INTERVAL_SECS),
+    `max_payload_bytes` (MACP_MAX_PAYLOAD_BYTES). `health=False` is a runtime built before
+    grpc.health.v1 existed.
     """
 
     def __init__(
@@ -649,10 +829,18 @@ class SimPod:
         listen: str = "127.0.0.1:0",
         *,
         state_file: str | None = None,
-        allow_insecure: bool = True,
-        observers: Iterable[str] = ("router", "observer"),
-        tokens: Mapping[str, str] | None = None,
-        snapshot_terminal: bool = False,
+        auth_tokens: str | Sequence[Mapping[str, Any]] | Mapping[str, Any] | None = None,
+        auth_tokens_file: str | None = None,
+        allow_insecure: bool = False,
+        start_limit_per_minute: int = DEFAULT_START_LIMIT_PER_MINUTE,
+        message_limit_per_minute: int = DEFAULT_MESSAGE_LIMIT_PER_MINUTE,
+        policies_dir: str | None = None,
+        health: bool = True,
+        max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
+        concurrency_limit_per_connection: int = CONCURRENCY_LIMIT_PER_CONNECTION,
+        session_retention_s: float = SESSION_RETENTION_S,
+        cleanup_interval_s: float = CLEANUP_INTERVAL_S,
+        max_payload_bytes: int = 1_048_576,
         server_credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         self.name = name
@@ -660,18 +848,33 @@ class SimPod:
         self.listen = listen
         self.state_file = state_file
         self.allow_insecure = allow_insecure
-        self.observers = frozenset(observers)
-        self.tokens = dict(tokens) if tokens is not None else None
-        self.snapshot_terminal = snapshot_terminal
+        self.identities: dict[str, Identity] = {}
+        if auth_tokens is not None:
+            self.identities.update(parse_token_entries(auth_tokens))
+        if auth_tokens_file is not None and auth_tokens is None:  # the JSON wins, as env does
+            self.identities.update(load_token_file(auth_tokens_file))
+        self.start_limit_per_minute = start_limit_per_minute
+        self.message_limit_per_minute = message_limit_per_minute
+        self.rate_limits = RateLimiter(start_limit_per_minute, message_limit_per_minute)
+        self.policies_read_only = policies_dir is not None
+        self.health_enabled = health
+        self.max_concurrent_streams = max_concurrent_streams
+        self.concurrency_limit_per_connection = concurrency_limit_per_connection
+        self.session_retention_s = session_retention_s
+        self.cleanup_interval_s = cleanup_interval_s
+        self.max_payload_bytes = max_payload_bytes
+        self.max_in_flight = 0
+        self.queued_calls = 0
+        self._conn_slots: dict[str, _ConnSlots] = {}
 
         self.port: int = 0
         self.address: str = ""
         self.calls: collections.Counter[str] = collections.Counter()
         self.cancelled_calls: collections.Counter[str] = collections.Counter()
-        self.hang = False
+        self._hang = False
+        self._hang_waiters: set[asyncio.Future[None]] = set()
 
-        self.sessions: dict[str, SessionRecord] = {}
-        self._order: list[str] = []  # creation order: the ListSessions cursor space
+        self.sessions: dict[str, SessionRecord] = {}  # in creation order
         self.policies: dict[str, policy_pb2.PolicyDescriptor] = {}
         self.ext_modes: dict[str, core_pb2.ModeDescriptor] = {}
         self.promoted_modes: dict[str, core_pb2.ModeDescriptor] = {}
@@ -692,14 +895,21 @@ class SimPod:
     async def start(self) -> None:
         if self._server is not None:
             raise RuntimeError(f"pod {self.name} already started")
+        self._check_startup_config()
         self._stopping = False
         self._reset_state()
         if self.state_file:
             self._load_state()
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+            ("grpc.max_receive_message_length", self.max_payload_bytes + 64 * 1024),
+        ])
         core_pb2_grpc.add_MACPRuntimeServiceServicer_to_server(_Servicer(self), server)
-        self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self._health = None
+        if self.health_enabled:
+            self._health = _Health(self)
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         listen = self.listen
         host, _, port_s = listen.rpartition(":")
         if self.port and port_s == "0":  # a restart keeps its address
@@ -714,17 +924,81 @@ class SimPod:
         self.address = f"{connect_host}:{self.port}"
         await server.start()
         self._server = server
-        for service in ("", SERVICE_NAME):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self._health is not None:
+            for service in ("", SERVICE_NAME):
+                await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._arm_all_timers()
+        self._spawn(self._cleanup_loop())
+
+    def _check_startup_config(self) -> None:
+        """Refuse to start where the runtime refuses to (src/main.rs), with its reasons."""
+        if not self.identities and not self.allow_insecure:
+            raise RuntimeError(
+                f"pod {self.name}: no authentication configured: give auth_tokens / "
+                "auth_tokens_file (MACP_AUTH_TOKENS_JSON / MACP_AUTH_TOKENS_FILE), or opt into "
+                "dev-mode auth with allow_insecure (MACP_ALLOW_INSECURE=1, local development only)"
+            )
+        if self.server_credentials is None and not self.allow_insecure:
+            raise RuntimeError(
+                f"pod {self.name}: TLS is required unless allow_insecure (MACP_ALLOW_INSECURE=1): "
+                "give server_credentials or allow_insecure"
+            )
+
+    async def _cleanup_loop(self) -> None:
+        """The runtime's cleanup tick: evict terminal sessions past the retention window."""
+        while True:
+            await asyncio.sleep(self.cleanup_interval_s)
+            self.evict_stale_sessions()
+
+    def evict_stale_sessions(self) -> int:
+        """Drop terminal sessions started more than `session_retention_s` ago; no event.
+
+        The runtime removes them from memory only (its disk keeps them); the sim has no disk
+        beyond the state file, so they leave the state file too.
+        """
+        cutoff = now_ms() - int(self.session_retention_s * 1000)
+        stale = [sid for sid, rec in self.sessions.items()
+                 if rec.metadata.state in TERMINAL and rec.metadata.started_at_unix_ms < cutoff]
+        for sid in stale:
+            rec = self.sessions.pop(sid)
+            self._disarm(rec)
+            self._encoded.pop(sid, None)
+            self._dirty_sids.discard(sid)
+        if stale:
+            self._mark_dirty()
+            log.info("sim pod %s evicted %d stale sessions from memory", self.name, len(stale))
+        return len(stale)
+
+    @contextlib.asynccontextmanager
+    async def _connection_slot(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Hold one of the connection's in-flight slots; wait (queue) when all are taken."""
+        peer = context.peer()
+        slots = self._conn_slots.get(peer)
+        if slots is None:
+            slots = self._conn_slots[peer] = _ConnSlots(self.concurrency_limit_per_connection)
+        slots.users += 1
+        try:
+            if slots.sem.locked():
+                self.queued_calls += 1
+            async with slots.sem:
+                slots.active += 1
+                if slots.active > self.max_in_flight:
+                    self.max_in_flight = slots.active
+                try:
+                    yield
+                finally:
+                    slots.active -= 1
+        finally:
+            slots.users -= 1
+            if slots.users == 0:
+                self._conn_slots.pop(peer, None)
 
     async def stop(self, grace: float | None = 0) -> None:
         server = self._server
         if server is None:
             return
         self._stopping = True
-        if self._health is not None:
-            await self._health.enter_graceful_shutdown()
+        # No health flip here: the runtime answers SERVING until its server is gone.
         for sub in (*self._session_watchers, *self._signal_watchers):
             sub.close()
         await server.stop(grace)
@@ -784,7 +1058,10 @@ class SimPod:
             if rec.timer is not None:
                 rec.timer.cancel()
         self.sessions.clear()
-        self._order.clear()
+        self.policies.clear()  # registries live in memory only: a restart starts empty
+        self.ext_modes.clear()
+        self.promoted_modes.clear()
+        self._conn_slots.clear()
         self._dirty_sids.clear()
         self._encoded.clear()
         self._session_watchers.clear()
@@ -796,44 +1073,86 @@ class SimPod:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    @property
+    def hang(self) -> bool:
+        """While True every MACP method waits (health is unaffected); False releases them."""
+        return self._hang
+
+    @hang.setter
+    def hang(self, value: bool) -> None:
+        self._hang = value
+        if not value:
+            for waiter in self._hang_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._hang_waiters.clear()
+
     async def _hang_forever(self) -> None:
-        await asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._hang_waiters.add(waiter)
+        try:
+            await waiter
+        finally:
+            self._hang_waiters.discard(waiter)
 
     def _note_cancelled(self, method: str) -> None:
         if not self._stopping:
             self.cancelled_calls[method] += 1
 
     # ── auth ───────────────────────────────────────────────────────────
-    def _sender_of(self, token: str) -> str:
-        """Map a bearer token to the authenticated sender ("" = anonymous / unknown)."""
-        if not token:
-            return ""
-        if self.tokens is not None and token in self.tokens:
-            return self.tokens[token]
-        return token if self.allow_insecure else ""
+    def _identity(self, token: str | None) -> Identity | None:
+        """The caller's identity (None = UNAUTHENTICATED), as the runtime's resolver chain."""
+        if token is None:
+            return None
+        if self.identities:
+            if "." in token:  # JWT-shaped: the static resolver declines; no JWT resolver here
+                return None
+            return self.identities.get(token)
+        return dev_identity(token) if self.allow_insecure else None
 
-    def _authenticate(self, token: str) -> str:
-        sender = self._sender_of(token)
-        if not sender and not self.allow_insecure:
+    def _authenticate(self, token: str | None) -> Identity:
+        identity = self._identity(token)
+        if identity is None:
+            raise _status(grpc.StatusCode.UNAUTHENTICATED, "Unauthenticated", UNAUTHENTICATED)
+        return identity
+
+    def _authorize_registry(self, token: str | None) -> Identity:
+        identity = self._authenticate(token)
+        if not identity.can_manage_mode_registry:
+            raise _status(grpc.StatusCode.PERMISSION_DENIED, "Forbidden", FORBIDDEN)
+        return identity
+
+    def _check_policies_writable(self) -> None:
+        if self.policies_read_only:
             raise _status(
-                grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token", UNAUTHENTICATED
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "policy registry is read-only: policies are file-loaded via MACP_POLICIES_DIR",
             )
-        return sender
 
-    def _access(self, session_id: str, token: str) -> SessionRecord:
+    def _access(self, session_id: str, token: str | None) -> SessionRecord:
         """The session, if the caller may read it (GetSession / subscribe rules)."""
         return self._access_as(session_id, self._authenticate(token))
 
-    def _access_as(self, session_id: str, sender: str) -> SessionRecord:
+    def _access_as(self, session_id: str, identity: Identity,
+                   forbidden: str = "FORBIDDEN: session access denied") -> SessionRecord:
         rec = self.sessions.get(session_id)
         if rec is None:
             raise _not_found(session_id)
         self._maybe_expire(rec)
-        if not (sender and (sender in self.observers or sender in rec.members)):
-            raise _status(
-                grpc.StatusCode.PERMISSION_DENIED, "FORBIDDEN: session access denied", FORBIDDEN
-            )
+        if not (identity.is_observer or identity.sender in rec.members):
+            raise _status(grpc.StatusCode.PERMISSION_DENIED, forbidden, FORBIDDEN)
         return rec
+
+    def _authorize_and_limit(self, identity: Identity, env: envelope_pb2.Envelope) -> str | None:
+        """The runtime's authorize_mode then enforce_rate_limit: an error code or None."""
+        start = env.message_type == "SessionStart"
+        if start and not identity.can_start_sessions:
+            return FORBIDDEN
+        if identity.allowed_modes is not None and env.mode not in identity.allowed_modes:
+            return FORBIDDEN
+        if not self.rate_limits.allow(identity.sender, is_session_start=start):
+            return RATE_LIMITED
+        return None
 
     # ── Initialize & registries ─────────────────────────────────────────
     def _initialize(self, request: core_pb2.InitializeRequest) -> core_pb2.InitializeResponse:
@@ -867,7 +1186,7 @@ class SimPod:
                 mode_registry=core_pb2.ModeRegistryCapability(list_modes=True, list_changed=False),
                 roots=core_pb2.RootsCapability(list_roots=True, list_changed=False),
                 policy_registry=policy_pb2.PolicyRegistryCapability(
-                    register_policy=True,
+                    register_policy=not self.policies_read_only,
                     list_policies=True,
                     list_changed=False,
                     what_if_replay=False,
@@ -927,9 +1246,12 @@ class SimPod:
             return core_pb2.RegisterExtModeResponse(
                 ok=False, error="terminal_message_types must include Commitment"
             )
+        if desc.mode in self.ext_modes or desc.mode in self.promoted_modes:
+            return core_pb2.RegisterExtModeResponse(
+                ok=False, error=f"mode '{desc.mode}' is already registered"
+            )
         self.ext_modes[desc.mode] = core_pb2.ModeDescriptor()
         self.ext_modes[desc.mode].CopyFrom(desc)
-        self._mark_dirty()
         return core_pb2.RegisterExtModeResponse(ok=True)
 
     def _unregister_ext_mode(self, mode: str) -> core_pb2.UnregisterExtModeResponse:
@@ -937,7 +1259,6 @@ class SimPod:
             return core_pb2.UnregisterExtModeResponse(
                 ok=False, error=f"extension mode '{mode}' not registered"
             )
-        self._mark_dirty()
         return core_pb2.UnregisterExtModeResponse(ok=True)
 
     def _promote_mode(self, mode: str, promoted: str) -> core_pb2.PromoteModeResponse:
@@ -956,7 +1277,6 @@ class SimPod:
         promoted_desc.CopyFrom(desc)
         promoted_desc.mode = new_name
         self.promoted_modes[new_name] = promoted_desc
-        self._mark_dirty()
         return core_pb2.PromoteModeResponse(ok=True, mode=new_name)
 
     def _register_policy(
@@ -966,14 +1286,13 @@ class SimPod:
             return policy_pb2.RegisterPolicyResponse(ok=False, error="policy_id must not be empty")
         if desc.policy_id in self.policies:
             return policy_pb2.RegisterPolicyResponse(
-                ok=False, error=f"Policy '{desc.policy_id}' already registered"
+                ok=False, error=f"policy '{desc.policy_id}' is already registered"
             )
         stored = policy_pb2.PolicyDescriptor()
         stored.CopyFrom(desc)
         if not stored.registered_at_unix_ms:
             stored.registered_at_unix_ms = now_ms()
         self.policies[desc.policy_id] = stored
-        self._mark_dirty()
         return policy_pb2.RegisterPolicyResponse(ok=True)
 
     def _unregister_policy(self, policy_id: str) -> policy_pb2.UnregisterPolicyResponse:
@@ -981,58 +1300,54 @@ class SimPod:
             return policy_pb2.UnregisterPolicyResponse(
                 ok=False, error=f"Policy '{policy_id}' not found"
             )
-        self._mark_dirty()
         return policy_pb2.UnregisterPolicyResponse(ok=True)
 
     # ── Send ───────────────────────────────────────────────────────────
-    def _process(self, env: envelope_pb2.Envelope, token: str) -> envelope_pb2.Ack:
-        """Validate and apply one envelope; the Ack says what happened (never raises)."""
+    def _shape_error(self, env: envelope_pb2.Envelope) -> str | None:
+        """The runtime's validate_envelope_shape: an error code or None."""
         if env.macp_version != PROTOCOL_VERSION:
-            return _ack(
-                env,
-                code=UNSUPPORTED_PROTOCOL_VERSION,
-                message=f"unsupported macp_version '{env.macp_version}'",
-            )
+            return UNSUPPORTED_PROTOCOL_VERSION
         mtype = env.message_type
         if not mtype or not env.message_id:
-            return _ack(
-                env, code=INVALID_ENVELOPE, message="message_type and message_id are required"
-            )
+            return INVALID_ENVELOPE
         ambient = mtype in ("Signal", "Progress")
         if mtype == "Signal" and (env.session_id or env.mode.strip()):
-            return _ack(
-                env, code=INVALID_ENVELOPE, message="Signal must have empty session_id and mode"
-            )
-        if not env.session_id:
-            if not ambient:
-                return _ack(env, code=INVALID_ENVELOPE, message="session_id is required")
-            if env.mode.strip():
-                return _ack(
-                    env, code=INVALID_ENVELOPE, message="ambient Progress must have an empty mode"
-                )
-        elif not env.mode.strip():
-            return _ack(env, code=INVALID_ENVELOPE, message="mode is required")
-        sender = self._sender_of(token)
-        if not sender:
-            return _ack(env, code=UNAUTHENTICATED, message="missing or invalid bearer token")
-        if env.sender and env.sender != sender:
-            return _ack(
-                env,
-                code=UNAUTHENTICATED,
-                message="envelope sender does not match the authenticated identity",
-            )
-        if env.sender != sender:
+            return INVALID_ENVELOPE
+        if mtype == "Progress" and not env.session_id and env.mode.strip():
+            return INVALID_ENVELOPE
+        if not ambient and (not env.session_id or not env.mode.strip()):
+            return INVALID_ENVELOPE
+        if len(env.payload) > self.max_payload_bytes:
+            return PAYLOAD_TOO_LARGE
+        return None
+
+    def _send(self, env: envelope_pb2.Envelope, token: str | None) -> envelope_pb2.Ack:
+        """Send: shape, authenticate, sender, authorize, rate limit, apply (never raises)."""
+        code = self._shape_error(env)
+        if code is not None:
+            return _ack(env, code=code)
+        identity = self._identity(token)
+        if identity is None or (env.sender and env.sender != identity.sender):
+            return _ack(env, code=UNAUTHENTICATED)
+        if env.sender != identity.sender:
             accepted = envelope_pb2.Envelope()
             accepted.CopyFrom(env)
-            accepted.sender = sender
+            accepted.sender = identity.sender
             env = accepted
-        if not env.session_id:
+        code = self._authorize_and_limit(identity, env)
+        if code is not None:
+            return _ack(env, code=code)
+        return self._apply(env, identity)
+
+    def _apply(self, env: envelope_pb2.Envelope, identity: Identity) -> envelope_pb2.Ack:
+        """The runtime's `process`: an authenticated, authorized envelope (never raises)."""
+        mtype = env.message_type
+        if mtype in ("Signal", "Progress"):
+            # Session-scoped Progress too: published, never looked up (runtime process_signal).
             return self._ambient(env)
         if mtype == "SessionStart":
-            return self._start(env, sender)
-        if mtype == "Progress":
-            return self._session_progress(env)
-        return self._message(env, sender)
+            return self._start(env, identity)
+        return self._message(env, identity.sender)
 
     def _ambient(self, env: envelope_pb2.Envelope) -> envelope_pb2.Ack:
         try:
@@ -1040,7 +1355,7 @@ class SimPod:
                 sig = core_pb2.SignalPayload.FromString(env.payload)
                 if not sig.signal_type.strip():
                     return _ack(env, code=INVALID_ENVELOPE, message="signal_type is required")
-            elif env.payload:
+            elif env.message_type == "Progress" and env.payload:
                 core_pb2.ProgressPayload.FromString(env.payload)
         except DecodeError:
             return _ack(env, code=INVALID_ENVELOPE, message="invalid payload")
@@ -1050,23 +1365,10 @@ class SimPod:
                 sub.push(item)
         return _ack(env, state=OPEN)
 
-    def _session_progress(self, env: envelope_pb2.Envelope) -> envelope_pb2.Ack:
-        """Session-scoped Progress: published like a signal, never enters the session log.
-
-        The runtime accepts it without looking the session up; the sim answers
-        SESSION_NOT_FOUND for an unknown session so a stale route stays visible.
-        """
-        rec = self.sessions.get(env.session_id)
-        if rec is None:
-            return _ack(
-                env, code=SESSION_NOT_FOUND, message=f"Session '{env.session_id}' not found"
-            )
-        ack = self._ambient(env)
-        if ack.ok:
-            ack.session_state = rec.metadata.state
-        return ack
-
-    def _start(self, env: envelope_pb2.Envelope, sender: str) -> envelope_pb2.Ack:
+    def _start(self, env: envelope_pb2.Envelope, identity: Identity) -> envelope_pb2.Ack:
+        sender = identity.sender
+        if not valid_session_id(env.session_id):
+            return _ack(env, code=INVALID_SESSION_ID)
         existing = self.sessions.get(env.session_id)
         if existing is not None:
             if env.message_id in existing.seen:
@@ -1094,6 +1396,12 @@ class SimPod:
         if start.max_suspend_ms < 0 or len(set(start.participants)) != len(start.participants):
             return _ack(env, code=INVALID_ENVELOPE, message="invalid SessionStartPayload")
         now = now_ms()
+        if identity.max_open_sessions is not None:
+            open_now = sum(1 for r in self.sessions.values()
+                           if r.metadata.initiator == sender and r.metadata.state == OPEN
+                           and now <= r.metadata.expires_at_unix_ms)
+            if open_now >= identity.max_open_sessions:
+                return _ack(env, code=RATE_LIMITED)
         meta = core_pb2.SessionMetadata(
             session_id=env.session_id,
             mode=mode,
@@ -1115,7 +1423,6 @@ class SimPod:
         )
         rec.seen.add(env.message_id)
         self.sessions[env.session_id] = rec
-        self._order.append(env.session_id)
         self._record_activity(rec, sender, now)
         self._arm_ttl(rec)
         self._accept(rec, env)
@@ -1172,12 +1479,8 @@ class SimPod:
                 sub.push(item)
 
     # ── control plane ──────────────────────────────────────────────────
-    def _control(self, session_id: str, token: str, action: str) -> envelope_pb2.Ack:
-        sender = self._sender_of(token)
-        if not sender:
-            raise _status(
-                grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token", UNAUTHENTICATED
-            )
+    def _control(self, session_id: str, token: str | None, action: str) -> envelope_pb2.Ack:
+        sender = self._authenticate(token).sender
         rec = self.sessions.get(session_id)
         if rec is None:
             raise _not_found(session_id)
@@ -1277,10 +1580,9 @@ class SimPod:
             sub.push(item)
 
     def _snapshot_events(self) -> list[core_pb2.WatchSessionsResponse]:
+        """Every in-memory session as CREATED (terminal ones too), as the runtime's sync."""
         out = []
         for rec in self.sessions.values():
-            if rec.metadata.state in TERMINAL and not self.snapshot_terminal:
-                continue
             item = core_pb2.WatchSessionsResponse()
             item.event.event_type = EV_CREATED
             item.event.session.CopyFrom(rec.metadata)
@@ -1288,22 +1590,12 @@ class SimPod:
             out.append(item)
         return out
 
-    def _list_sessions(
-        self, request: core_pb2.ListSessionsRequest
-    ) -> core_pb2.ListSessionsResponse:
-        size = request.page_size if request.page_size > 0 else DEFAULT_PAGE_SIZE
-        size = min(size, MAX_PAGE_SIZE)
-        offset = 0
-        if request.page_token:
-            offset = _decode_page_token(request.page_token)
-        end = offset + size
+    def _list_sessions(self) -> core_pb2.ListSessionsResponse:
+        """Every in-memory session in one reply; the runtime has no paging (page_* ignored)."""
         resp = core_pb2.ListSessionsResponse()
-        for sid in self._order[offset:end]:
-            rec = self.sessions[sid]
+        for rec in self.sessions.values():
             self._maybe_expire(rec)
             resp.sessions.append(rec.metadata)
-        if end < len(self._order):
-            resp.next_page_token = _encode_page_token(end)
         return resp
 
     # ── persistence ────────────────────────────────────────────────────
@@ -1365,13 +1657,10 @@ class SimPod:
             {
                 "version": 1,
                 "name": self.name,
-                "policies": [_b64(d) for d in self.policies.values()],
-                "ext_modes": [_b64(d) for d in self.ext_modes.values()],
-                "promoted_modes": [_b64(d) for d in self.promoted_modes.values()],
             },
             separators=(",", ":"),
         )
-        sessions = ",".join(cache[sid] for sid in self._order)
+        sessions = ",".join(cache[sid] for sid in self.sessions)
         return f'{head[:-1]},"sessions":[{sessions}]}}'.encode()
 
     def _load_state(self) -> None:
@@ -1397,43 +1686,11 @@ class SimPod:
             for act in meta.participant_activity:
                 rec.activity[act.participant_id] = act
             self.sessions[meta.session_id] = rec
-            self._order.append(meta.session_id)
             self._dirty_sids.add(meta.session_id)
-        self.policies = {
-            d.policy_id: d
-            for d in (unb64(policy_pb2.PolicyDescriptor, t) for t in doc.get("policies", []))
-        }
-        self.ext_modes = {
-            d.mode: d for d in (unb64(core_pb2.ModeDescriptor, t) for t in doc.get("ext_modes", []))
-        }
-        self.promoted_modes = {
-            d.mode: d
-            for d in (unb64(core_pb2.ModeDescriptor, t) for t in doc.get("promoted_modes", []))
-        }
 
 
 def _b64(msg: Any) -> str:
     return base64.b64encode(msg.SerializeToString()).decode("ascii")
-
-
-def _encode_page_token(offset: int) -> str:
-    return base64.urlsafe_b64encode(f"sim:{offset}".encode()).decode("ascii")
-
-
-def _decode_page_token(token: str) -> int:
-    try:
-        text = base64.urlsafe_b64decode(token.encode("ascii")).decode("ascii")
-        prefix, _, num = text.partition(":")
-        if prefix != "sim":
-            raise ValueError(token)
-        offset = int(num)
-        if offset < 0:
-            raise ValueError(token)
-        return offset
-    except (ValueError, UnicodeError) as exc:
-        raise _status(
-            grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token", INVALID_REQUEST
-        ) from exc
 
 
 def _atomic_write(path: str, blob: bytes) -> None:
@@ -1449,14 +1706,15 @@ def _atomic_write(path: str, blob: bytes) -> None:
         raise
 
 
-async def serve_pod(listen: str, name: str, state_file: str | None) -> None:
+async def serve_pod(listen: str, name: str, state_file: str | None, **options: Any) -> None:
     """Run one simulated pod until cancelled or SIGTERM/SIGINT (the `macp-router pod` command).
 
-    Logs exactly one line containing `ready` and the bound address once serving.
+    `options` are SimPod's keyword arguments (auth, rate limits, health, ...). Logs exactly one
+    line containing `ready` and the bound address once serving.
     """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    pod = SimPod(name, listen, state_file=state_file)
+    pod = SimPod(name, listen, state_file=state_file, **options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
