@@ -1,81 +1,115 @@
-"""`RedisStore`: the `LocationStore` shared by router replicas, on `redis.asyncio`.
+"""`RedisStore`: the `LocationStore` shared by router replicas, on standalone Redis, Redis
+Cluster or a Sentinel-managed master (`router.redis_topology` parses which).
 
 The store is a cache of the pods' truth (see `router.store`): losing it loses nothing, the pods'
 WatchSessions feeds rebuild it. It must therefore never take routing down with it: every call has
 a deadline, every backend failure surfaces as `StoreUnavailable`, and while Redis is away the store
 says so (`degraded`) and fails fast instead of making each call wait for a dead server.
 
-Key layout (``P`` is the prefix, ``mrouter:`` by default; never ``macp:``, which the runtime owns):
+Key layout, the same on all three topologies (``P`` is the prefix, ``mrouter:`` by default; never
+``macp:``, which the runtime owns). Sessions are split into `index_shards` shards (64 by default)
+by ``crc32(sid) mod shards``; each shard has a hash tag ``{T}`` (`shard_tags`: short numbers whose
+cluster slots are spread evenly over the 16384 slots, so any contiguous slot split among masters
+gets an even share of the shards). Every key one script touches carries the same tag, so every
+script runs on one slot (no CROSSSLOT on a cluster), and the per-pod index is spread over the
+cluster instead of sitting on one node:
 
-``P s:<sid>``  (string)
+``P{T}:s:<sid>``  (string)
     One entry per session, packed as ``1␟<pod>␟<state>␟<incarnation>␟<updated_at_ms>`` (``␟`` is
     the ASCII unit separator 0x1f; ``1`` is the format version). The pod comes first so Lua can
     read the owner with one pattern match. TTL: terminal states -> ``retention_s``; ``reserved``
     -> ``reservation_ttl_s``; ``open``/``suspended`` -> none.
-``P pod:<pod>``  (set of sids)
-    The per-pod index, so a pod's entries can be listed, reconciled or dropped in one pass. Entries
-    whose key has expired (or was since taken by another pod) may linger here; readers filter by
-    owner and clean them lazily, so `pod_sessions` never lies.
-``P bc:data``  (hash key -> ``<method>\\n<request bytes>``)
-``P bc:order``  (sorted set key -> sequence number) and ``P bc:seq`` (counter)
+``P{T}:pod:<pod>``  (set of sids)
+    The per-pod index of one shard: a pod's entries are listed, reconciled or dropped by walking
+    the shards (one pipelined round trip per batch; a cluster client sends each node its part in
+    parallel). Members whose entry expired (or was since taken by another pod) may linger here;
+    readers filter by owner and clean them lazily, so `pod_sessions` never lies.
+``P{T}:marker``  (string ``2/<shards>``)
+    One per shard, written at start and after every recovery, checked every `marker_interval_s`
+    while healthy. A missing one means that shard's node was flushed or replaced (on a cluster:
+    one master and its replicas lost their data), and the router resyncs its near-cache. The
+    value names the layout; a store finding another layout's marker refuses to start.
+``P{bc}:data``  (hash key -> ``<method>\\n<request bytes>``)
+``P{bc}:order``  (sorted set key -> sequence number) and ``P{bc}:seq`` (counter)
+    The broadcast registry (one slot): replay order is registration order; registering a key
+    again moves it last (the newest registration of a key is the one that must win on replay).
 ``P drain``  (set of pod names)
     Pods drained by an operator: no new placements on them, from any router sharing the store.
-``P marker``  (string "1")
-    Written at start and after every recovery; checked every `marker_interval_s` while healthy.
-    Its absence means Redis was flushed or replaced, and the router resyncs its near-cache.
-    The broadcast registry: replay order is registration order; registering a key again moves it
-    last (the newest registration of a key is the one that must win on replay).
 
 Invariants (on top of those in `router.store`):
-- Every write that depends on the current owner runs as one Lua script (registered with
-  ``register_script()``): reserve = insert-if-absent returning the owner on conflict; delete and
-  drop = compare-and-delete; put = overwrite and move the index membership. Python never reads an
-  owner and then writes based on it.
-- `put_many` and `drop_pod_sessions` send one pipelined round trip per batch of
-  `BATCH_SIZE` sessions, never one per session.
+- Every write that depends on the current owner runs as one Lua script on one slot (registered
+  with ``register_script()``: EVALSHA, reloaded on NOSCRIPT, e.g. on a freshly promoted replica):
+  reserve = insert-if-absent returning the owner on conflict; delete and drop = compare-and-
+  delete; put = overwrite and move the index membership. Python never reads an owner and then
+  writes based on it. Placement is therefore atomic on every topology.
+- `put_many`, `pod_sessions` and `drop_pod_sessions` send one pipelined round trip per batch of
+  `BATCH_SIZE` sessions (on a cluster: one per node, in parallel), never one per session.
 - Values under the prefix that do not decode (corrupt, written by something else, wrong type) are
   treated as absent: `get` returns None and logs a rate-limited warning; reserve/put overwrite them.
-- Connection errors, timeouts and authentication failures raise `StoreUnavailable` and flip
-  `degraded` on, logging ONE warning per transition. While degraded, calls fail fast without I/O
-  (except `reserve`, which decides where a session lives: it still asks Redis, so a router whose
-  health loop has not yet noticed Redis is back cannot place a start elsewhere than a recovered
-  replica just reserved it); a background health loop owned by the store (`start()`/`aclose()`)
-  PINGs with backoff and, when Redis answers, clears `degraded`, logs one line and awaits
-  `on_recovered` (the router resyncs its near-cache into Redis there).
+- Connection errors, timeouts, authentication failures and cluster/sentinel outages (no master
+  for a slot, CLUSTERDOWN, no master known to the sentinels) raise `StoreUnavailable` and flip
+  `degraded` on, logging ONE warning per transition. Redirections (MOVED, ASK) are followed by
+  the cluster client; TRYAGAIN and a cluster that is mid-failover are retried inside the call's
+  deadline before they count as an outage. While degraded, calls fail fast without I/O (except
+  `reserve`, which decides where a session lives: it still asks Redis, so a router whose health
+  loop has not yet noticed Redis is back cannot place a start elsewhere than a recovered replica
+  just reserved it); a background health loop owned by the store (`start()`/`aclose()`) probes
+  with backoff (PING, script load, every shard's marker: every master must answer) and, when it
+  succeeds, clears `degraded`, logs one line and awaits `on_recovered` (the router resyncs its
+  near-cache into Redis there). A cache hit never reaches this module: zero commands per hit.
 - The password never appears in a log line or an exception message (`redact_url`).
 
-Scripts derive the old owner's index key from the stored value, so the layout suits a standalone
-(or sentinel-managed) Redis, not Redis Cluster.
+Replication is asynchronous on every topology: a reservation acknowledged by a master that dies
+before its replica copied it is gone after the failover (see docs/scaling.md for what a start
+raced across that instant can still do).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.connection import parse_url
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import parse_url as parse_redis_url
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.commands.core import AsyncScript
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
     BusyLoadingError,
+    ClusterError,
     NoScriptError,
+    ReadOnlyError,
+    RedisClusterException,
     RedisError,
     ResponseError,
+    TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router.aio import wait_event
+from router.redis_topology import (
+    CLUSTER,
+    SCHEMES,
+    SENTINEL,
+    URL_HELP,
+    RedisTarget,
+    parse_url,
+    redact_url,
+    validate_url,
+)
 from router.store import (
     RESERVED,
     STATES,
@@ -85,99 +119,101 @@ from router.store import (
     now_ms,
 )
 
+__all__ = [
+    "BATCH_SIZE",
+    "DEFAULT_INDEX_SHARDS",
+    "SCHEMES",
+    "URL_HELP",
+    "RedisStore",
+    "decode_location",
+    "encode_location",
+    "entry_key",
+    "index_key",
+    "redact_url",
+    "shard_of",
+    "shard_tags",
+    "validate_url",
+]
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 BATCH_SIZE = 500
-"""Sessions per pipelined round trip in `put_many` and `drop_pod_sessions`."""
+"""Sessions per pipelined round trip in `put_many`, `pod_sessions` and `drop_pod_sessions`."""
+
+DEFAULT_INDEX_SHARDS = 64
+"""Shards of the key space (hash tags). Part of the layout: every router sharing a store must
+use the same count (the per-shard marker records it). 64 spreads evenly over up to 64 masters."""
+
+LAYOUT_VERSION = "2"
 
 FORMAT_VERSION = b"1"
 SEP = b"\x1f"
 _SEP_STR = "\x1f"
 
-SCHEMES = ("redis", "rediss", "unix")
-_URL_HELP = (
-    "expected redis://[[user]:password@]host[:port][/db], rediss://... (TLS) "
-    "or unix:///path/to/redis.sock[?db=N]"
-)
-
 _CORRUPT_WARN_INTERVAL_S = 10.0
 _MAX_BACKOFF_FACTOR = 8.0
+_TRANSIENT_RETRY_S = 0.05
 
 # Errors that mean "Redis is not reachable / not usable right now": they flip `degraded`.
-# (redis AuthenticationError, AuthorizationError and BusyLoadingError are ConnectionErrors;
-# builtin TimeoutError is what asyncio.timeout raises; OSError covers raw socket failures.)
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
+# (redis AuthenticationError, AuthorizationError, BusyLoadingError, MasterNotFoundError and
+# MaxConnectionsError are ConnectionErrors; builtin TimeoutError is what asyncio.timeout raises;
+# OSError covers raw socket failures; ClusterError covers CLUSTERDOWN and a redirection loop;
+# RedisClusterException covers "no node of the cluster answers" and uncovered slots; a
+# ReadOnlyError is a demoted master still answering.)
+_UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    TimeoutError,
+    OSError,
+    ClusterError,
+    RedisClusterException,
+    ReadOnlyError,
+    TryAgainError,
+)
+# Cluster states that heal by themselves within moments (a slot mid-migration, a failover being
+# voted): retried inside the call's deadline before they count as an outage.
+_TRANSIENT = (TryAgainError, ClusterError)
 
 
-# --- URL handling -----------------------------------------------------------------------------
+# --- key layout ---------------------------------------------------------------------------------
 
 
-def redact_url(url: str) -> str:
-    """`url` with any password replaced by ``***`` (userinfo and ``?password=``), for logs.
-
-    Never raises: a URL too broken to split is reduced to its scheme.
-    """
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, _, hostport = netloc.rpartition("@")
-            user, colon, _password = userinfo.partition(":")
-            netloc = f"{user}:***@{hostport}" if colon else f"{user}@{hostport}"
-        query = parts.query
-        if query:
-            pairs = []
-            for pair in query.split("&"):
-                name, eq, _value = pair.partition("=")
-                pairs.append(f"{name}=***" if eq and name.lower() == "password" else pair)
-            query = "&".join(pairs)
-        if "://" not in url:
-            return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-        # Rebuilt by hand: urlunsplit drops the "//" of an empty netloc (unix:///path).
-        rebuilt = f"{parts.scheme}://{netloc}{parts.path}"
-        rebuilt += f"?{query}" if query else ""
-        return rebuilt + (f"#{parts.fragment}" if parts.fragment else "")
-    except ValueError:
-        scheme = url.split(":", 1)[0] if ":" in url else ""
-        return f"{scheme}://<unparseable>" if scheme else "<unparseable>"
+@functools.lru_cache(maxsize=8)
+def shard_tags(count: int) -> tuple[str, ...]:
+    """The hash tag of each of `count` shards: the first decimal numbers whose cluster slot falls
+    in that shard's 1/count of the slot space (deterministic: every router computes the same)."""
+    if not 1 <= count <= REDIS_CLUSTER_HASH_SLOTS:
+        raise ValueError(f"index_shards must be in 1..{REDIS_CLUSTER_HASH_SLOTS}, got {count!r}")
+    tags: list[str | None] = [None] * count
+    missing = count
+    candidate = 0
+    while missing:
+        text = str(candidate)
+        shard = key_slot(text.encode()) * count // REDIS_CLUSTER_HASH_SLOTS
+        if tags[shard] is None:
+            tags[shard] = text
+            missing -= 1
+        candidate += 1
+    return tuple(tag for tag in tags if tag is not None)
 
 
-def validate_url(url: str) -> None:
-    """Raise ValueError (password-free message) unless `url` is a usable Redis URL."""
-    shown = redact_url(url)
+def shard_of(sid: str, count: int) -> int:
+    """The shard a session id belongs to."""
+    return zlib.crc32(sid.encode()) % count
 
-    def bad(reason: str) -> ValueError:
-        return ValueError(f"invalid Redis URL {shown!r}: {reason}; {_URL_HELP}")
 
-    if not isinstance(url, str) or not url.strip():
-        raise bad("empty")
-    try:
-        parts = urlsplit(url)
-    except ValueError as exc:
-        raise bad(f"cannot parse ({exc})") from None
-    if parts.scheme not in SCHEMES:
-        raise bad(f"unsupported scheme {parts.scheme!r}")
-    query = parse_qs(parts.query)
-    db: str | None = query["db"][0] if "db" in query else None
-    if parts.scheme == "unix":
-        if not parts.path:
-            raise bad("no socket path")
-    else:
-        if not parts.hostname:
-            raise bad("no host")
-        try:
-            port = parts.port
-        except ValueError:
-            raise bad("port is not a number in 1..65535") from None
-        if port is not None and not 0 < port < 65536:
-            raise bad("port is not a number in 1..65535")
-        path = parts.path.strip("/")
-        if path and db is None:
-            db = path
-    if db is not None and not (db.isascii() and db.isdigit()):
-        raise bad(f"database {db!r} is not a non-negative integer")
+def entry_key(sid: str, *, prefix: str = "mrouter:", shards: int = DEFAULT_INDEX_SHARDS) -> str:
+    """The key of `sid`'s entry (for tools and tests; the store computes its own)."""
+    return f"{prefix}{{{shard_tags(shards)[shard_of(sid, shards)]}}}:s:{sid}"
+
+
+def index_key(
+    pod: str, sid: str, *, prefix: str = "mrouter:", shards: int = DEFAULT_INDEX_SHARDS
+) -> str:
+    """The index key of `pod` in the shard of `sid` (for tools and tests)."""
+    return f"{prefix}{{{shard_tags(shards)[shard_of(sid, shards)]}}}:pod:{pod}"
 
 
 # --- value encoding ---------------------------------------------------------------------------
@@ -262,7 +298,7 @@ end
 """
 )
 
-# KEYS: entry, index(pod)  ARGV: sid, pod, packed value, ttl_ms
+# KEYS: entry, index(shard, pod)  ARGV: sid, pod, packed value, ttl_ms
 # Insert-if-absent; returns the owner (the caller's pod when it won).
 _LUA_RESERVE = (
     _LUA_PRELUDE
@@ -275,7 +311,8 @@ return ARGV[2]
 """
 )
 
-# KEYS: entry, index(new pod)  ARGV: sid, pod, packed value, ttl_ms (0 = none), index prefix
+# KEYS: entry, index(shard, new pod)  ARGV: sid, pod, packed value, ttl_ms (0 = none),
+# the shard's index prefix (the old owner's index is in the same shard, hence the same slot).
 # Overwrite; move the index membership when the owner changes.
 _LUA_PUT = (
     _LUA_PRELUDE
@@ -292,7 +329,7 @@ return 1
 """
 )
 
-# KEYS: entry, index(pod)  ARGV: sid, pod
+# KEYS: entry, index(shard, pod)  ARGV: sid, pod
 # Compare-and-delete; the sid leaves pod's index either way (if pod does not own it, the index
 # entry was stale).
 _LUA_DELETE = (
@@ -308,7 +345,7 @@ return deleted
 """
 )
 
-# KEYS: index(pod)  ARGV: pod, entry prefix, delete (1/0), sid...
+# KEYS: index(shard, pod), entry(sid 1), entry(sid 2), ...  ARGV: pod, delete (1/0), sid 1, ...
 # For each sid: when delete=1, compare-and-delete the entry; drop the sid from pod's index when it
 # was deleted or pod no longer owns it. Returns the number of entries deleted (delete=1) or of
 # stale index members removed (delete=0, the lazy clean-up behind pod_sessions).
@@ -316,18 +353,18 @@ _LUA_DROP = (
     _LUA_PRELUDE
     + r"""
 local count = 0
-local delete = ARGV[3] == '1'
-for i = 4, #ARGV do
-  local key = ARGV[2] .. ARGV[i]
-  local owner = owner_of(key)
+local delete = ARGV[2] == '1'
+for i = 2, #KEYS do
+  local sid = ARGV[i + 1]
+  local owner = owner_of(KEYS[i])
   if owner == ARGV[1] then
     if delete then
-      redis.call('DEL', key)
-      redis.call('SREM', KEYS[1], ARGV[i])
+      redis.call('DEL', KEYS[i])
+      redis.call('SREM', KEYS[1], sid)
       count = count + 1
     end
   else
-    redis.call('SREM', KEYS[1], ARGV[i])
+    redis.call('SREM', KEYS[1], sid)
     if not delete then count = count + 1 end
   end
 end
@@ -378,6 +415,13 @@ def _describe_error(exc: BaseException) -> str:
     return text
 
 
+class LayoutMismatch(StoreUnavailable):
+    """Another router wrote this prefix with a different key layout (version or shard count)."""
+
+
+Client = Redis | RedisCluster
+
+
 class RedisStore:
     """`LocationStore` on Redis (see the module docstring for the key layout and invariants)."""
 
@@ -397,12 +441,18 @@ class RedisStore:
         required: bool = False,
         observe_latency: Callable[[str, float], None] | None = None,
         marker_interval_s: float = 5.0,
+        index_shards: int = DEFAULT_INDEX_SHARDS,
     ) -> None:
-        validate_url(url)
+        target = parse_url(url)
         if not prefix:
             raise ValueError("Redis key prefix must not be empty")
         if prefix.startswith("macp:"):
             raise ValueError(f"Redis key prefix {prefix!r} is reserved for the MACP runtime")
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(
+                f"Redis key prefix {prefix!r} must not contain '{{' or '}}': the store's keys "
+                "carry their own cluster hash tags"
+            )
         for label, value in (
             ("retention_s", retention_s),
             ("reservation_ttl_s", reservation_ttl_s),
@@ -416,6 +466,8 @@ class RedisStore:
 
         self.url = redact_url(url)
         """The Redis URL without its password: safe to log and to show in readiness details."""
+        self.topology = target.kind
+        """"standalone", "cluster" or "sentinel"."""
         self.prefix = prefix
         self.on_recovered: Callable[[], Awaitable[None]] | None = None
         self._retention_ms = _ms(retention_s)
@@ -423,32 +475,26 @@ class RedisStore:
         self._timeout_s = timeout_s
         self._health_interval_s = health_interval_s
         self._marker_interval_s = marker_interval_s
-        self._marker_key = f"{prefix}marker"
         self.resyncs = 0
         self._required = required
         self._observe_latency = observe_latency
 
-        self._entry_prefix = prefix + "s:"
-        self._index_prefix = prefix + "pod:"
-        self._bc_data = prefix + "bc:data"
-        self._bc_order = prefix + "bc:order"
-        self._bc_seq = prefix + "bc:seq"
+        self.index_shards = index_shards
+        self._tags = shard_tags(index_shards)
+        self._layout = f"{LAYOUT_VERSION}/{index_shards}".encode()
+        self._shard_prefixes = tuple(f"{prefix}{{{tag}}}:" for tag in self._tags)
+        self._markers = tuple(p + "marker" for p in self._shard_prefixes)
+        self._bc_data = prefix + "{bc}:data"
+        self._bc_order = prefix + "{bc}:order"
+        self._bc_seq = prefix + "{bc}:seq"
         self._drain_key = prefix + "drain"
 
-        kwargs: dict[str, Any] = dict(parse_url(url))
-        if password is not None:
-            kwargs["password"] = password
-        # One quick retry on a connection error heals a pooled connection that the server closed
-        # (restart, idle timeout); timeouts are not retried: the deadline is the deadline.
-        kwargs.update(
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-            decode_responses=False,
-            client_name="macp-router",
-        )
-        self._pool = BlockingConnectionPool(max_connections=pool_size, timeout=timeout_s, **kwargs)
-        self._client: Redis = Redis.from_pool(self._pool)
+        self._sentinel: Sentinel | None = None
+        self._pool: BlockingConnectionPool | None = None
+        self._client: Client = self._connect(url, target, password, timeout_s, pool_size)
+        # Bounds concurrent calls where the client's own pool does not (cluster nodes and the
+        # sentinel pool fail instead of waiting when their connection limit is reached).
+        self._slots = asyncio.Semaphore(pool_size)
         self._reserve_script = self._client.register_script(_LUA_RESERVE)
         self._put_script = self._client.register_script(_LUA_PUT)
         self._delete_script = self._client.register_script(_LUA_DELETE)
@@ -463,14 +509,72 @@ class RedisStore:
         self._degraded_event = asyncio.Event()
         self._health_task: asyncio.Task[None] | None = None
         self.health_probes = 0
-        """PINGs the health loop has sent while degraded (a state tests can wait for)."""
+        """Probes the health loop has sent while degraded (a state tests can wait for)."""
+        self.outages = 0
+        """Times the store went degraded (a state tests and the load test read)."""
         self._started = False
         self._closed = False
         self._corrupt_last_warn = -_CORRUPT_WARN_INTERVAL_S
         self._corrupt_suppressed = 0
 
+    def _connect(
+        self, url: str, target: RedisTarget, password: str | None, timeout_s: float,
+        pool_size: int,
+    ) -> Client:
+        secret = password if password is not None else target.password
+        common: dict[str, Any] = dict(
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            decode_responses=False,
+            client_name="macp-router",
+        )
+        if target.kind == CLUSTER:
+            # The cluster client re-learns the slot map after a connection error and retries;
+            # the store's deadline bounds the whole call anyway.
+            return RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+                username=target.username,
+                password=secret,
+                ssl=target.tls,
+                max_connections=pool_size + 8,
+                retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.1), 2),
+                **common,
+            )
+        # One quick retry on a connection error heals a pooled connection that the server closed
+        # (restart, idle timeout); timeouts are not retried: the deadline is the deadline.
+        retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+        if target.kind == SENTINEL:
+            self._sentinel = Sentinel(
+                list(target.nodes),
+                sentinel_kwargs=dict(
+                    socket_timeout=timeout_s,
+                    socket_connect_timeout=timeout_s,
+                    username=target.sentinel_username,
+                    password=target.sentinel_password,
+                    ssl=target.tls,
+                ),
+            )
+            return self._sentinel.master_for(
+                target.master,
+                db=target.db,
+                username=target.username,
+                password=secret,
+                ssl=target.tls,
+                retry=retry,
+                **common,
+            )
+        kwargs: dict[str, Any] = dict(parse_redis_url(url))
+        if password is not None:
+            kwargs["password"] = password
+        kwargs.update(common, retry=retry)
+        self._pool = BlockingConnectionPool(max_connections=pool_size, timeout=timeout_s, **kwargs)
+        return Redis.from_pool(self._pool)
+
     def __repr__(self) -> str:
-        return f"RedisStore({self.url!r}, prefix={self.prefix!r}, degraded={self._degraded})"
+        return (
+            f"RedisStore({self.url!r}, topology={self.topology!r}, prefix={self.prefix!r}, "
+            f"degraded={self._degraded})"
+        )
 
     async def __aenter__(self) -> RedisStore:
         await self.start()
@@ -495,6 +599,7 @@ class RedisStore:
 
         Unreachable Redis: logs one line and comes up degraded (the health loop keeps trying),
         unless the store was built with ``required=True``: then raises `StoreUnavailable`.
+        A prefix written with another key layout raises `LayoutMismatch` either way.
         """
         if self._closed:
             raise StoreUnavailable(f"redis store {self.url} is closed; create a new one")
@@ -502,11 +607,13 @@ class RedisStore:
             return
         try:
             await self._probe()
+        except LayoutMismatch:
+            await self._close_client()
+            raise
         except (*_UNAVAILABLE, RedisError) as exc:
             reason = _describe_error(exc)
             if self._required:
-                await self._client.aclose()
-                self._closed = True
+                await self._close_client()
                 raise StoreUnavailable(
                     f"redis store required but unavailable at {self.url}: {reason}; "
                     "start Redis or fix the URL/password, or run without --redis-url"
@@ -530,18 +637,41 @@ class RedisStore:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if not self._closed:
-            self._closed = True
-            await self._client.aclose()
+        await self._close_client()
+
+    async def _close_client(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._client.aclose()
+        if self._sentinel is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._sentinel.aclose()
 
     async def _probe(self) -> None:
-        """PING, load the scripts and set the marker, under the deadline; raises the client's
-        errors."""
-        async with asyncio.timeout(self._timeout_s):
+        """PING, load the scripts and write every shard's marker, under the deadline; raises the
+        client's errors. Every master must answer: a cluster with a shard down stays degraded."""
+        async with asyncio.timeout(self._timeout_s * 2):
             await self._client.ping()
             for script in self._scripts():
                 script.sha = await self._client.script_load(script.script)
-            await self._client.set(self._marker_key, "1")
+            await self._write_markers()
+
+    async def _write_markers(self) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for key in self._markers:
+            pipe.set(key, self._layout, nx=True)
+        for key in self._markers:
+            pipe.get(key)
+        results = await pipe.execute()
+        found = {value for value in results[len(self._markers) :] if value != self._layout}
+        if found:
+            raise LayoutMismatch(
+                f"redis store at {self.url}: prefix {self.prefix!r} holds another key layout "
+                f"({sorted(v.decode(errors='replace') for v in found if v)}, this router writes "
+                f"{self._layout.decode()}); give this router another --redis-prefix or stop the "
+                "routers of the other layout"
+            )
 
     def _scripts(self) -> Sequence[AsyncScript]:
         return (
@@ -558,6 +688,7 @@ class RedisStore:
         if self._degraded:
             return
         self._degraded = True
+        self.outages += 1
         self._degraded_reason = reason
         self._degraded_since = time.monotonic()
         self._degraded_event.set()
@@ -570,7 +701,7 @@ class RedisStore:
             )
 
     async def _health_loop(self) -> None:
-        """While degraded: PING with capped, jittered backoff; on success recover and resync."""
+        """While degraded: probe with capped, jittered backoff; on success recover and resync."""
         max_delay = self._health_interval_s * _MAX_BACKOFF_FACTOR
         while True:
             if not await wait_event(self._degraded_event, self._marker_interval_s):
@@ -585,6 +716,10 @@ class RedisStore:
                 except (*_UNAVAILABLE, RedisError) as exc:
                     self._degraded_reason = _describe_error(exc)
                     delay = min(delay * 2, max_delay)
+                    if self.topology == CLUSTER:
+                        # Forget the slot map: the next probe asks the seeds afresh.
+                        with contextlib.suppress(RedisError, OSError):
+                            await self._client.aclose()
                     continue
                 except Exception:
                     # Never let a surprise end the loop: the store would stay degraded forever.
@@ -594,19 +729,37 @@ class RedisStore:
                 await self._recover()
 
     async def _check_marker(self) -> None:
-        """A healthy Redis that lost our marker key was flushed or replaced: resync it.
+        """A healthy Redis that lost a shard's marker was flushed or replaced: resync it.
 
-        Without this a quick restart or a FLUSHALL between two calls would go unnoticed (the
-        pool reconnects silently) and the store would stay empty until the feeds rewrote it.
+        Without this a quick restart or a FLUSHALL between two calls (or, on a cluster, a master
+        and its replicas all replaced) would go unnoticed (the pool reconnects silently) and the
+        store would stay empty until the feeds rewrote it.
         """
+        markers = self._markers
+
+        async def present(client: Client) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for key in markers:
+                pipe.exists(key)
+            return await pipe.execute()
+
         try:
-            present = await self._call("exists", lambda r: r.exists(self._marker_key))
-            if present:
+            found = await self._call("exists", present)
+            if all(found):
                 return
-            await self._call("set", lambda r: r.set(self._marker_key, "1"))
+            await self._call("set", lambda client: self._write_markers())
+        except LayoutMismatch as exc:
+            log.error("%s", exc)
+            return
         except StoreUnavailable:
             return  # _call flipped `degraded`; the loop's recovery path takes over
-        log.warning("redis store at %s lost its data (flushed or replaced); resyncing", self.url)
+        lost = sum(1 for value in found if not value)
+        log.warning(
+            "redis store at %s lost its data (%d of %d shards flushed or replaced); resyncing",
+            self.url,
+            lost,
+            len(markers),
+        )
         self.resyncs += 1
         callback = self.on_recovered
         if callback is not None:
@@ -615,11 +768,17 @@ class RedisStore:
             except Exception:
                 log.warning("redis store resync after a flush failed", exc_info=True)
 
-    async def _recover(self) -> None:
-        # Pooled connections opened before the outage are dead; drop the idle ones now rather
-        # than let each fail once.
+    async def _reset_connections(self) -> None:
+        """Drop idle connections opened before an outage (they are dead) rather than let each
+        fail once; a cluster client also forgets its slot map and asks the seeds again."""
         with contextlib.suppress(RedisError, OSError):
-            await self._pool.disconnect(inuse_connections=False)
+            if isinstance(self._client, RedisCluster):
+                await self._client.aclose()
+            else:
+                await self._client.connection_pool.disconnect(inuse_connections=False)
+
+    async def _recover(self) -> None:
+        await self._reset_connections()
         outage_s = time.monotonic() - self._degraded_since
         self._degraded = False
         self._degraded_reason = ""
@@ -638,9 +797,14 @@ class RedisStore:
     # --- the one way to talk to Redis ---------------------------------------------------------
 
     async def _call(
-        self, op: str, fn: Callable[[Redis], Awaitable[T]], *, even_degraded: bool = False
+        self, op: str, fn: Callable[[Client], Awaitable[T]], *, even_degraded: bool = False
     ) -> T:
-        """Run `fn` under the deadline; map every backend failure to `StoreUnavailable`."""
+        """Run `fn` under the deadline; map every backend failure to `StoreUnavailable`.
+
+        `fn` must be safe to run twice (every operation here is: scripts are idempotent for the
+        same arguments): a slot mid-migration (TRYAGAIN) or a cluster mid-failover is retried
+        until the deadline.
+        """
         degraded = self._degraded
         if degraded and not even_degraded:
             raise StoreUnavailable(
@@ -653,8 +817,14 @@ class RedisStore:
             raise RuntimeError(f"redis store at {self.url}: {op} before start()")
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._timeout_s):
-                return await fn(self._client)
+            async with asyncio.timeout(self._timeout_s), self._slots:
+                while True:
+                    try:
+                        return await fn(self._client)
+                    except _TRANSIENT:
+                        await asyncio.sleep(_TRANSIENT_RETRY_S)
+        except LayoutMismatch:
+            raise
         except _UNAVAILABLE as exc:
             reason = _describe_error(exc)
             self._enter_degraded(reason)
@@ -670,12 +840,17 @@ class RedisStore:
             if self._observe_latency is not None:
                 self._observe_latency(op, time.perf_counter() - started)
 
-    async def _run_scripts(self, client: Redis, calls: list[tuple[AsyncScript, list[Any]]]) -> list:
-        """One pipelined round trip of EVALSHAs (reloading scripts once if Redis lost them)."""
+    async def _run_scripts(
+        self, client: Client, calls: Sequence[tuple[AsyncScript, Sequence[Any]]]
+    ) -> list[Any]:
+        """One pipelined round trip of EVALSHAs (reloading scripts once if Redis lost them, as a
+        freshly promoted replica or a restarted node has)."""
         for attempt in (1, 2):
             pipe = client.pipeline(transaction=False)
             for script, keys_and_args in calls:
-                pipe.evalsha(script.sha, *keys_and_args)
+                # execute_command: the cluster pipeline blocks its evalsha() helper (a script
+                # with keys in one slot is fine, and ours always are).
+                pipe.execute_command("EVALSHA", script.sha, *keys_and_args)
             try:
                 return await pipe.execute()
             except NoScriptError:
@@ -684,6 +859,12 @@ class RedisStore:
                 for script in {id(s): s for s, _ in calls}.values():
                     script.sha = await client.script_load(script.script)
         raise AssertionError("unreachable")
+
+    async def _script(
+        self, client: Client, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]
+    ) -> Any:
+        (result,) = await self._run_scripts(client, [(script, [len(keys), *keys, *args])])
+        return result
 
     def _warn_corrupt(self, what: str) -> None:
         now = time.monotonic()
@@ -703,11 +884,16 @@ class RedisStore:
 
     # --- keys -----------------------------------------------------------------------------------
 
-    def _entry(self, sid: str) -> str:
-        return self._entry_prefix + sid
+    def shard(self, sid: str) -> int:
+        return shard_of(sid, self.index_shards)
 
-    def _index(self, pod: str) -> str:
-        return self._index_prefix + pod
+    def entry_key(self, sid: str) -> str:
+        """The key holding `sid`'s entry."""
+        return self._shard_prefixes[self.shard(sid)] + "s:" + sid
+
+    def index_key(self, pod: str, shard: int) -> str:
+        """The key of `pod`'s index in `shard`."""
+        return self._shard_prefixes[shard] + "pod:" + pod
 
     def _ttl_ms_for(self, location: Location) -> int:
         if location.terminal:
@@ -718,26 +904,27 @@ class RedisStore:
 
     def _put_call(self, sid: str, location: Location) -> tuple[AsyncScript, list[Any]]:
         value = encode_location(location)
+        shard = self.shard(sid)
         return (
             self._put_script,
             [
                 2,
-                self._entry(sid),
-                self._index(location.pod),
+                self._shard_prefixes[shard] + "s:" + sid,
+                self.index_key(location.pod, shard),
                 sid,
                 location.pod,
                 value,
                 self._ttl_ms_for(location),
-                self._index_prefix,
+                self._shard_prefixes[shard] + "pod:",
             ],
         )
 
     # --- LocationStore --------------------------------------------------------------------------
 
     async def get(self, sid: str) -> Location | None:
-        key = self._entry(sid)
+        key = self.entry_key(sid)
 
-        async def fn(client: Redis) -> bytes | None:
+        async def fn(client: Client) -> bytes | None:
             try:
                 return await client.get(key)
             except ResponseError as exc:
@@ -772,84 +959,113 @@ class RedisStore:
 
     async def reserve(self, sid: str, pod: str) -> str:
         value = encode_location(Location(pod, RESERVED, "", now_ms()))
+        keys = [self.entry_key(sid), self.index_key(pod, self.shard(sid))]
+        args = [sid, pod, value, self._reservation_ms]
         owner = await self._call(
             "reserve",
-            lambda client: self._reserve_script(
-                keys=[self._entry(sid), self._index(pod)],
-                args=[sid, pod, value, self._reservation_ms],
-                client=client,
-            ),
+            lambda client: self._script(client, self._reserve_script, keys, args),
             even_degraded=True,
         )
         return owner.decode() if isinstance(owner, bytes) else str(owner)
 
     async def delete(self, sid: str, pod: str) -> bool:
+        keys = [self.entry_key(sid), self.index_key(pod, self.shard(sid))]
         deleted = await self._call(
-            "delete",
-            lambda client: self._delete_script(
-                keys=[self._entry(sid), self._index(pod)], args=[sid, pod], client=client
-            ),
+            "delete", lambda client: self._script(client, self._delete_script, keys, [sid, pod])
         )
         return bool(deleted)
 
+    async def _members(self, pod: str, op: str) -> list[list[str]]:
+        """`pod`'s index, shard by shard (one pipelined walk over every shard)."""
+        keys = [self.index_key(pod, shard) for shard in range(self.index_shards)]
+
+        async def fn(client: Client) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.smembers(key)
+            return await pipe.execute()
+
+        found = await self._call(op, fn)
+        return [sorted(m.decode(errors="replace") for m in members) for members in found]
+
+    def _batches(self, per_shard: list[list[str]]) -> list[list[tuple[int, list[str]]]]:
+        """(shard, sids) chunks grouped so each group holds at most BATCH_SIZE sids."""
+        groups: list[list[tuple[int, list[str]]]] = []
+        current: list[tuple[int, list[str]]] = []
+        size = 0
+        for shard, sids in enumerate(per_shard):
+            for start in range(0, len(sids), BATCH_SIZE):
+                chunk = sids[start : start + BATCH_SIZE]
+                if size + len(chunk) > BATCH_SIZE and current:
+                    groups.append(current)
+                    current, size = [], 0
+                current.append((shard, chunk))
+                size += len(chunk)
+        if current:
+            groups.append(current)
+        return groups
+
     async def pod_sessions(self, pod: str) -> set[str]:
-        index = self._index(pod)
-        members: set[bytes] = await self._call("pod_sessions", lambda c: c.smembers(index))
-        if not members:
-            return set()
-        sids = [m.decode(errors="replace") for m in members]
+        per_shard = await self._members(pod, "pod_sessions")
         live: set[str] = set()
-        stale: list[str] = []
-        for start in range(0, len(sids), BATCH_SIZE):
-            chunk = sids[start : start + BATCH_SIZE]
-            keys = [self._entry(sid) for sid in chunk]
-            # MGET answers nil for missing and wrong-type keys alike.
-            values = await self._call("pod_sessions", lambda c, keys=keys: c.mget(keys))
-            for sid, raw in zip(chunk, values, strict=True):
-                location = decode_location(raw) if raw else None
-                if location is not None and location.pod == pod:
-                    live.add(sid)
-                else:
-                    stale.append(sid)
-        if stale:
+        stale: list[list[str]] = [[] for _ in range(self.index_shards)]
+        for group in self._batches(per_shard):
+
+            async def fetch(client: Client, group: list[tuple[int, list[str]]] = group) -> list:
+                pipe = client.pipeline(transaction=False)
+                for shard, chunk in group:
+                    # MGET answers nil for missing and wrong-type keys alike; one slot per MGET.
+                    keys = [self._shard_prefixes[shard] + "s:" + sid for sid in chunk]
+                    pipe.execute_command("MGET", *keys)
+                return await pipe.execute()
+
+            values = await self._call("pod_sessions", fetch)
+            for (shard, chunk), raws in zip(group, values, strict=True):
+                for sid, raw in zip(chunk, raws, strict=True):
+                    location = decode_location(raw) if raw else None
+                    if location is not None and location.pod == pod:
+                        live.add(sid)
+                    else:
+                        stale[shard].append(sid)
+        if any(stale):
             # Lazy clean-up of expired / moved members; compare-and-remove in Lua, best effort.
             with contextlib.suppress(StoreUnavailable):
                 await self._drop(pod, stale, delete=False, op="pod_sessions")
         return live
 
     async def drop_pod_sessions(self, pod: str, keep: set[str]) -> int:
-        index = self._index(pod)
-        members: set[bytes] = await self._call("drop_pod_sessions", lambda c: c.smembers(index))
-        doomed = [sid for m in members if (sid := m.decode(errors="replace")) not in keep]
+        per_shard = await self._members(pod, "drop_pod_sessions")
+        doomed = [[sid for sid in sids if sid not in keep] for sids in per_shard]
         return await self._drop(pod, doomed, delete=True, op="drop_pod_sessions")
 
-    async def _drop(self, pod: str, sids: list[str], *, delete: bool, op: str) -> int:
+    async def _drop(self, pod: str, per_shard: list[list[str]], *, delete: bool, op: str) -> int:
         total = 0
         flag = "1" if delete else "0"
-        for start in range(0, len(sids), BATCH_SIZE):
-            chunk = sids[start : start + BATCH_SIZE]
-            call = (self._drop_script, [1, self._index(pod), pod, self._entry_prefix, flag, *chunk])
-            (count,) = await self._call(op, lambda c, call=call: self._run_scripts(c, [call]))
-            total += int(count)
+        for group in self._batches(per_shard):
+            calls = []
+            for shard, chunk in group:
+                prefix = self._shard_prefixes[shard]
+                keys = [prefix + "pod:" + pod, *(prefix + "s:" + sid for sid in chunk)]
+                calls.append((self._drop_script, [len(keys), *keys, pod, flag, *chunk]))
+            counts = await self._call(op, lambda c, calls=calls: self._run_scripts(c, calls))
+            total += sum(int(count) for count in counts)
         return total
 
     async def record_broadcast(self, record: BroadcastRecord) -> None:
         payload = _encode_broadcast(record)
+        keys = [self._bc_data, self._bc_order, self._bc_seq]
         await self._call(
             "record_broadcast",
-            lambda client: self._record_bc_script(
-                keys=[self._bc_data, self._bc_order, self._bc_seq],
-                args=[record.key, payload],
-                client=client,
+            lambda client: self._script(
+                client, self._record_bc_script, keys, [record.key, payload]
             ),
         )
 
     async def forget_broadcast(self, key: str) -> None:
+        keys = [self._bc_data, self._bc_order]
         await self._call(
             "forget_broadcast",
-            lambda client: self._forget_bc_script(
-                keys=[self._bc_data, self._bc_order], args=[key], client=client
-            ),
+            lambda client: self._script(client, self._forget_bc_script, keys, [key]),
         )
 
     async def set_draining(self, pod: str, draining: bool) -> None:
@@ -863,11 +1079,10 @@ class RedisStore:
         return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
 
     async def broadcasts(self) -> list[BroadcastRecord]:
+        keys = [self._bc_data, self._bc_order]
         flat = await self._call(
             "broadcasts",
-            lambda client: self._list_bc_script(
-                keys=[self._bc_data, self._bc_order], args=[], client=client
-            ),
+            lambda client: self._script(client, self._list_bc_script, keys, []),
         )
         records: list[BroadcastRecord] = []
         for key, raw in zip(flat[0::2], flat[1::2], strict=True):

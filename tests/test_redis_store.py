@@ -7,14 +7,26 @@ Every test runs a real server (tests/redis_fixture.py) and waits for states with
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 from redis.asyncio.connection import AbstractConnection
+from redis.crc import key_slot
 
-from router.redis_store import BATCH_SIZE, RedisStore, redact_url
+from router.redis_store import (
+    BATCH_SIZE,
+    DEFAULT_INDEX_SHARDS,
+    RedisStore,
+    entry_key,
+    index_key,
+    redact_url,
+    shard_of,
+    shard_tags,
+)
+from router.redis_topology import CLUSTER, SENTINEL, STANDALONE, parse_url
 from router.store import OPEN, BroadcastRecord, Location, StoreUnavailable
 from tests.redis_fixture import RedisServer, free_port
 from tests.waiting import eventually
@@ -110,8 +122,37 @@ async def test_every_key_lives_under_the_prefix(
         assert admin.get("macp:runtime-owned") == b"untouched"
     ours = [k for k in keys if k != "macp:runtime-owned"]
     assert ours and all(k.startswith("mrouter:") for k in ours), keys
-    assert "mrouter:s:s3" in ours and "mrouter:pod:pod-a" in ours
-    assert {"mrouter:bc:data", "mrouter:bc:order", "mrouter:bc:seq"} <= set(ours)
+    assert entry_key("s3") in ours and index_key("pod-a", "s3") in ours
+    assert {"mrouter:{bc}:data", "mrouter:{bc}:order", "mrouter:{bc}:seq"} <= set(ours)
+    assert len([k for k in ours if k.endswith(":marker")]) == DEFAULT_INDEX_SHARDS
+
+
+def test_every_script_touches_one_hash_slot() -> None:
+    """A session's entry and its index keys share a hash tag (one cluster slot), and the shards'
+    tags are spread evenly over the slot space."""
+    for sid in ("s1", "0f8fad5b-d9cb-469f-a165-70867728950e", "x" * 200):
+        slot = key_slot(entry_key(sid).encode())
+        assert key_slot(index_key("pod-a", sid).encode()) == slot
+        assert key_slot(index_key("some-other-pod", sid).encode()) == slot
+    slots = sorted(key_slot(f"{{{tag}}}".encode()) for tag in shard_tags(DEFAULT_INDEX_SHARDS))
+    width = 16384 // DEFAULT_INDEX_SHARDS
+    assert [slot // width for slot in slots] == list(range(DEFAULT_INDEX_SHARDS))
+    # Sessions spread over the shards.
+    counts = collections.Counter(shard_of(f"sid-{i}", DEFAULT_INDEX_SHARDS) for i in range(6400))
+    assert len(counts) == DEFAULT_INDEX_SHARDS and max(counts.values()) < 2 * 100
+
+
+async def test_a_prefix_written_with_another_layout_is_refused(
+    redis_server: RedisServer, redis_url: str, make: Callable[..., RedisStore]
+) -> None:
+    first = make(redis_url, index_shards=16)
+    await first.start()
+    other = make(redis_url, index_shards=32, required=True)
+    with pytest.raises(StoreUnavailable, match="another key layout"):
+        await other.start()
+    separate = make(redis_url, index_shards=32, prefix="mrouter:v32:")
+    await separate.start()
+    assert not separate.degraded
 
 
 async def test_prefixes_isolate_stores(redis_url: str, make: Callable[..., RedisStore]) -> None:
@@ -144,17 +185,18 @@ async def test_corrupt_values_read_as_absent_with_one_warning(
     store = make(redis_url)
     await store.start()
     with redis_server.client() as admin:
-        admin.set("mrouter:s:garbage", b"\xff\xfe not ours")
-        admin.set("mrouter:s:bad-state", b"1\x1fpod-a\x1fexploded\x1f\x1f5")
-        admin.set("mrouter:s:bad-time", b"1\x1fpod-a\x1fopen\x1f\x1fsoon")
-        admin.set("mrouter:s:future", b"2\x1fpod-a\x1fopen\x1f\x1f5")
-        admin.hset("mrouter:s:hash", "pod", "pod-a")
-        admin.sadd("mrouter:pod:pod-a", "garbage", "hash")
+        admin.set(entry_key("garbage"), b"\xff\xfe not ours")
+        admin.set(entry_key("bad-state"), b"1\x1fpod-a\x1fexploded\x1f\x1f5")
+        admin.set(entry_key("bad-time"), b"1\x1fpod-a\x1fopen\x1f\x1fsoon")
+        admin.set(entry_key("future"), b"2\x1fpod-a\x1fopen\x1f\x1f5")
+        admin.hset(entry_key("hash"), "pod", "pod-a")
+        admin.sadd(index_key("pod-a", "garbage"), "garbage")
+        admin.sadd(index_key("pod-a", "hash"), "hash")
     for sid in ("garbage", "bad-state", "bad-time", "future", "hash"):
         assert await store.get(sid) is None
     warnings = records(caplog, logging.WARNING, "undecodable")
     assert len(warnings) == 1, "corrupt-value warnings are rate-limited"
-    assert "mrouter:s:garbage" in warnings[0].getMessage()
+    assert entry_key("garbage") in warnings[0].getMessage()
     # Nothing crashes on them, and writes replace them.
     assert await store.pod_sessions("pod-a") == set()
     assert await store.reserve("garbage", "pod-b") == "pod-b"
@@ -171,9 +213,9 @@ async def test_corrupt_broadcast_entries_are_skipped(
     await store.start()
     await store.record_broadcast(BroadcastRecord("good", "/m/A", b"1"))
     with redis_server.client() as admin:
-        admin.hset("mrouter:bc:data", "bad", b"no-newline-here")
-        admin.zadd("mrouter:bc:order", {"bad": 99})
-        admin.zadd("mrouter:bc:order", {"dangling": 100})
+        admin.hset("mrouter:{bc}:data", "bad", b"no-newline-here")
+        admin.zadd("mrouter:{bc}:order", {"bad": 99})
+        admin.zadd("mrouter:{bc}:order", {"dangling": 100})
     assert await store.broadcasts() == [BroadcastRecord("good", "/m/A", b"1")]
 
 
@@ -194,6 +236,16 @@ async def test_corrupt_broadcast_entries_are_skipped(
         "redis://127.0.0.1:6379?db=x",
         "unix://",
         "redis://:hunter2-secret@127.0.0.1:notaport/0",
+        "redis+cluster://",
+        "redis+cluster://:hunter2-secret@h1:1,h2:notaport",
+        "redis+cluster://h1:1,:2",
+        "redis+cluster://h1:1/3",
+        "redis+sentinel://h1:26379",
+        "redis+sentinel://:hunter2-secret@h1:26379,h2:26379/",
+        "redis+sentinel://h1:26379/master/zero",
+        "redis+sentinel://h1:26379/master/0/extra",
+        "redis+sentinel://h1:99999/master",
+        "redis+clusters://h1:1",
     ],
 )
 def test_malformed_url_is_a_clear_value_error(url: str) -> None:
@@ -212,10 +264,47 @@ def test_malformed_url_is_a_clear_value_error(url: str) -> None:
         "rediss://:pw@redis.example:6380",
         "unix:///run/redis.sock",
         "unix:///run/redis.sock?db=2",
+        "redis+cluster://10.0.0.1:7000",
+        "redis+cluster://:pw@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002",
+        "rediss+cluster://alice:pw@redis.example:6380",
+        "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster",
+        "redis+sentinel://:pw@10.0.0.1/mymaster/2?sentinel_password=s",
+        "rediss+sentinel://alice:pw@sentinel.example:26380/mymaster/0",
     ],
 )
 def test_wellformed_urls_are_accepted(url: str) -> None:
     RedisStore(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "kind", "tls", "nodes", "master", "db"),
+    [
+        ("redis://h:1/2", STANDALONE, False, (), "", 2),
+        ("rediss://h:1", STANDALONE, True, (), "", 0),
+        ("redis+cluster://a:7000,b:7001,[::1]:7002", CLUSTER, False,
+         (("a", 7000), ("b", 7001), ("::1", 7002)), "", 0),
+        ("rediss+cluster://a", CLUSTER, True, (("a", 6379),), "", 0),
+        ("redis+sentinel://s1,s2:26380/main", SENTINEL, False,
+         (("s1", 26379), ("s2", 26380)), "main", 0),
+        ("rediss+sentinel://:pw@s1:1/main/3", SENTINEL, True, (("s1", 1),), "main", 3),
+    ],
+)
+def test_url_spellings_name_the_topology(url, kind, tls, nodes, master, db) -> None:  # type: ignore[no-untyped-def]
+    target = parse_url(url)
+    assert (target.kind, target.tls, target.nodes, target.master, target.db) == (
+        kind, tls, nodes, master, db)
+
+
+def test_url_credentials_reach_the_right_servers() -> None:
+    target = parse_url("redis+sentinel://al%40ce:p%40ss@s1:1/main?sentinel_password=sp"
+                       "&sentinel_username=su")
+    assert (target.username, target.password) == ("al@ce", "p@ss")
+    assert (target.sentinel_username, target.sentinel_password) == ("su", "sp")
+    assert "p@ss" not in repr(target) and "'sp'" not in repr(target)
+    cluster = RedisStore("rediss+cluster://:pw@h:1")
+    assert cluster.topology == CLUSTER
+    assert cluster._client.connection_kwargs["password"] == "pw"
+    assert cluster._client.connection_kwargs["connection_class"].__name__ == "SSLConnection"
 
 
 def test_rediss_uses_tls() -> None:
@@ -233,6 +322,9 @@ def test_rediss_uses_tls() -> None:
         ("redis://h:1/0", "redis://h:1/0"),
         ("unix:///tmp/r.sock?db=1&password=s3cret", "unix:///tmp/r.sock?db=1&password=***"),
         ("redis://:pa:ss@word@h:1", "redis://:***@h:1"),
+        ("redis+cluster://:s3cret@a:1,b:2", "redis+cluster://:***@a:1,b:2"),
+        ("rediss+sentinel://u:s3cret@a:1,b:2/m/0?sentinel_password=s3cret",
+         "rediss+sentinel://u:***@a:1,b:2/m/0?sentinel_password=***"),
     ],
 )
 def test_redact_url_hides_passwords(url: str, redacted: str) -> None:

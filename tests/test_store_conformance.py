@@ -1,7 +1,9 @@
 """One conformance suite for every `LocationStore` (Orleans `GrainDirectoryTests<T>` style).
 
-Each test runs against `MemoryStore` and against `RedisStore` on a real Redis (valkey-server or
-redis-server, see tests/redis_fixture.py). The invariants are the ones in `router.store`.
+Each test runs against `MemoryStore` and against `RedisStore` on each Redis topology, real servers
+started by tests/redis_fixture.py (valkey-server or redis-server): a standalone Redis, a Redis
+Cluster (3 masters + 3 replicas, ``redis+cluster://``) and a Sentinel group (1 master, 1 replica,
+3 sentinels, ``redis+sentinel://``). The invariants are the ones in `router.store`.
 """
 
 from __future__ import annotations
@@ -31,9 +33,18 @@ MakeStore = Callable[..., Awaitable[LocationStore]]
 WAIT_S = 5.0
 
 
-@pytest.fixture(params=["memory", "redis"])
+URL_FIXTURES = {
+    "memory": None,
+    "redis": "redis_url",
+    "cluster": "redis_cluster_url",
+    "sentinel": "redis_sentinel_url",
+}
+
+
+@pytest.fixture(params=list(URL_FIXTURES))
 async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[MakeStore]:
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    fixture = URL_FIXTURES[request.param]
+    url = request.getfixturevalue(fixture) if fixture else None
     stores: list[LocationStore] = []
 
     async def make(*, retention_s: float = 600.0, reservation_ttl_s: float = 300.0):

@@ -14,6 +14,7 @@ import time
 
 import grpc
 
+from router.redis_store import entry_key
 from router.v1 import router_pb2
 from tests.faults.conftest import (
     FaultRow,
@@ -94,7 +95,7 @@ async def test_redis_killed_and_restarted_under_traffic_with_two_routers(
     assert traffic.errors() == {}, traffic.errors()
     # The store was refilled from the routers' near-caches (it came back empty).
     with server.client() as client:
-        missing = [sid for sid in held if not client.exists(f"mrouter:s:{sid}")]
+        missing = [sid for sid in held if not client.exists(entry_key(sid))]
     assert not missing, missing[:3]
     report(FaultRow(
         fault=f"Redis SIGKILLed for {back_at - killed_at:.1f} s, restarted empty; 2 routers",
@@ -126,7 +127,7 @@ async def test_redis_flushed_under_traffic_with_two_routers(sim_pods, routers,
         traffic.resume_starts()  # the store is empty now: every race reserves in it afresh
         with server.client() as client:
             def refilled() -> bool:
-                return all(client.exists(f"mrouter:s:{sid}") for sid in list(traffic.known))
+                return all(client.exists(entry_key(sid)) for sid in list(traffic.known))
 
             await eventually(refilled, timeout=15, what="store refilled after FLUSHALL",
                              interval=0.1)
