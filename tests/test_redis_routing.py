@@ -23,9 +23,11 @@ def pod_list(pods: list[SimPod]) -> str:
     return ",".join(f"{pod.name}={pod.address}" for pod in pods)
 
 
+@pytest.mark.parametrize("topology", ["redis_url", "redis_cluster_url"])
 async def test_two_router_processes_racing_200_starts_place_each_session_once(
-    sim_pods, redis_url, tmp_path
+    sim_pods, tmp_path, request, topology
 ):
+    redis_url = request.getfixturevalue(topology)
     pods = await sim_pods(3, start_limit_per_minute=10_000)  # 400 starts from one sender
     first, first_address = router_process(tmp_path, pod_list(pods), "--redis-url", redis_url,
                                           name="r1")
@@ -80,7 +82,12 @@ async def test_router_b_routes_a_session_router_a_placed_from_the_store_without_
     assert not samples.get_sample_value("macp_router_probe_fanouts_total", {"protocol": "macp"})
 
 
-async def test_cache_hits_send_zero_redis_commands(sim_pods, make_router, redis_server, redis_url):
+@pytest.mark.parametrize(("servers", "topology"), [("redis_server", "redis_url"),
+                                                    ("redis_cluster", "redis_cluster_url")])
+async def test_cache_hits_send_zero_redis_commands(sim_pods, make_router, request, servers,
+                                                   topology):
+    redis_url = request.getfixturevalue(topology)
+    redis_server = request.getfixturevalue(servers)  # every node of a cluster is counted
     pods = await sim_pods(3)
     router = await make_router(pods, redis_url=redis_url)
     async with grpc.aio.insecure_channel(router.address) as channel:
