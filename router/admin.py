@@ -83,9 +83,14 @@ class RouterAdmin(router_pb2_grpc.RouterAdminServicer):
         if status == LIVE and state in TERMINAL_STATES:
             status = NOT_FOUND
             detail = f"session ended ({state}); pod {located_pod} still answers GetSession for it"
+        also_on = self.locator.duplicates(sid)
+        if also_on:
+            detail = (f"{detail}; " if detail else "") + (
+                f"also reported by pod(s) {', '.join(also_on)}: routed to {located_pod} until "
+                "it no longer holds it (pods must not share storage)")
         return router_pb2.SessionStatusResponse(
             status=status, pod=located_pod, source=source, state=state,
-            unknown_pods=list(located.unknown_pods), detail=detail,
+            unknown_pods=list(located.unknown_pods), detail=detail, also_on=also_on,
         )
 
     def pod_status(self, pod: Pod) -> router_pb2.PodStatus:

@@ -21,6 +21,10 @@ Invariants:
   entry still names that pod.
 - A near-cache entry maps a sid to exactly one pod; terminal sessions stay routable for the
   retention window, then leave the cache.
+- A live (open, suspended) entry never moves because another pod reports the same sid (two
+  pods sharing storage, a split brain): that is counted, logged, kept in `also_on` and both
+  pods are probed. Only evidence from the owner moves it: it answers not_found, or its
+  reconcile no longer lists it.
 - Store failures never fail a lookup: they degrade it to the near-cache and probes. A
   placement without the store takes the sid's rendezvous-hash pod, the same on every replica.
 """
@@ -233,6 +237,8 @@ class Locator:
         self.on_silent = on_silent
         """Told (pod, reason) when a probe got no answer within the deadline."""
         self.near = NearCache()
+        self.also_on: dict[str, dict[str, str]] = {}
+        """sid -> {other pod: state it reported} for sessions more than one pod reported."""
         self._negative: dict[str, float] = {}
         self._inflight: dict[str, asyncio.Future[Located]] = {}
         self._recent_placements: dict[str, float] = {}
@@ -329,7 +335,17 @@ class Locator:
         if result.status == LIVE:
             assert result.pod is not None
             entry = self.near.entry(sid)
-            if entry is None or entry[0] != result.pod:
+            if entry is None:
+                self._cache(sid, result.pod, OPEN)
+            elif entry[0] != result.pod and entry[1] not in TERMINAL_STATES:
+                # Never move a live session on another pod's word: ask the owner itself.
+                if await self._probe_one(entry[0], sid) == NOT_FOUND:
+                    self.also_on.setdefault(sid, {})[result.pod] = OPEN
+                    await self.owner_lost(sid, entry[0], "it answered not_found to a probe")
+                else:
+                    self._second_holder(sid, entry[0], result.pod, OPEN)
+                    result = Located(LIVE, entry[0], SOURCE_PROBE)
+            elif entry[0] != result.pod:
                 self._cache(sid, result.pod, OPEN)
         return result
 
@@ -407,11 +423,59 @@ class Locator:
             self._report_duplicate(sid, [winner, *extra])
 
     def _report_duplicate(self, sid: str, pods: Sequence[str]) -> None:
+        others = self.also_on.setdefault(sid, {})
+        for pod in pods[1:]:
+            others.setdefault(pod, OPEN)
         self.metrics.duplicate_sessions.labels(self.protocol).inc()
         log.warning(
-            "session %s is live on more than one pod (%s); routing to %s",
+            "session %s is live on more than one pod (%s); routing to %s. Two runtimes must "
+            "never share one storage: check the pods' data directories / Redis settings",
             sid, ", ".join(pods), pods[0],
         )
+
+    def duplicates(self, sid: str) -> list[str]:
+        """Other pods that reported `sid` while it is routed to its owner (sorted)."""
+        return sorted(self.also_on.get(sid, ()))
+
+    def _second_holder(self, sid: str, owner: str, other: str, state: str) -> None:
+        others = self.also_on.get(sid)
+        if others is not None and other in others:
+            others[other] = state  # already reported: just keep its latest state
+            return
+        self._report_duplicate(sid, [owner, other])
+        self.also_on[sid][other] = state
+        self._spawn(self._check_owner(sid, owner), f"dup-check:{sid}")
+
+    async def _check_owner(self, sid: str, owner: str) -> None:
+        """Probe the owner and the other holders of `sid`; move it only if the owner lost it."""
+        others = list(self.also_on.get(sid, ()))
+        answers = await asyncio.gather(*(self._probe_one(pod, sid) for pod in [owner, *others]))
+        owner_answer, rest = answers[0], dict(zip(others, answers[1:], strict=True))
+        for pod, answer in rest.items():
+            if answer == NOT_FOUND:
+                self.also_on.get(sid, {}).pop(pod, None)
+        if owner_answer == NOT_FOUND:
+            await self.owner_lost(sid, owner, "it answered not_found to a probe")
+        elif owner_answer == LIVE and any(answer == LIVE for answer in rest.values()):
+            log.warning("session %s: owner %s and %s both answer live; keep routing to %s",
+                        sid, owner, ", ".join(p for p, a in rest.items() if a == LIVE), owner)
+        if not self.also_on.get(sid):
+            self.also_on.pop(sid, None)
+
+    async def owner_lost(self, sid: str, owner: str, evidence: str) -> bool:
+        """`owner` no longer holds `sid`: route it to a pod that reported it, if any."""
+        others = self.also_on.pop(sid, None)
+        entry = self.near.entry(sid)
+        if not others or entry is None or entry[0] != owner:
+            return False
+        pod, state = next(iter(others.items()))
+        log.warning("session %s moves from pod %s to pod %s: %s", sid, owner, pod, evidence)
+        ttl = self.retention_s if state in TERMINAL_STATES else 0.0
+        self.near.set(sid, pod, state, ttl)
+        self._enqueue_write(sid, Location(pod, state, "", now_ms()))
+        if len(others) > 1:
+            self.also_on[sid] = {p: s for p, s in others.items() if p != pod}
+        return True
 
     # -- placement -----------------------------------------------------------------------------
     async def place(self, sid: str) -> tuple[str, bool]:
@@ -446,7 +510,8 @@ class Locator:
             self.near.set(sid, owner, RESERVED, self.reservation_grace_s * 10)
         self._negative.pop(sid, None)
         self._recent_placements[sid] = time.monotonic()
-        self.metrics.record_placement(self.protocol, owner, "placed" if won else "lost_race")
+        self.metrics.record_placement(self.protocol, owner, "placed" if won else "lost_race",
+                                      sid)
         return owner, won
 
     def confirm(self, sid: str, pod: str) -> None:
@@ -457,7 +522,7 @@ class Locator:
 
     async def release(self, sid: str, pod: str) -> None:
         """Undo a reservation the pod provably did not accept."""
-        self.metrics.record_placement(self.protocol, pod, "released")
+        self.metrics.record_placement(self.protocol, pod, "released", sid)
         if self.near.entry(sid) == (pod, RESERVED):
             self.near.discard(sid, pod)
         self._recent_placements.pop(sid, None)
@@ -469,7 +534,10 @@ class Locator:
     # -- invalidation --------------------------------------------------------------------------
     async def invalidate(self, sid: str, pod: str) -> None:
         """`pod` said it does not hold `sid`: forget that route, near-cache first, then store."""
-        self.near.discard(sid, pod)
+        if self.near.discard(sid, pod):
+            self.also_on.pop(sid, None)  # the next lookup probes every pod afresh
+        elif sid in self.also_on:
+            self.also_on[sid].pop(pod, None)
         self._recent_placements.pop(sid, None)
         self._pending_writes.pop(sid, None)
         self.metrics.record_locate(self.protocol, "stale")
@@ -478,11 +546,17 @@ class Locator:
 
     # -- what the feeds teach -------------------------------------------------------------------
     def observe(self, pod: str, sid: str, state: str, incarnation: str = "") -> None:
-        """A pod's own feed reported `sid` in `state`: the authoritative write."""
+        """A pod's own feed reported `sid` in `state`: the authoritative write.
+
+        Except for a session live on another pod: a second pod reporting it (two pods wrongly
+        sharing storage, a split brain) never moves it. It is counted and logged, both pods are
+        probed, and only evidence that the owner no longer holds it moves the entry.
+        """
         current = self.near.entry(sid)
-        if current is not None and current[0] != pod and current[1] not in TERMINAL_STATES:
-            if current[1] != RESERVED:
-                self._report_duplicate(sid, [current[0], pod])
+        if (current is not None and current[0] != pod and current[1] not in TERMINAL_STATES
+                and current[1] != RESERVED):
+            self._second_holder(sid, current[0], pod, state)
+            return
         ttl = self.retention_s if state in TERMINAL_STATES else 0.0
         self.near.set(sid, pod, state, ttl)
         self._negative.pop(sid, None)
@@ -506,8 +580,15 @@ class Locator:
         for sid, state in self.near.sessions_of(pod):
             if sid in keep or state in TERMINAL_STATES:
                 continue
+            if await self.owner_lost(sid, pod, "its owner's reconcile no longer lists it"):
+                continue
             self.near.discard(sid, pod)
             dropped += 1
+        for sid in [sid for sid, others in self.also_on.items()
+                    if pod in others and sid not in keep]:
+            self.also_on[sid].pop(pod, None)
+            if not self.also_on[sid]:
+                del self.also_on[sid]
         with contextlib.suppress(StoreUnavailable):
             await self.store.drop_pod_sessions(pod, keep)
         if dropped:
@@ -561,6 +642,8 @@ class Locator:
         while True:
             await asyncio.sleep(1.0)
             self.near.sweep()
+            for sid in [sid for sid in self.also_on if self.near.get(sid) is None]:
+                del self.also_on[sid]
             now = time.monotonic()
             if len(self._negative) > 1000:
                 for sid in [s for s, t in self._negative.items() if t <= now]:

@@ -15,20 +15,22 @@ class SessionStatusRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., probe: _Optional[bool] = ...) -> None: ...
 
 class SessionStatusResponse(_message.Message):
-    __slots__ = ("status", "pod", "source", "state", "unknown_pods", "detail")
+    __slots__ = ("status", "pod", "source", "state", "unknown_pods", "detail", "also_on")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     POD_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_PODS_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    ALSO_ON_FIELD_NUMBER: _ClassVar[int]
     status: str
     pod: str
     source: str
     state: str
     unknown_pods: _containers.RepeatedScalarFieldContainer[str]
     detail: str
-    def __init__(self, status: _Optional[str] = ..., pod: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[str] = ..., unknown_pods: _Optional[_Iterable[str]] = ..., detail: _Optional[str] = ...) -> None: ...
+    also_on: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, status: _Optional[str] = ..., pod: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[str] = ..., unknown_pods: _Optional[_Iterable[str]] = ..., detail: _Optional[str] = ..., also_on: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListPodsRequest(_message.Message):
     __slots__ = ()
