@@ -12,18 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
-import threading
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIServer, make_server
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
 from router import routes
 from router.admin import RouterAdmin
@@ -32,10 +27,12 @@ from router.config import RouterConfig, parse_host_port
 from router.discovery import DnsDiscovery, Resolver
 from router.locator import Locator
 from router.metrics import Metrics
+from router.opshttp import OpsHttpServer, ops_app
 from router.placement import make_policy
 from router.pods import Pod, PodSet
 from router.proxy import MacpProxy
 from router.scope import DiscoveryScope
+from router.statuspage import StatusPage
 from router.store import LocationStore, MemoryStore, StoreUnavailable
 from router.v1 import router_pb2_grpc
 from router.watch import WatchFeed
@@ -151,8 +148,7 @@ class Router:
         self.admin_server: grpc.aio.Server | None = None
         self.admin_port = 0
         self.port = 0
-        self._http: WSGIServer | None = None
-        self._http_thread: threading.Thread | None = None
+        self._http: OpsHttpServer | None = None
         self.metrics_port = 0
         self._health_snapshot: dict[str, Any] = {"ready": False, "reason": "starting"}
         self._status_task: asyncio.Task[None] | None = None
@@ -279,42 +275,23 @@ class Router:
             await asyncio.sleep(self.config.drain_sync_s)
             await self._sync_draining()
 
-    # -- HTTP: /metrics, /healthz, /readyz -----------------------------------------------------
-    def _wsgi(self):  # type: ignore[no-untyped-def]
-        metrics_app = make_wsgi_app(self.metrics.registry)
-
-        def app(environ, start_response):  # type: ignore[no-untyped-def]
-            path = environ.get("PATH_INFO", "")
-            if path in ("/healthz", "/livez"):
-                body = b'{"alive": true}\n'
-                start_response("200 OK", [("Content-Type", "application/json")])
-                return [body]
-            if path == "/readyz":
-                snapshot = self._health_snapshot
-                body = (json.dumps(snapshot, sort_keys=True) + "\n").encode()
-                status = "200 OK" if snapshot.get("ready") else "503 Service Unavailable"
-                start_response(status, [("Content-Type", "application/json")])
-                return [body]
-            return metrics_app(environ, start_response)
-
-        return app
-
+    # -- HTTP: /metrics, /healthz, /readyz, status page (router.opshttp) -------------------------
     def _start_http(self) -> None:
         if not self.config.metrics_listen:
             return
         host, port = parse_host_port(self.config.metrics_listen, "--metrics-listen")
+        page = StatusPage(
+            admin=self.admin, metrics=self.metrics, health_snapshot=lambda: self._health_snapshot,
+            loop=asyncio.get_running_loop(), admin_token=self.config.admin_token,
+        )
+        app = ops_app(self.metrics.registry, lambda: self._health_snapshot, page)
         try:
-            self._http = make_server(host, port, self._wsgi(), ThreadingWSGIServer,
-                                     handler_class=_SilentHandler)
+            self._http = OpsHttpServer(host, port, app)
         except OSError as exc:
             raise ListenError(
                 f"cannot listen on --metrics-listen {self.config.metrics_listen}: {exc.strerror}"
             ) from None
-        self.metrics_port = self._http.server_port
-        self._http_thread = threading.Thread(
-            target=self._http.serve_forever, name="metrics-http", daemon=True
-        )
-        self._http_thread.start()
+        self.metrics_port = self._http.port
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _server_options(self) -> list[tuple[str, int]]:
@@ -458,8 +435,7 @@ class Router:
         await self._bounded("pod channels", self.pods.aclose())
         await self._bounded("store", self.store.aclose())
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.close()
             self._http = None
 
     async def _flush_quietly(self) -> None:

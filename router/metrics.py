@@ -22,7 +22,10 @@ Series lifecycle (what dashboards and alerts rely on):
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -46,6 +49,17 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.01,
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+
+
+RECENT_PLACEMENTS = 20
+
+
+class Placement(NamedTuple):
+    at: float  # wall-clock time.time()
+    protocol: str
+    pod: str
+    result: str
+    sid: str
 
 
 def bounded(value: str, allowed: Iterable[str] | frozenset[str]) -> str:
@@ -212,6 +226,8 @@ class Metrics:
         )
         self._cached_sessions = _CachedSessionsCollector(self.known_pods)
         r.register(self._cached_sessions)
+        self.recent_placements: deque[Placement] = deque(maxlen=RECENT_PLACEMENTS)
+        """The last placements (status page); bounded, never exported as labels."""
         self._request_children: dict[tuple[str, str, str, str, str], tuple[object, object]] = {}
         self._locate_children: dict[tuple[str, str], object] = {}
 
@@ -325,10 +341,11 @@ class Metrics:
             bounded(protocol, PROTOCOLS), self.pod_label(pod), bounded(result, PROBE_RESULTS)
         ).inc()
 
-    def record_placement(self, protocol: str, pod: str, result: str) -> None:
+    def record_placement(self, protocol: str, pod: str, result: str, sid: str = "") -> None:
         self.placements.labels(
             bounded(protocol, PROTOCOLS), self.pod_label(pod), bounded(result, PLACEMENT_RESULTS)
         ).inc()
+        self.recent_placements.append(Placement(time.time(), protocol, pod, result, sid))
 
     def record_broadcast(self, method: str, result: str) -> None:
         self.broadcasts.labels(

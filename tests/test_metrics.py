@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.error
 import urllib.request
 import uuid
 
@@ -223,3 +224,38 @@ async def test_router_with_no_pod_at_all_exports_zero_healthy_pods(sim_pods):
         assert not [name for name, _ in samples if name == "macp_router_pod_healthy"]
     finally:
         await router.stop(grace=0)
+
+
+# -- the metrics port speaks HTTP properly --------------------------------------------------------
+
+
+def http(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            return reply.status, dict(reply.headers), reply.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+async def test_metrics_port_answers_404_on_unknown_paths_and_head_on_every_known_path(
+    sim_pods, make_router,
+):
+    pods = await sim_pods(1)
+    router = await make_router(pods, metrics_listen="127.0.0.1:0")
+    port = router.metrics_port
+    for path in ("/nope", "/metrics/extra", "/favicon.ico", "/readyz/x"):
+        status, _, body = await asyncio.to_thread(http, port, path)
+        assert status == 404, path
+        assert b"macp_router_" not in body, f"{path} must not serve metrics"
+    for path in ("/metrics", "/healthz", "/livez", "/readyz", "/", "/session?id=x"):
+        got, got_headers, got_body = await asyncio.to_thread(http, port, path, "GET")
+        head, head_headers, head_body = await asyncio.to_thread(http, port, path, "HEAD")
+        assert got == 200, path
+        assert head == got, path
+        assert head_body == b"" and got_body, path
+        assert head_headers["Content-Type"] == got_headers["Content-Type"], path
+    status, headers, _ = await asyncio.to_thread(http, port, "/metrics", "POST")
+    assert status == 405 and "GET" in headers["Allow"]
+    status, headers, _ = await asyncio.to_thread(http, port, "/drain", "GET")
+    assert status == 405 and headers["Allow"] == "POST"
