@@ -131,9 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
           "(participants, initiator) unless their token is an observer")
     _flag(security, "--observer-tokens", metavar="TOKEN[,TOKEN]",
           help="bearer tokens that may see every session under --scope-discovery")
+    _flag(security, "--auth-tokens-file", metavar="PATH",
+          help="the runtime's token entries (MACP_AUTH_TOKENS_FILE, or MACP_AUTH_TOKENS_JSON "
+          "saved to a file), so --scope-discovery identifies static tokens as the pods do "
+          "(token -> sender; is_observer entries see everything; unknown tokens see nothing). "
+          "JWTs are identified by their sub claim. Without it: dev mode, the token is the "
+          "sender")
     _flag(security, "--auth-tokens-json", metavar="PATH",
-          help="the runtime's MACP_AUTH_TOKENS_JSON file, to map tokens to senders (and "
-          "observers) for --scope-discovery; default: the token is the sender (dev mode)")
+          help="older name of --auth-tokens-file")
     _flag(security, "--max-message-bytes", type=int, default=16 * 1024 * 1024, metavar="N",
           help="largest request or response the router passes")
     _flag(security, "--max-concurrent-streams", type=int, default=256, metavar="N",
@@ -249,7 +254,7 @@ def _config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from router.pods import parse_pod_list
 
     pods = tuple(parse_pod_list(args.pods)) if args.pods else ()
-    identities, observers = _token_identities(args.auth_tokens_json)
+    identities, observers = _token_identities(args.auth_tokens_file or args.auth_tokens_json)
     if args.observer_tokens:
         observers |= {t.strip() for t in args.observer_tokens.split(",") if t.strip()}
     return RouterConfig(

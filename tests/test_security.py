@@ -21,6 +21,7 @@ from router.pods import PodSpec
 from router.sim import SimPod
 from router.v1 import router_pb2, router_pb2_grpc
 from tests import macp_calls
+from tests.pod_auth import pod_options
 from tests.procs import Process, free_port
 
 
@@ -162,7 +163,7 @@ async def test_tls_for_clients_and_mtls_to_pods(tmp_path):
         [(pki.read(pod_key), pki.read(pod_cert))],
         root_certificates=pki.read(pki.ca_path), require_client_auth=True,
     )
-    pod = SimPod("a", "127.0.0.1:0", server_credentials=pod_credentials)
+    pod = SimPod("a", "127.0.0.1:0", server_credentials=pod_credentials, **pod_options())
     await pod.start()
     router = await _router([pod], tls_cert=router_cert, tls_key=router_key,
                            pod_ca=pki.ca_path, pod_cert=client_cert, pod_key=client_key)

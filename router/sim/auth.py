@@ -11,7 +11,8 @@ Invariants (the runtime's `crates/macp-auth/src/security.rs` and `auth/`):
   `can_manage_mode_registry` (default false), `is_observer` (default false). Unknown keys are
   ignored, as serde does.
 - With token entries configured, only those tokens authenticate; a token containing a dot is
-  JWT-shaped and never matches a static entry (the sim has no JWT resolver: UNAUTHENTICATED).
+  JWT-shaped and never matches a static entry: it authenticates only through the JWT resolver
+  (`JwtHs256`, when the pod is given one), as `sub` with the rights of its `macp_scopes`.
 - Without entries the pod runs in the runtime's dev mode (allowed only with allow_insecure):
   any bearer token is a fully privileged identity whose sender is the token itself, never an
   observer.
@@ -43,6 +44,77 @@ class Identity:
     max_open_sessions: int | None = None
     can_manage_mode_registry: bool = False
     is_observer: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class JwtHs256:
+    """The runtime's JWT resolver with a shared-secret key (MACP_AUTH_ISSUER, MACP_AUTH_AUDIENCE,
+    an `oct` key in MACP_AUTH_JWKS_JSON, MACP_AUTH_JWT_ALGS=HS256): signature, `iss`, `aud` and
+    `exp` are checked; the identity is `sub`, its rights come from the `macp_scopes` claim
+    (crates/macp-auth/src/auth/resolvers/jwt_bearer.rs)."""
+
+    issuer: str
+    audience: str
+    secret: bytes
+
+    def identify(self, token: str) -> Identity | None:
+        import base64
+        import hashlib
+        import hmac
+
+        def b64(text: str) -> bytes:
+            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+        parts = token.split(".")
+        if len(parts) != 3:
+            return None
+        try:
+            header, claims = json.loads(b64(parts[0])), json.loads(b64(parts[1]))
+            signature = b64(parts[2])
+        except ValueError:
+            return None
+        if not isinstance(header, dict) or header.get("alg") != "HS256":
+            return None
+        expected = hmac.new(self.secret, f"{parts[0]}.{parts[1]}".encode(), hashlib.sha256)
+        if not hmac.compare_digest(expected.digest(), signature) or not isinstance(claims, dict):
+            return None
+        audience = claims.get("aud")
+        audiences = audience if isinstance(audience, list) else [audience]
+        exp = claims.get("exp")
+        if (claims.get("iss") != self.issuer or self.audience not in audiences
+                or not isinstance(exp, (int, float)) or exp <= time.time()
+                or not isinstance(claims.get("sub"), str)):
+            return None
+        scopes = claims.get("macp_scopes") or {}
+        if not isinstance(scopes, dict):
+            return None
+        modes = scopes.get("allowed_modes")
+        return Identity(
+            sender=claims["sub"],
+            allowed_modes=frozenset(modes) if modes else None,
+            can_start_sessions=bool(scopes.get("can_start_sessions", True)),
+            max_open_sessions=scopes.get("max_open_sessions"),
+            can_manage_mode_registry=bool(scopes.get("can_manage_mode_registry", False)),
+            is_observer=bool(scopes.get("is_observer", False)),
+        )
+
+    def sign(self, sub: str, *, ttl_s: float = 3600, **scopes: Any) -> str:
+        """A token this resolver accepts (for tests and the demo)."""
+        import base64
+        import hashlib
+        import hmac
+
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+        header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+        claims = {"sub": sub, "iss": self.issuer, "aud": self.audience,
+                  "exp": int(time.time() + ttl_s)}
+        if scopes:
+            claims["macp_scopes"] = scopes
+        payload = b64(json.dumps(claims).encode())
+        signature = hmac.new(self.secret, f"{header}.{payload}".encode(), hashlib.sha256)
+        return f"{header}.{payload}.{b64(signature.digest())}"
 
 
 def dev_identity(token: str) -> Identity:

@@ -80,6 +80,7 @@ from router.sim.auth import (
     DEFAULT_MESSAGE_LIMIT_PER_MINUTE,
     DEFAULT_START_LIMIT_PER_MINUTE,
     Identity,
+    JwtHs256,
     RateLimiter,
     bearer_token,
     dev_identity,
@@ -842,8 +843,11 @@ class SimPod:
         cleanup_interval_s: float = CLEANUP_INTERVAL_S,
         max_payload_bytes: int = 1_048_576,
         server_credentials: grpc.ServerCredentials | None = None,
+        jwt: JwtHs256 | None = None,
     ) -> None:
         self.name = name
+        self.jwt = jwt
+        """The runtime's JWT resolver (MACP_AUTH_ISSUER + an HS256 JWKS key), if configured."""
         self.server_credentials = server_credentials
         self.listen = listen
         self.state_file = state_file
@@ -932,7 +936,7 @@ class SimPod:
 
     def _check_startup_config(self) -> None:
         """Refuse to start where the runtime refuses to (src/main.rs), with its reasons."""
-        if not self.identities and not self.allow_insecure:
+        if not self.identities and self.jwt is None and not self.allow_insecure:
             raise RuntimeError(
                 f"pod {self.name}: no authentication configured: give auth_tokens / "
                 "auth_tokens_file (MACP_AUTH_TOKENS_JSON / MACP_AUTH_TOKENS_FILE), or opt into "
@@ -1104,8 +1108,10 @@ class SimPod:
         """The caller's identity (None = UNAUTHENTICATED), as the runtime's resolver chain."""
         if token is None:
             return None
+        if "." in token and self.jwt is not None:  # the runtime's chain: JWT resolver first
+            return self.jwt.identify(token)
         if self.identities:
-            if "." in token:  # JWT-shaped: the static resolver declines; no JWT resolver here
+            if "." in token:  # JWT-shaped: the static resolver declines it
                 return None
             return self.identities.get(token)
         return dev_identity(token) if self.allow_insecure else None
