@@ -7,6 +7,7 @@ states and stream items.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -23,6 +24,7 @@ from macp_sdk.watchers import SessionLifecycleWatcher
 
 from router.sim import SimPod, serve_pod
 from tests.pod_auth import pod_options
+from tests.waiting import eventually
 
 DECISION = "macp.mode.decision.v1"
 T = 5.0  # deadline (s) for every RPC
@@ -783,3 +785,325 @@ async def test_async_sdk_stream_in_the_same_loop(pod: SimPod) -> None:
         assert errors == []
     finally:
         await client.close()
+
+
+# ── strict by default: the runtime's (v0.6.1) behaviours ─────────────────
+
+
+async def test_stream_frame_for_unknown_session_is_answered_inline_and_stream_stays_open(
+    stub: core_pb2_grpc.MACPRuntimeServiceStub,
+) -> None:
+    sid = new_sid()
+    call = stub.StreamSession(metadata=md("coordinator"), timeout=T)
+    await call.write(core_pb2.StreamSessionRequest(envelope=msg_env(sid)))
+    inline = await call.read()
+    assert inline.WhichOneof("response") == "error"
+    assert (inline.error.code, inline.error.message, inline.error.session_id) == (
+        "UnknownSession", "UnknownSession", sid)
+    # Still open: the same stream can start that very session and sees its start.
+    await call.write(core_pb2.StreamSessionRequest(envelope=start_env(sid)))
+    echoed = await call.read()
+    assert echoed.envelope.message_type == "SessionStart" and echoed.envelope.session_id == sid
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_async_sdk_stream_sees_unknown_session_as_inline_error(pod: SimPod) -> None:
+    client = AsyncMacpClient(target=pod.address, allow_insecure=True,
+                             auth=AuthConfig.for_dev_agent("coordinator"), default_timeout=T)
+    try:
+        errors: list[tuple[str, str]] = []
+        async with client.open_stream() as stream:
+            stream.on_inline_error(lambda err: errors.append((err.code, err.session_id)))
+            sid = new_sid()
+            await stream.send(msg_env(sid))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + T
+            while not errors:  # the SDK reports inline errors to the callback, not read()
+                assert loop.time() < deadline
+                await asyncio.sleep(0.01)
+            assert errors == [("UnknownSession", sid)]
+            await stream.send(start_env(sid))  # the stream is still open
+            assert (await stream.read(timeout=T)).message_type == "SessionStart"
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        ("duplicate start", grpc.StatusCode.ALREADY_EXISTS),
+        ("weak session id", grpc.StatusCode.INVALID_ARGUMENT),
+        ("mode mismatch", grpc.StatusCode.INVALID_ARGUMENT),
+        ("spoofed sender", grpc.StatusCode.UNAUTHENTICATED),
+        ("subscribe unknown", grpc.StatusCode.NOT_FOUND),
+    ],
+)
+async def test_stream_session_ending_codes(
+    stub: core_pb2_grpc.MACPRuntimeServiceStub, frames: str, code: grpc.StatusCode
+) -> None:
+    sid = new_sid()
+    assert (await send(stub, start_env(sid))).ok
+    frame = {
+        "duplicate start": core_pb2.StreamSessionRequest(envelope=start_env(sid)),
+        "weak session id": core_pb2.StreamSessionRequest(envelope=start_env("s1")),
+        "mode mismatch": core_pb2.StreamSessionRequest(envelope=envelope_pb2.Envelope(
+            macp_version="1.0", mode="macp.mode.task.v1", message_type="TaskRequest",
+            message_id=str(uuid.uuid4()), session_id=sid)),
+        "spoofed sender": core_pb2.StreamSessionRequest(envelope=msg_env(sid, sender="alice")),
+        "subscribe unknown": core_pb2.StreamSessionRequest(subscribe_session_id=new_sid()),
+    }[frames]
+    call = stub.StreamSession(metadata=md("coordinator"), timeout=T)
+    await call.write(frame)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        while True:
+            item = await call.read()
+            assert item is not grpc.aio.EOF and item.WhichOneof("response") != "error", item
+    assert err.value.code() == code
+
+
+async def test_stream_session_without_a_token_fails_before_any_frame(
+    stub: core_pb2_grpc.MACPRuntimeServiceStub,
+) -> None:
+    call = stub.StreamSession(timeout=T)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call.read()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_session_id_acceptance_rule() -> None:
+    from router.sim import valid_session_id
+
+    assert valid_session_id(str(uuid.uuid4()))
+    v7 = uuid.UUID(int=(uuid.uuid4().int & ~(0xF << 76)) | (7 << 76))
+    assert valid_session_id(str(v7))
+    assert not valid_session_id(str(uuid.uuid4()).upper())  # canonical lowercase only
+    assert not valid_session_id(str(uuid.uuid1()))  # v1 is a UUID, held to the UUID rule
+    assert valid_session_id("A" * 21 + "_") and not valid_session_id("A" * 21)
+    assert not valid_session_id("session-one-with-a-dot.x") and not valid_session_id("")
+
+
+async def test_send_rejects_weak_session_ids_and_accepts_progress_without_lookup(
+    pod: SimPod, stub: core_pb2_grpc.MACPRuntimeServiceStub
+) -> None:
+    for sid in ("s1", str(uuid.uuid4()).upper(), str(uuid.uuid1())):
+        ack = await send(stub, start_env(sid))
+        assert (ack.ok, ack.error.code, ack.error.message) == (
+            False, "INVALID_SESSION_ID", "InvalidSessionId")
+    assert (await send(stub, start_env("b64url_session_id_22chars"))).ok
+    progress = msg_env(new_sid(), "Progress")  # a session this pod never held
+    ack = await send(stub, progress)
+    assert ack.ok and ack.session_state == envelope_pb2.SESSION_STATE_OPEN
+    assert len(pod.sessions) == 1
+
+
+async def test_registry_duplicates_are_answered_in_band_and_writes_need_registry_rights(
+    pod: SimPod, stub: core_pb2_grpc.MACPRuntimeServiceStub
+) -> None:
+    policy = policy_pb2.PolicyDescriptor(policy_id="p.dup", mode=DECISION, rules="{}")
+    request = policy_pb2.RegisterPolicyRequest(policy_descriptor=policy)
+    first = await stub.RegisterPolicy(request, metadata=md("coordinator"), timeout=T)
+    again = await stub.RegisterPolicy(request, metadata=md("coordinator"), timeout=T)
+    assert first.ok and (again.ok, again.error) == (False, "policy 'p.dup' is already registered")
+    mode = core_pb2.ModeDescriptor(mode="ext.dup.v1", mode_version="1.0.0",
+                                   message_types=["Commitment"],
+                                   terminal_message_types=["Commitment"])
+    ext = core_pb2.RegisterExtModeRequest(mode_descriptor=mode)
+    assert (await stub.RegisterExtMode(ext, metadata=md("coordinator"), timeout=T)).ok
+    dup = await stub.RegisterExtMode(ext, metadata=md("coordinator"), timeout=T)
+    assert (dup.ok, dup.error) == (False, "mode 'ext.dup.v1' is already registered")
+    for token, code in (("alice", grpc.StatusCode.PERMISSION_DENIED),
+                        ("observer", grpc.StatusCode.PERMISSION_DENIED),
+                        (None, grpc.StatusCode.UNAUTHENTICATED)):
+        for call in (stub.RegisterPolicy(request, metadata=md(token), timeout=T),
+                     stub.RegisterExtMode(ext, metadata=md(token), timeout=T),
+                     stub.PromoteMode(core_pb2.PromoteModeRequest(mode="ext.dup.v1"),
+                                      metadata=md(token), timeout=T)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == code, token
+    # In memory only: a restart (even with a state file) comes back with empty registries.
+    await pod.stop()
+    await pod.start()
+    assert pod.policies == {} and pod.ext_modes == {}
+
+
+async def test_register_policy_is_failed_precondition_with_a_policies_dir(tmp_path: Path) -> None:
+    async with SimPod("pod-p", **pod_options(policies_dir=str(tmp_path))) as pod:
+        async with grpc.aio.insecure_channel(pod.address) as channel:
+            stub = core_pb2_grpc.MACPRuntimeServiceStub(channel)
+            policy = policy_pb2.PolicyDescriptor(policy_id="p.1", mode=DECISION)
+            for call in (
+                stub.RegisterPolicy(policy_pb2.RegisterPolicyRequest(policy_descriptor=policy),
+                                    timeout=T),  # checked before auth, as the runtime does
+                stub.UnregisterPolicy(policy_pb2.UnregisterPolicyRequest(policy_id="p.1"),
+                                      metadata=md("coordinator"), timeout=T),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call
+                assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            init = await stub.Initialize(
+                core_pb2.InitializeRequest(supported_protocol_versions=["1.0"]), timeout=T)
+            assert not init.capabilities.policy_registry.register_policy
+
+
+async def test_rate_limits_are_on_by_default_per_sender(
+    stub: core_pb2_grpc.MACPRuntimeServiceStub,
+) -> None:
+    acks = [await send(stub, start_env(new_sid())) for _ in range(61)]
+    assert all(a.ok for a in acks[:60])
+    assert (acks[60].ok, acks[60].error.code) == (False, "RATE_LIMITED")
+    other = await send(stub, start_env(new_sid(), sender="alice"), token="alice")
+    assert other.ok  # per sender
+    sid = acks[0].session_id
+    messages = [await send(stub, msg_env(sid)) for _ in range(601)]
+    assert all(a.ok for a in messages[:600])
+    assert messages[600].error.code == "RATE_LIMITED"
+
+
+async def test_raised_rate_limits_are_honoured() -> None:
+    async with SimPod("pod-r", **pod_options(start_limit_per_minute=100)) as pod:
+        async with grpc.aio.insecure_channel(pod.address) as channel:
+            stub = core_pb2_grpc.MACPRuntimeServiceStub(channel)
+            acks = [await send(stub, start_env(new_sid())) for _ in range(101)]
+            assert all(a.ok for a in acks[:100]) and acks[100].error.code == "RATE_LIMITED"
+
+
+async def test_auth_configuration_as_the_runtime(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="no authentication configured"):
+        await SimPod("x").start()
+    with pytest.raises(RuntimeError, match="TLS is required"):
+        await SimPod("x", auth_tokens=[{"token": "t", "sender": "s"}]).start()
+    with pytest.raises(ValueError, match="entry 0"):
+        SimPod("x", auth_tokens='[{"token": "t"}]')
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text('{"tokens": [{"token": "tok-a", "sender": "agent://a", '
+                      '"can_start_sessions": false}, {"token": "tok-b", "sender": "agent://b", '
+                      '"allowed_modes": ["macp.mode.task.v1"]}]}')
+    async with SimPod("file", auth_tokens_file=str(tokens), allow_insecure=True) as pod:
+        async with grpc.aio.insecure_channel(pod.address) as channel:
+            stub = core_pb2_grpc.MACPRuntimeServiceStub(channel)
+            no_start = await send(stub, start_env(new_sid(), sender=""), token="tok-a")
+            assert no_start.error.code == "FORBIDDEN"
+            wrong_mode = await send(stub, start_env(new_sid(), sender=""), token="tok-b")
+            assert wrong_mode.error.code == "FORBIDDEN"
+            x_token = await stub.Send(
+                core_pb2.SendRequest(envelope=msg_env(new_sid(), sender="")),
+                metadata=(("x-macp-token", "tok-a"),), timeout=T)
+            assert x_token.ack.error.code == "SESSION_NOT_FOUND"  # authenticated as agent://a
+            jwt_like = await send(stub, msg_env(new_sid(), sender=""), token="a.b.c")
+            assert jwt_like.error.code == "UNAUTHENTICATED"
+    # Dev mode: any bearer token is a full identity named by the token, never an observer.
+    async with SimPod("dev", allow_insecure=True) as pod:
+        async with grpc.aio.insecure_channel(pod.address) as channel:
+            stub = core_pb2_grpc.MACPRuntimeServiceStub(channel)
+            sid = new_sid()
+            assert (await send(stub, start_env(sid, sender="anyone"), token="anyone")).ok
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.GetSession(core_pb2.GetSessionRequest(session_id=sid),
+                                      metadata=md("router"), timeout=T)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            desc = policy_pb2.PolicyDescriptor(policy_id="p.dev", mode=DECISION)
+            assert (await stub.RegisterPolicy(
+                policy_pb2.RegisterPolicyRequest(policy_descriptor=desc),
+                metadata=md("router"), timeout=T)).ok
+            no_token = await send(stub, start_env(new_sid(), sender=""), token=None)
+            assert no_token.error.code == "UNAUTHENTICATED"
+
+
+async def test_pod_without_health_service_answers_unimplemented() -> None:
+    async with SimPod("old", **pod_options(health=False)) as pod:
+        async with grpc.aio.insecure_channel(pod.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=T)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_health_stays_serving_while_the_pod_stops(pod: SimPod) -> None:
+    async with grpc.aio.insecure_channel(pod.address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=T)
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        await pod.stop(grace=0.5)
+        # The runtime never reports NOT_SERVING: the watch just ends with the server.
+        statuses = []
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            while (item := await watch.read()) is not grpc.aio.EOF:
+                statuses.append(item.status)
+        assert health_pb2.HealthCheckResponse.NOT_SERVING not in statuses
+
+
+async def test_in_flight_requests_per_connection_queue_beyond_64(
+    pod: SimPod, stub: core_pb2_grpc.MACPRuntimeServiceStub
+) -> None:
+    sid = new_sid()
+    assert (await send(stub, start_env(sid))).ok
+    pod.hang = True
+    calls = [asyncio.ensure_future(stub.GetSession(
+        core_pb2.GetSessionRequest(session_id=sid), metadata=md("router"), timeout=T))
+        for _ in range(70)]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + T
+    while pod.queued_calls < 6:
+        assert loop.time() < deadline, (pod.max_in_flight, pod.queued_calls)
+        await asyncio.sleep(0.01)
+    assert pod.max_in_flight == 64  # never more in flight on one connection
+    pod.hang = False
+    replies = await asyncio.gather(*calls)  # the queued ones are served, none rejected
+    assert all(r.metadata.session_id == sid for r in replies)
+
+
+async def test_concurrent_streams_per_connection_capped_at_128(
+    pod: SimPod, stub: core_pb2_grpc.MACPRuntimeServiceStub
+) -> None:
+    calls = [stub.WatchSessions(core_pb2.WatchSessionsRequest(), metadata=md("router"),
+                                timeout=30) for _ in range(130)]
+    headers = [asyncio.ensure_future(call.initial_metadata()) for call in calls]
+    try:
+        await eventually(lambda: sum(h.done() for h in headers) == 128, timeout=20)
+        # The two over the cap wait on the client for a free stream; the pod never sees them.
+        await asyncio.sleep(0.3)
+        assert (pod.watcher_count, pod.calls["WatchSessions"]) == (128, 128)
+        assert sum(h.done() for h in headers) == 128
+        waiting = [call for call, h in zip(calls, headers, strict=True) if not h.done()]
+        assert not any(call.done() for call in waiting)  # queued, not refused
+        started = [call for call, h in zip(calls, headers, strict=True) if h.done()]
+        for call in started[:2]:
+            call.cancel()
+        # A freed stream lets a queued call through. (grpc-python's client starts one of the
+        # two waiting calls here, not both; the cap itself is what this test is about.)
+        await eventually(lambda: pod.calls["WatchSessions"] >= 129, timeout=20)
+        assert pod.watcher_count <= 128
+    finally:
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*headers, return_exceptions=True)
+
+
+async def test_terminal_sessions_are_evicted_silently_after_retention() -> None:
+    async with SimPod("ev", **pod_options(session_retention_s=0.2,
+                                          cleanup_interval_s=0.05)) as pod:
+        async with grpc.aio.insecure_channel(pod.address) as channel:
+            stub = core_pb2_grpc.MACPRuntimeServiceStub(channel)
+            done, live = new_sid(), new_sid()
+            assert (await send(stub, start_env(done))).ok
+            assert (await send(stub, start_env(live))).ok
+            watch = stub.WatchSessions(core_pb2.WatchSessionsRequest(), metadata=md("router"),
+                                       timeout=T)
+            assert {(await next_event(watch)).session.session_id for _ in range(2)} == {
+                done, live}
+            assert (await send(stub, msg_env(done, "Commitment"))).ok
+            assert (await next_event(watch)).event_type == Ev.EVENT_TYPE_RESOLVED
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + T
+            while done in pod.sessions:
+                assert loop.time() < deadline
+                await asyncio.sleep(0.02)
+            listed = await stub.ListSessions(core_pb2.ListSessionsRequest(),
+                                             metadata=md("router"), timeout=T)
+            assert [s.session_id for s in listed.sessions] == [live]  # open ones stay
+            with pytest.raises(asyncio.TimeoutError):  # no lifecycle event for an eviction
+                await asyncio.wait_for(watch.read(), 0.3)
+            watch.cancel()

@@ -549,11 +549,12 @@ class _Servicer(core_pb2_grpc.MACPRuntimeServiceServicer):
     ) -> AsyncIterator[core_pb2.WatchSessionsResponse]:
         pod = self.pod
         pod._authenticate(_token_of(context))
-        await context.send_initial_metadata(())  # headers now, as tonic does
         sub = _Sub()
         snapshot = pod._snapshot_events()  # taken together with the subscription: no gap
         pod._session_watchers.add(sub)
         try:
+            # Headers once subscribed, as tonic sends them when the handler returns.
+            await context.send_initial_metadata(())
             for item in snapshot:
                 yield item
             async for item in sub.items_until_closed():
@@ -567,10 +568,10 @@ class _Servicer(core_pb2_grpc.MACPRuntimeServiceServicer):
     ) -> AsyncIterator[core_pb2.WatchSignalsResponse]:
         pod = self.pod
         pod._authenticate(_token_of(context))
-        await context.send_initial_metadata(())
         sub = _Sub()
-        pod._signal_watchers.add(sub)
+        pod._signal_watchers.add(sub)  # subscribed before the headers tell the client so
         try:
+            await context.send_initial_metadata(())
             async for item in sub.items_until_closed():
                 yield item
         finally:
