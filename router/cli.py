@@ -47,6 +47,15 @@ def _flag(parser: argparse.ArgumentParser, flag: str, *, help: str, **kwargs: ob
     parser.add_argument(flag, help=f"{help} [env {env_name}]", **kwargs)  # type: ignore[arg-type]
 
 
+def _log_flags(parser: argparse.ArgumentParser) -> None:
+    _flag(parser, "--log-format", default="text", choices=["text", "json"],
+          help="text lines, or one JSON object per line (time, level, logger, message and "
+          "fields such as pod, method, code, duration_ms)")
+    _flag(parser, "--log-session-ids", action="store_true",
+          help="log full session ids (default: the first 8 characters and '…'; ids can act "
+          "as capabilities)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="macp-router",
@@ -94,7 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(serve, "--retention-s", type=float, default=600.0, metavar="SECONDS",
           help="how long ended sessions stay routable")
     _flag(serve, "--channels-per-pod", type=int, default=2, metavar="N",
-          help="gRPC connections per pod (the runtime limits streams per connection)")
+          help="gRPC connections per pod at start (the runtime allows 128 streams and 64 "
+          "requests in flight per connection; the pool grows with load)")
+    _flag(serve, "--max-channels-per-pod", type=int, default=16, metavar="N",
+          help="most connections the pool opens to one pod (100 streams / 48 unary calls in "
+          "flight per connection before it adds one)")
+    _flag(serve, "--max-list-bytes", type=int, default=256 * 1024 * 1024, metavar="N",
+          help="receive limit for one pod's whole ListSessions reply (the runtime does not "
+          "page it; ~300 bytes per in-memory session)")
     _flag(serve, "--placement", default="least-sessions-p2c",
           choices=["least-sessions-p2c", "round-robin"], help="placement policy for new sessions")
     _flag(serve, "--shutdown-grace-s", type=float, default=10.0, metavar="SECONDS",
@@ -102,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(serve, "--workers", default="1", metavar="N|auto",
           help="router processes sharing the listen port (SO_REUSEPORT); auto = cores")
     _flag(serve, "--log-level", default="info", choices=["debug", "info", "warning", "error"],
-          help="log verbosity")
+          help="log verbosity (debug adds one access line per routed call)")
+    _log_flags(serve)
     _flag(serve, "--acp-listen", metavar="HOST:PORT",
           help="also serve ACP agents here (ACP's Streamable HTTP / WebSocket transport, "
           "path /acp)")
@@ -175,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
           help="serve no grpc.health.v1 (a runtime built before it: Health/Check UNIMPLEMENTED)")
     _flag(pod, "--log-level", default="info", choices=["debug", "info", "warning", "error"],
           help="log verbosity")
+    _log_flags(pod)
 
     acp_pod = sub.add_parser(
         "acp-pod", help="run a simulated ACP agent pod (tests, demo)",
@@ -187,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
           help="session history (shared by pods, so any pod can session/load any session)")
     _flag(acp_pod, "--log-level", default="info", choices=["debug", "info", "warning", "error"],
           help="log verbosity")
+    _log_flags(acp_pod)
 
     demo = sub.add_parser(
         "demo", help="3 simulated pods + a router + the macp_sdk client, end to end",
@@ -228,12 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
 READY_LOGGER = "macp_router.ready"
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, args: argparse.Namespace | None = None) -> None:
+    from router.logs import setup_logging
+
+    setup_logging(level, getattr(args, "log_format", "text"),
+                  session_ids=bool(getattr(args, "log_session_ids", False)))
     # The ready line is printed at every log level: tools, tests and operators wait for it.
     logging.getLogger(READY_LOGGER).setLevel(logging.INFO)
 
@@ -272,6 +290,8 @@ def _config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         negative_cache_ms=int(args.negative_cache_ms),
         retention_s=float(args.retention_s),
         channels_per_pod=int(args.channels_per_pod),
+        max_channels_per_pod=int(args.max_channels_per_pod),
+        max_list_bytes=int(args.max_list_bytes),
         placement=args.placement,
         shutdown_grace_s=float(args.shutdown_grace_s),
         log_level=args.log_level,
@@ -384,7 +404,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"macp-router serve: error: {exc} (see macp-router serve --help)", file=sys.stderr)
         return EXIT_USAGE
-    _setup_logging(config.log_level)
+    from router.logs import register_secrets
+
+    register_secrets(config.token, config.admin_token, config.redis_password,
+                     *config.observer_tokens, *(token for token, _ in config.token_identities))
+    _setup_logging(config.log_level, args)
     if config.workers > 1 and not config.redis_url:
         logging.getLogger("macp_router").warning(
             "--workers %d without --redis-url: each worker keeps its own store, so two workers "
@@ -409,7 +433,7 @@ def _run_sim(args: argparse.Namespace, serve: Callable[[], Awaitable[None]]) -> 
     except ValueError as exc:
         print(f"{command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args)
 
     async def main() -> int:
         task = asyncio.ensure_future(serve())

@@ -32,6 +32,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from router.logs import log_call
+
 PROTOCOLS = frozenset({"macp", "acp"})
 LOCATE_RESULTS = frozenset(
     {"hit", "store_hit", "probe_hit", "not_found", "negative_hit", "unknown", "stale"}
@@ -325,6 +327,7 @@ class Metrics:
         counter, histogram = children
         counter.inc()  # type: ignore[attr-defined]
         histogram.observe(seconds)  # type: ignore[attr-defined]
+        log_call(protocol, method, route, pod, code, seconds)
 
     def record_locate(self, protocol: str, result: str) -> None:
         key = (protocol, result)
