@@ -272,15 +272,18 @@ class RedisClusterServers:
         self.cli = find_cli_executable(executable)
         self.datadir = datadir
         self.replicas = replicas
+        self.masters_wanted = masters
         self.nodes: list[RedisServer] = []
+        self.bus_ports: list[int] = []
         for index in range(masters * (1 + replicas)):
             port = free_port()
+            self.bus_ports.append(free_port())
             self.nodes.append(RedisServer(executable, datadir, port=port, password=None,
                                           extra_args=[
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", f"nodes-{index}-{port}.conf",
                 "--cluster-node-timeout", str(node_timeout_ms),
-                "--cluster-port", str(free_port()),
+                "--cluster-port", str(self.bus_ports[-1]),
                 "--cluster-replica-validity-factor", "0",
                 "--cluster-allow-replica-migration", "no",
                 "--cluster-require-full-coverage", "yes",
@@ -297,6 +300,10 @@ class RedisClusterServers:
     def start(self) -> RedisClusterServers:
         for node in self.nodes:
             node.start()
+        if self.masters_wanted < 3:
+            self._create_small()
+            self.wait_healthy()
+            return self
         argv = [self.cli, "--cluster", "create",
                 *(f"127.0.0.1:{node.port}" for node in self.nodes),
                 "--cluster-replicas", str(self.replicas), "--cluster-yes"]
@@ -312,6 +319,30 @@ class RedisClusterServers:
                                f"see {self.logs()}")
         self.wait_healthy()
         return self
+
+    def _create_small(self) -> None:
+        """The cli refuses fewer than 3 masters: one master gets every slot by hand
+        (CLUSTER ADDSLOTSRANGE), the others meet it and replicate it (load-test baseline)."""
+        if self.masters_wanted != 1:
+            raise RuntimeError("a test cluster has 1 master, or 3 or more")
+        first = self.nodes[0]
+        with first.client() as client:
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+            first_id = client.execute_command("CLUSTER", "MYID").decode()
+        for node in self.nodes[1:]:
+            with node.client() as client:
+                client.execute_command("CLUSTER", "MEET", "127.0.0.1", first.port,
+                                       self.bus_ports[0])
+
+        def known(node: RedisServer) -> bool:
+            with node.client() as client:
+                return first_id.encode() in client.execute_command("CLUSTER", "NODES")
+
+        for node in self.nodes[1:]:
+            _wait(f"node 127.0.0.1:{node.port} knows the master", lambda n=node: known(n),
+                  START_TIMEOUT_S, self.logs())
+            with node.client() as client:
+                client.execute_command("CLUSTER", "REPLICATE", first_id)
 
     def live_nodes(self) -> list[RedisServer]:
         return [node for node in self.nodes if node.running]

@@ -97,6 +97,11 @@ async def test_cache_hits_send_zero_redis_commands(sim_pods, make_router, reques
             await eventually(lambda s=sid: router.locator.near.entry(s) == (holders(pods, s)[0],
                                                                               "open"))
         await router.locator.flush()
+        # The start's own confirm already made the near-cache entry "open"; the feed's CREATED
+        # event (one per session) is written again when it arrives. Only then is nothing left.
+        await eventually(lambda: sum(f.applied_events for f in router.feeds.values())
+                         >= len(sids), what="every CREATED event applied")
+        await router.locator.flush()
         with redis_server.command_counter() as counter:
             before = counter.sample()
             for _ in range(20):
