@@ -4,7 +4,12 @@
 #   docker run --rm -p 50051:50051 -p 9090:9090 \
 #     -e MACP_ROUTER_PODS=pod-a=10.0.0.5:50051,pod-b=10.0.0.6:50051 macp-router:0.1.0
 # Ports: 50051 gRPC (macp.v1.MACPRuntimeService, router.v1 admin, grpc.health.v1),
-#        9090 HTTP (/metrics, /healthz liveness, /readyz readiness with JSON detail).
+#        9090 HTTP (/metrics, /healthz liveness, /readyz readiness with JSON detail, / status
+#        page). The ACP front door listens where MACP_ROUTER_ACP_LISTEN says (publish it too).
+# Extras installed (build argument EXTRAS, default "acp,otel"): acp = the ACP front door's
+# dependencies (`serve --acp-listen`), otel = traces (`serve --otel`, OTEL_* variables).
+#   docker build --build-arg EXTRAS=acp -t macp-router:0.1.0 .    # without tracing
+# The load-test harness (loadtest/) is not in the build context, so not in the image.
 # tests/test_deploy.py lints this file with hadolint and replays the build stage's COPY and
 # `pip install` steps in a fresh venv: keep the install in one `RUN ... pip install` line.
 
@@ -14,11 +19,11 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 WORKDIR /src
-# Only what the wheel needs (see .dockerignore): no tests, no test extra.
+ARG EXTRAS=acp,otel
+# Only what the wheel needs (see .dockerignore): no tests, no test extra, no load tests.
 COPY pyproject.toml README.md ./
 COPY router/ router/
-COPY loadtest/ loadtest/
-RUN /opt/venv/bin/pip install --no-cache-dir .
+RUN /opt/venv/bin/pip install --no-cache-dir ".[${EXTRAS}]"
 
 FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 macp \
@@ -33,7 +38,9 @@ ENV PATH=/opt/venv/bin:$PATH \
 # Numeric user so Kubernetes can verify runAsNonRoot.
 USER 10001:10001
 EXPOSE 50051 9090
-# Docker only; Kubernetes uses the httpGet probes in k8s/base/router-deployment.yaml.
+# Docker only: Kubernetes ignores it and uses the httpGet probes in
+# k8s/base/router-deployment.yaml, and an OCI-format build (buildah/podman default) drops it
+# (the OCI image spec has no health check; build with --format docker to keep it).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('MACP_ROUTER_METRICS_LISTEN', ':9090').rsplit(':', 1)[1]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2)"]
 ENTRYPOINT ["macp-router", "serve"]

@@ -245,8 +245,13 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory, stages: list[dict]) -> 
     workdir = scratch
     venv: Path | None = None
     installed = False
+    build_args: dict[str, str] = {}
     for keyword, args in build["steps"]:
-        if keyword == "ENV":
+        args = re.sub(r"\$\{(\w+)\}", lambda m: build_args[m[1]], args)
+        if keyword == "ARG":
+            name, _, default = args.partition("=")
+            build_args[name] = default
+        elif keyword == "ENV":
             env.update(env_pairs(args))
         elif keyword == "WORKDIR":
             workdir = Path(host(args))
@@ -274,6 +279,44 @@ def test_image_install_step_yields_working_cli(image_venv):
     result = run([str(image_venv / "bin" / "macp-router"), "--help"], timeout=60)
     assert result.returncode == 0, result.stderr
     assert "serve" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_image_serves_both_protocols_acp_front_door_importable(image_venv):
+    """`serve --acp-listen` needs the acp extra's packages: the image installs them."""
+    result = run([str(image_venv / "bin" / "macp-router"), "serve", "--help"], timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--acp-listen" in result.stdout and "--acp-pods" in result.stdout
+    check = run([str(image_venv / "bin" / "python"), "-c",
+                 "from router.acp.config import require_acp_extra; require_acp_extra(); "
+                 "import router.acp.frontdoor, hypercorn"], timeout=60)
+    assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_image_has_no_load_test_package(image_venv):
+    check = run([str(image_venv / "bin" / "python"), "-c", "import loadtest"], timeout=60,
+                cwd=image_venv)  # not the repository root, where loadtest/ is importable
+    assert check.returncode != 0 and "No module named 'loadtest'" in check.stderr
+    assert not (ROOT / ".dockerignore").read_text().count("!loadtest")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_image_can_export_traces(image_venv):
+    check = run([str(image_venv / "bin" / "python"), "-c",
+                 "import opentelemetry.sdk.trace, "
+                 "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"], timeout=60,
+                cwd=image_venv)
+    assert check.returncode == 0, check.stderr
+
+
+def test_healthcheck_is_documented_as_docker_only(stages):
+    text = DOCKERFILE.read_text()
+    note = text[:text.index("HEALTHCHECK --")]
+    assert "OCI" in note and "probes" in note
 
 
 @pytest.mark.slow
