@@ -97,6 +97,8 @@ class Router:
         self.pods = PodSet(
             credentials=pod_credentials(config),
             channels=config.channels_per_pod,
+            max_channels=config.max_channels_per_pod,
+            list_receive_bytes=config.max_list_bytes,
             health_interval_s=config.health_interval_ms / 1000,
             channel_options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),

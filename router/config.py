@@ -57,6 +57,10 @@ class RouterConfig:
     retention_s: float = 600.0
     health_interval_ms: int = 1000
     channels_per_pod: int = 2
+    """Connections per pod at start; the pool grows with load up to max_channels_per_pod."""
+    max_channels_per_pod: int = 16
+    max_list_bytes: int = 256 * 1024 * 1024
+    """Receive limit for one pod's whole ListSessions reply (reconcile and client lists)."""
     placement: str = "least-sessions-p2c"
     shutdown_grace_s: float = 10.0
     log_level: str = "info"
@@ -103,6 +107,10 @@ class RouterConfig:
             raise ValueError("--retention-s must be > 0")
         if not 1 <= self.channels_per_pod <= 64:
             raise ValueError("--channels-per-pod must be between 1 and 64")
+        if not self.channels_per_pod <= self.max_channels_per_pod <= 256:
+            raise ValueError("--max-channels-per-pod must be between --channels-per-pod and 256")
+        if not 1024 * 1024 <= self.max_list_bytes <= 2**31 - 1:
+            raise ValueError("--max-list-bytes must be between 1 MiB and 2 GiB - 1")
         if self.health_interval_ms < 50:
             raise ValueError("--health-interval-ms must be >= 50")
         if self.workers < 1:

@@ -1,9 +1,12 @@
 """The pod set: runtime pods by stable name, their pooled channels, health and drain state.
 
 A pod is identified by its name (a StatefulSet pod name), never by its address. Each pod owns
-a small pool of gRPC channels (the runtime limits streams and in-flight requests per
-connection) and one health loop that checks `grpc.health.v1` and wakes early when a forward
-or probe fails.
+a pool of gRPC channels that grows with its load (the runtime allows 128 concurrent streams and
+64 requests in flight per connection: a new connection is added when every channel is near
+either limit, up to `max_channels`), a health channel of its own (health checks never queue
+behind client calls), a list channel with a large receive limit (the runtime's unpaged
+ListSessions reply), and one health loop that checks `grpc.health.v1` and wakes early when a
+forward or probe fails.
 
 Invariants:
 - `healthy` is False from the first failed forward/probe/check until a health check answers
@@ -57,6 +60,39 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     # One TCP connection per channel: pooled channels must not share a subchannel.
     ("grpc.use_local_subchannel_pool", 1),
 ]
+
+
+UNARY_SOFT_LIMIT = 48
+"""Unary calls in flight on one pooled channel before the pool prefers (or adds) another: the
+runtime serves 64 requests per connection at a time and queues the rest."""
+STREAM_SOFT_LIMIT = 100
+"""Open streams on one pooled channel before the pool prefers (or adds) another: the runtime
+allows 128 concurrent streams per connection, and a stream beyond that waits for a free one."""
+LIST_RECEIVE_BYTES = 256 * 1024 * 1024
+"""Default receive limit of the list channel (--max-list-bytes): a v0.6.1 runtime answers
+ListSessions with every in-memory session in one reply (~300 bytes each: ~850k sessions)."""
+
+
+class _Counted:
+    """A multicallable that counts its calls in flight on one channel of the pool."""
+
+    __slots__ = ("_counts", "_index", "_multicallable")
+
+    def __init__(self, multicallable: object, counts: list[int], index: int) -> None:
+        self._multicallable = multicallable
+        self._counts = counts
+        self._index = index
+
+    def __call__(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        call = self._multicallable(*args, **kwargs)  # type: ignore[operator]
+        counts, index = self._counts, self._index
+        counts[index] += 1
+
+        def done(_call: object) -> None:
+            counts[index] -= 1
+
+        call.add_done_callback(done)
+        return call
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,28 +153,37 @@ class Pod:
         spec: PodSpec,
         *,
         channels: int = 2,
+        max_channels: int = 16,
         channel_options: Iterable[tuple[str, object]] = (),
+        list_receive_bytes: int | None = None,
         health_interval_s: float = 1.0,
         health_timeout_s: float = 1.0,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.name = spec.name
         self.address = spec.address
-        options = [*CHANNEL_OPTIONS, *channel_options]
-        if credentials is None:
-            self._channels = [
-                grpc.aio.insecure_channel(spec.address, options=options) for _ in range(channels)
-            ]
-        else:
-            self._channels = [
-                grpc.aio.secure_channel(spec.address, credentials, options=options)
-                for _ in range(channels)
-            ]
-        self._next = itertools.cycle(range(len(self._channels))).__next__
-        self._unary: list[dict[str, grpc.aio.UnaryUnaryMultiCallable]] = [
-            {} for _ in self._channels
-        ]
-        self._health_stub = health_pb2_grpc.HealthStub(self._channels[0])
+        self._credentials = credentials
+        self._options: list[tuple[str, object]] = [*CHANNEL_OPTIONS, *channel_options]
+        self.max_channels = max(channels, max_channels)
+        self._channels: list[grpc.aio.Channel] = []
+        self._unary: list[dict[str, _Counted]] = []
+        self._in_flight: list[int] = []
+        """Unary calls in flight per pooled channel."""
+        self._streams: list[int] = []
+        """Open streams per pooled channel."""
+        self._cursor = 0
+        for _ in range(max(1, channels)):
+            self._add_channel()
+        # Health checks get a channel of their own, so they never queue behind client calls
+        # on a busy connection (the runtime's per-connection limits).
+        self._health_channel = self._make_channel(self._options)
+        self._health_stub = health_pb2_grpc.HealthStub(self._health_channel)
+        # One pod-wide ListSessions reply can be huge (the runtime does not page): it gets a
+        # channel whose receive limit is --max-list-bytes instead of the per-call limit.
+        self.list_receive_bytes = list_receive_bytes or LIST_RECEIVE_BYTES
+        self._list_channel = self._make_channel(
+            [*(o for o in self._options if o[0] != "grpc.max_receive_message_length"),
+             ("grpc.max_receive_message_length", self.list_receive_bytes)])
         self.healthy = False
         self.draining = False
         self.feed_up = False
@@ -160,24 +205,74 @@ class Pod:
         return f"Pod({self.name}@{self.address}, healthy={self.healthy})"
 
     # -- calls -------------------------------------------------------------------------------
+    def _make_channel(self, options: list[tuple[str, object]]) -> grpc.aio.Channel:
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(self.address, options=options)
+        return grpc.aio.secure_channel(self.address, self._credentials, options=options)
+
+    def _add_channel(self) -> int:
+        self._channels.append(self._make_channel(self._options))
+        self._unary.append({})
+        self._in_flight.append(0)
+        self._streams.append(0)
+        if len(self._channels) > 1 and (any(self._in_flight) or any(self._streams)):
+            log.info("pod %s: channel pool grown to %d connections (%d unary calls, %d streams "
+                     "in flight)", self.name, len(self._channels), sum(self._in_flight),
+                     sum(self._streams))
+        return len(self._channels) - 1
+
+    def _pick(self, load: list[int], soft_limit: int) -> int:
+        """A channel whose `load` is under `soft_limit` (round robin from the last pick); a new
+        channel when every one is at it and the pool may grow; else the least loaded."""
+        count = len(load)
+        start = self._cursor
+        for step in range(count):
+            index = (start + step) % count
+            if load[index] < soft_limit:
+                self._cursor = index + 1
+                return index
+        if count < self.max_channels:
+            return self._add_channel()
+        return min(range(count), key=load.__getitem__)
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._channels)
+
+    def in_flight(self) -> tuple[int, int]:
+        """(unary calls, streams) in flight on the pooled channels."""
+        return sum(self._in_flight), sum(self._streams)
+
     def unary(self, path: str) -> grpc.aio.UnaryUnaryMultiCallable:
-        """A raw-bytes unary multicallable on the next pooled channel (cached per channel)."""
-        index = self._next()
+        """A raw-bytes unary multicallable on a pooled channel with room (cached per channel)."""
+        index = self._pick(self._in_flight, UNARY_SOFT_LIMIT)
         cache = self._unary[index]
         multicallable = cache.get(path)
         if multicallable is None:
-            multicallable = self._channels[index].unary_unary(path)
+            multicallable = _Counted(self._channels[index].unary_unary(path), self._in_flight,
+                                     index)
             cache[path] = multicallable
-        return multicallable
+        return multicallable  # type: ignore[return-value]
+
+    def _stream_channel(self) -> tuple[grpc.aio.Channel, int]:
+        index = self._pick(self._streams, STREAM_SOFT_LIMIT)
+        return self._channels[index], index
 
     def unary_stream(self, path: str) -> grpc.aio.UnaryStreamMultiCallable:
-        return self._channels[self._next()].unary_stream(path)
+        channel, index = self._stream_channel()
+        return _Counted(channel.unary_stream(path), self._streams, index)  # type: ignore[return-value]
 
     def stream_stream(self, path: str) -> grpc.aio.StreamStreamMultiCallable:
-        return self._channels[self._next()].stream_stream(path)
+        channel, index = self._stream_channel()
+        return _Counted(channel.stream_stream(path), self._streams, index)  # type: ignore[return-value]
 
     def stream_unary(self, path: str) -> grpc.aio.StreamUnaryMultiCallable:
-        return self._channels[self._next()].stream_unary(path)
+        channel, index = self._stream_channel()
+        return _Counted(channel.stream_unary(path), self._streams, index)  # type: ignore[return-value]
+
+    def list_unary(self, path: str) -> grpc.aio.UnaryUnaryMultiCallable:
+        """A unary multicallable on the list channel (receive limit `list_receive_bytes`)."""
+        return self._list_channel.unary_unary(path)
 
     @property
     def placeable(self) -> bool:
@@ -279,7 +374,7 @@ class Pod:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
             self._health_task = None
-        for channel in self._channels:
+        for channel in (*self._channels, self._health_channel, self._list_channel):
             await channel.close()
 
 

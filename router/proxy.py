@@ -40,6 +40,7 @@ from router.pods import Pod, PodSet
 from router.routes import Route, RouteClass, Shape
 from router.scope import DiscoveryScope
 from router.store import BroadcastRecord, LocationStore, StoreUnavailable
+from router.watch import is_too_large, too_large
 from router.wire import WireError
 
 log = logging.getLogger("macp_router.proxy")
@@ -162,7 +163,7 @@ class MacpProxy:
         self.locator = locator
         self.store = store
         self.metrics = metrics
-        self.router_metadata = tuple(router_metadata)
+        self.router_metadata = router_metadata  # a live view: a re-read token applies at once
         self.broadcast_timeout_s = broadcast_timeout_s
         self.routes = routes.build_routes()
         metrics.add_methods(route.method for route in self.routes.values())
@@ -696,13 +697,26 @@ class MacpProxy:
         async def collect(pod: Pod) -> list[core_pb2.SessionMetadata]:
             sessions: list[core_pb2.SessionMetadata] = []
             token = ""
-            multicallable = pod.unary(route.path)
+            multicallable = pod.list_unary(route.path)  # one unpaged reply can be huge
             while True:
                 page_request = core_pb2.ListSessionsRequest(page_size=LIST_PAGE_DEFAULT,
                                                              page_token=token)
-                raw = await multicallable(page_request.SerializeToString(), metadata=metadata,
-                                          timeout=timeout)
-                page = core_pb2.ListSessionsResponse.FromString(raw)
+                try:
+                    raw = await multicallable(page_request.SerializeToString(),
+                                              metadata=metadata, timeout=timeout)
+                except grpc.aio.AioRpcError as exc:
+                    if is_too_large(exc):
+                        log.error("ListSessions: %s", too_large(pod, exc))
+                        raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"ListSessions: {too_large(pod, exc)}") from None
+                    raise
+                try:
+                    page = core_pb2.ListSessionsResponse.FromString(raw)
+                except DecodeError:
+                    raise Abort(grpc.StatusCode.INTERNAL,
+                                f"ListSessions: pod {pod.name} ({pod.address}) answered bytes "
+                                "that are not a ListSessionsResponse: is it a MACP runtime of "
+                                "a supported version? (check that pod)") from None
                 sessions.extend(page.sessions)
                 token = page.next_page_token
                 if not token:
@@ -712,6 +726,8 @@ class MacpProxy:
         merged: dict[str, core_pb2.SessionMetadata] = {}
         failed: list[str] = []
         for pod, result in zip(pods, results, strict=True):
+            if isinstance(result, Abort):
+                raise result
             if isinstance(result, grpc.aio.AioRpcError):
                 if result.code() in (grpc.StatusCode.PERMISSION_DENIED,
                                      grpc.StatusCode.UNAUTHENTICATED):

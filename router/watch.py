@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
+from google.protobuf.message import DecodeError
 from macp.v1 import core_pb2, envelope_pb2
 
 from router import store
@@ -62,20 +63,52 @@ def session_state(metadata: core_pb2.SessionMetadata, fallback: str = store.OPEN
     return SESSION_STATES.get(metadata.state, fallback)
 
 
+class ListTooLarge(RuntimeError):
+    """A pod's ListSessions reply is over the list channel's receive limit (--max-list-bytes)."""
+
+
+def is_too_large(exc: grpc.aio.AioRpcError) -> bool:
+    return (exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            and "larger than max" in (exc.details() or "").lower())
+
+
+def too_large(pod: Pod, exc: grpc.aio.AioRpcError) -> ListTooLarge:
+    return ListTooLarge(
+        f"pod {pod.name}: its ListSessions reply is larger than --max-list-bytes "
+        f"({pod.list_receive_bytes} bytes; {exc.details()}). The runtime returns every "
+        "in-memory session in one reply (about 300 bytes each, terminal ones within "
+        "MACP_SESSION_RETENTION_SECS too): raise --max-list-bytes "
+        "(MACP_ROUTER_MAX_LIST_BYTES), or shorten the pod's retention"
+    )
+
+
 async def list_all_sessions(
     pod: Pod,
     metadata: Sequence[tuple[str, str]],
     timeout_s: float,
     page_size: int = 1000,
 ) -> list[core_pb2.SessionMetadata]:
-    """Every session a pod lists, following its page tokens."""
+    """Every session a pod lists, following its page tokens if it pages (v0.6.1 does not: one
+    reply with everything, received on the pod's list channel). ListTooLarge when the reply
+    is over that channel's limit."""
     sessions: list[core_pb2.SessionMetadata] = []
     token = ""
-    call = pod.unary(LIST_PATH)
+    call = pod.list_unary(LIST_PATH)
     for _ in range(100_000):
         request = core_pb2.ListSessionsRequest(page_size=page_size, page_token=token)
-        raw = await call(request.SerializeToString(), metadata=metadata, timeout=timeout_s)
-        page = core_pb2.ListSessionsResponse.FromString(raw)
+        try:
+            raw = await call(request.SerializeToString(), metadata=metadata, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if is_too_large(exc):
+                raise too_large(pod, exc) from None
+            raise
+        try:
+            page = core_pb2.ListSessionsResponse.FromString(raw)
+        except DecodeError as exc:
+            raise ValueError(
+                f"pod {pod.name} answered ListSessions with bytes that are not a "
+                f"ListSessionsResponse ({exc}): is it a MACP runtime of a supported version?"
+            ) from None
         sessions.extend(page.sessions)
         token = page.next_page_token
         if not token:
@@ -91,7 +124,7 @@ class WatchFeed:
         metrics: Metrics,
         *,
         metadata: Sequence[tuple[str, str]] = (),
-        list_timeout_s: float = 10.0,
+        list_timeout_s: float = 30.0,
         backoff_base_s: float = 0.1,
         backoff_max_s: float = 2.0,
         on_connect: Callable[[Pod], Awaitable[None]] | None = None,
@@ -99,7 +132,7 @@ class WatchFeed:
         self.pod = pod
         self.locator = locator
         self.metrics = metrics
-        self.metadata = tuple(metadata)
+        self.metadata = metadata  # a live view: a re-read token applies at once
         self.list_timeout_s = list_timeout_s
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
@@ -111,6 +144,7 @@ class WatchFeed:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._seen_on_connection: set[str] = set()
+        self._reconciling = False
 
     @property
     def up(self) -> bool:
@@ -158,6 +192,10 @@ class WatchFeed:
                 outcome = f"{exc.code().name}: {exc.details() or ''}".strip()
                 if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     self.pod.report_failure(f"watch feed: {outcome}")
+            except ListTooLarge as exc:
+                outcome = str(exc)
+                if outcome != self.last_error:
+                    log.error("watch feed of pod %s cannot reconcile: %s", self.pod.name, exc)
             except (ValueError, RuntimeError) as exc:  # unparsable event or listing
                 outcome = f"feed error: {exc}"
             self._set_up(False)
@@ -168,8 +206,9 @@ class WatchFeed:
             failures = 0 if time.monotonic() - started > 10 else failures + 1
             delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** min(failures, 10))
             delay *= random.uniform(0.5, 1.0)
-            log.info("watch feed of pod %s down (%s); reconnecting in %.2fs",
-                     self.pod.name, outcome, delay)
+            log.log(logging.WARNING if outcome.startswith("feed error") else logging.INFO,
+                    "watch feed of pod %s down (%s); reconnecting in %.2fs",
+                    self.pod.name, outcome, delay)
             if not self.pod.healthy:
                 await self.pod.wait_healthy(delay + self.backoff_max_s)
             await asyncio.sleep(delay)
@@ -199,7 +238,15 @@ class WatchFeed:
 
     async def _read(self, call: grpc.aio.UnaryStreamCall) -> None:
         async for raw in call:
-            self._apply(core_pb2.WatchSessionsResponse.FromString(raw).event)
+            try:
+                event = core_pb2.WatchSessionsResponse.FromString(raw).event
+            except DecodeError as exc:
+                raise ValueError(
+                    f"pod {self.pod.name} sent WatchSessions bytes that are not a "
+                    f"WatchSessionsResponse ({exc}): is it a MACP runtime of a supported "
+                    "version? The feed reconnects; until it reconciles the pod takes no new "
+                    "sessions") from None
+            self._apply(event)
 
     def _apply(self, event: core_pb2.SessionLifecycleEvent) -> None:
         sid = event.session.session_id
@@ -210,7 +257,8 @@ class WatchFeed:
             state = session_state(event.session)
         elif event.session.state:
             state = session_state(event.session, state)
-        self._seen_on_connection.add(sid)
+        if self._reconciling:
+            self._seen_on_connection.add(sid)
         self.locator.observe(self.pod.name, sid, state)
         self.applied_events += 1
         self.metrics.record_watch_event(self.pod.name, EVENT_NAMES.get(event.event_type, ""))
@@ -218,6 +266,20 @@ class WatchFeed:
 
     async def _reconcile(self) -> None:
         since = time.monotonic()
+        self._reconciling = True
+        try:
+            await self._reconcile_listing(since)
+        finally:
+            self._reconciling = False
+            self._seen_on_connection = set()  # only the reconcile needs it: free 1 sid/session
+        if self.on_connect is not None:
+            await self.on_connect(self.pod)
+        self.pod.report_success()
+        self._set_up(True)
+        self.reconciles += 1
+        self._notify()
+
+    async def _reconcile_listing(self, since: float) -> None:
         listed = await list_all_sessions(self.pod, self.metadata, self.list_timeout_s)
         present = set()
         for metadata in listed:
@@ -228,11 +290,8 @@ class WatchFeed:
             state = session_state(metadata)
             if self.locator.near.entry(sid) != (self.pod.name, state):
                 self.locator.observe(self.pod.name, sid, state)
-        await self.locator.reconcile(self.pod.name, present | self._seen_on_connection, since)
-        if self.on_connect is not None:
-            await self.on_connect(self.pod)
-        self.pod.report_success()
-        self._set_up(True)
-        self.reconciles += 1
-        log.info("watch feed of pod %s up: %d sessions listed", self.pod.name, len(listed))
-        self._notify()
+        count = len(listed)
+        del listed  # the parsed reply (the largest object of a reconcile) goes now
+        present |= self._seen_on_connection
+        await self.locator.reconcile(self.pod.name, present, since)
+        log.info("watch feed of pod %s up: %d sessions listed", self.pod.name, count)
