@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(serve, "--log-level", default="info", choices=["debug", "info", "warning", "error"],
           help="log verbosity (debug adds one access line per routed call)")
     _log_flags(serve)
+    _flag(serve, "--otel", action="store_true",
+          help="export traces (OpenTelemetry, the otel extra): a span per routed call with "
+          "locate, probe fan-out, store and forward spans, continuing the client's "
+          "traceparent; the exporter follows the OTEL_* variables (OTEL_TRACES_EXPORTER="
+          "otlp|console|none, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, ...)")
     _flag(serve, "--acp-listen", metavar="HOST:PORT",
           help="also serve ACP agents here (ACP's Streamable HTTP / WebSocket transport, "
           "path /acp)")
@@ -359,12 +364,19 @@ def _token_identities(path: str | None) -> tuple[tuple[tuple[str, str], ...], se
     return tuple(pairs), observers
 
 
-async def _serve(config) -> int:  # type: ignore[no-untyped-def]
+async def _serve(config, otel: bool = False) -> int:  # type: ignore[no-untyped-def]
+    from router import tracing
     from router.app import ListenError, Router
     from router.store import StoreUnavailable
 
     log = logging.getLogger("macp_router")
     ready_log = logging.getLogger(READY_LOGGER)
+    if otel:  # per process: a worker's exporter threads do not survive a fork
+        try:
+            tracing.configure()
+        except ValueError as exc:
+            print(f"macp-router serve: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         router = Router(config)
     except ValueError as exc:
@@ -394,6 +406,7 @@ async def _serve(config) -> int:  # type: ignore[no-untyped-def]
     log.info("SIGTERM: no new calls; draining in-flight calls for up to %.1fs",
              config.shutdown_grace_s)
     await router.stop()
+    tracing.shutdown()  # flushes spans still queued for the exporter
     log.info("stopped")
     return 0
 
@@ -418,8 +431,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config.workers > 1:
         from router.workers import run_workers
 
-        return run_workers(config, lambda: int(run_async(lambda: _serve(config))))  # type: ignore[arg-type]
-    return int(run_async(lambda: _serve(config)))  # type: ignore[arg-type]
+        return run_workers(config, lambda: int(run_async(lambda: _serve(config, args.otel))))  # type: ignore[arg-type]
+    return int(run_async(lambda: _serve(config, args.otel)))  # type: ignore[arg-type]
 
 
 # -- pod ---------------------------------------------------------------------------------------

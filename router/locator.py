@@ -40,6 +40,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from router import tracing
 from router.metrics import Metrics
 from router.placement import PlacementPolicy, rendezvous
 from router.store import (
@@ -298,7 +299,7 @@ class Locator:
         future: asyncio.Future[Located] = asyncio.get_running_loop().create_future()
         self._inflight[sid] = future
         try:
-            result = await self._locate_uncached(sid)
+            result = await tracing.traced("locate", self._locate_uncached(sid), sid)
         except BaseException as exc:
             if not future.done():
                 future.set_exception(exc)
@@ -311,12 +312,13 @@ class Locator:
             self._inflight.pop(sid, None)
 
     async def _locate_uncached(self, sid: str) -> Located:
-        location = await self._store_get(sid)
+        location = await tracing.traced("store.get", self._store_get(sid))
         if location is not None:
             self._cache(sid, location.pod, location.state)
             self.metrics.record_locate(self.protocol, "store_hit")
             return Located(LIVE, location.pod, SOURCE_STORE)
-        result = await self._probe_all(sid)
+        result = await tracing.traced("probe.fanout", self._probe_all(sid),
+                                      pods=len(self.roster.names()))
         if result.status == LIVE:
             assert result.pod is not None
             self._cache(sid, result.pod, OPEN)
@@ -496,7 +498,8 @@ class Locator:
                 + (", ".join(names) + " are unhealthy or draining" if names else "no pods")
             )
         try:
-            owner = await self.store.reserve(sid, choice)
+            owner = await tracing.traced("store.reserve", self.store.reserve(sid, choice),
+                                         pod=choice)
         except StoreUnavailable:
             # No shared reservation: take the pod every replica takes for this sid, so a start
             # racing through two routers meets on one pod (the runtime answers the second).

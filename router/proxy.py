@@ -33,7 +33,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from macp.v1 import core_pb2, policy_pb2
 
-from router import routes
+from router import routes, tracing
 from router.locator import LIVE, NOT_FOUND, Locator, NoPlaceablePod
 from router.metrics import Metrics
 from router.pods import Pod, PodSet
@@ -102,7 +102,7 @@ def _upstream_abort(pod: Pod, exc: grpc.aio.AioRpcError) -> Abort:
 
 async def _unary_call(
     pod: Pod, path: str, request: bytes, metadata: Sequence[tuple[str, str | bytes]],
-    timeout: float | None,
+    timeout: float | None, span: str = "forward",
 ) -> tuple[grpc.aio.UnaryUnaryCall, bytes]:
     """One unary call to `pod`; a connect failure is tried once more on the next channel.
 
@@ -110,6 +110,16 @@ async def _unary_call(
     with "connection refused") while another is connected again. A connect failure means the
     request was never sent, so trying the next channel is safe.
     """
+    if tracing.enabled:
+        with tracing.forward_span(pod.name, pod.address, path, metadata, span) as metadata:
+            return await _unary_call_retrying(pod, path, request, metadata, timeout)
+    return await _unary_call_retrying(pod, path, request, metadata, timeout)
+
+
+async def _unary_call_retrying(
+    pod: Pod, path: str, request: bytes, metadata: Sequence[tuple[str, str | bytes]],
+    timeout: float | None,
+) -> tuple[grpc.aio.UnaryUnaryCall, bytes]:
     call = pod.unary(path)(request, metadata=metadata, timeout=timeout)
     try:
         return call, await call
@@ -167,7 +177,8 @@ class MacpProxy:
         self.broadcast_timeout_s = broadcast_timeout_s
         self.routes = routes.build_routes()
         metrics.add_methods(route.method for route in self.routes.values())
-        self._handlers = {path: self._make_handler(route) for path, route in self.routes.items()}
+        self._handlers = {path: tracing.traced_handler(route.method, self._make_handler(route))
+                          for path, route in self.routes.items()}
         self._active_streams: set[asyncio.Task[object]] = set()
         self._cache_hits = metrics.locate.labels("macp", "hit")
         self._closing = False
@@ -1002,7 +1013,7 @@ class MacpProxy:
         request = core_pb2.GetSessionRequest(session_id=sid).SerializeToString()
         try:
             await _unary_call(pod, GET_SESSION_PATH, request, self.router_metadata,
-                              self.locator.probe_timeout_s)
+                              self.locator.probe_timeout_s, span="probe")
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code is grpc.StatusCode.NOT_FOUND:

@@ -1,0 +1,196 @@
+"""Traces: one call through a real router gives the expected span tree (SDK in-memory exporter).
+
+The client's W3C `traceparent` is continued by the router's SERVER span, and the pod receives
+the `traceparent` of the router's `forward` span (checked on a recording gRPC server standing in
+for a pod, which keeps the metadata of every call it receives).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from macp.v1 import core_pb2
+
+from router import tracing
+from router.app import Router
+from router.config import RouterConfig
+from router.pods import PodSpec
+from tests import macp_calls
+
+pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+    InMemorySpanExporter,
+)
+from opentelemetry.trace import SpanKind
+
+SERVICE = "macp.v1.MACPRuntimeService"
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Tracing on (before the router is built), spans kept in memory; off afterwards."""
+    exporter = InMemorySpanExporter()
+    tracing.configure(span_processors=[SimpleSpanProcessor(exporter)])
+    yield exporter
+    tracing.shutdown()
+
+
+def client_traceparent() -> tuple[str, int, int]:
+    trace_id, span_id = secrets.randbits(128) | 1, secrets.randbits(64) | 1
+    return f"00-{trace_id:032x}-{span_id:016x}-01", trace_id, span_id
+
+
+def children(all_spans: list[ReadableSpan], parent: ReadableSpan) -> list[ReadableSpan]:
+    return [s for s in all_spans
+            if s.parent is not None and s.parent.span_id == parent.context.span_id]
+
+
+def one(found: list[ReadableSpan], name: str) -> ReadableSpan:
+    matching = [s for s in found if s.name == name]
+    assert len(matching) == 1, [s.name for s in found]
+    return matching[0]
+
+
+def holder(router: Router, sid: str) -> str:
+    entry = router.locator.near.entry(sid)
+    assert entry is not None
+    return entry[0]
+
+
+async def test_a_routed_miss_is_a_server_span_with_locate_store_probe_and_forward_children(
+    spans, sim_pods, make_router,
+):
+    pods = await sim_pods(3)
+    router = await make_router(pods)
+    traceparent, trace_id, client_span_id = client_traceparent()
+    metadata = (*macp_calls.METADATA, ("traceparent", traceparent))
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        sid = await macp_calls.start(channel)
+        owner = holder(router, sid)
+        await router.locator.invalidate(sid, owner)  # forgotten: the next call is a miss
+        spans.clear()
+        await macp_calls.stub(channel).GetSession(
+            core_pb2.GetSessionRequest(session_id=sid), metadata=metadata, timeout=10)
+    finished = list(spans.get_finished_spans())
+    server = one([s for s in finished if s.kind is SpanKind.SERVER], f"{SERVICE}/GetSession")
+    assert server.context.trace_id == trace_id, "the client's trace is continued"
+    assert server.parent is not None and server.parent.span_id == client_span_id
+    assert server.attributes["rpc.method"] == "GetSession"
+    assert server.attributes["rpc.grpc.status_code"] == 0
+    assert all(s.context.trace_id == trace_id for s in finished)
+
+    top = children(finished, server)
+    locate, forward = one(top, "locate"), one(top, "forward")
+    assert locate.attributes["macp.locate.status"] == "live"
+    assert locate.attributes["macp.pod"] == owner
+    assert locate.attributes["macp.session"] == sid[:8] + "…"
+    steps = children(finished, locate)
+    one(steps, "store.get")
+    fanout = one(steps, "probe.fanout")
+    assert fanout.attributes["pods"] == 3
+    probes = children(finished, fanout)
+    assert {p.name for p in probes} == {"probe"} and owner in {
+        p.attributes["macp.pod"] for p in probes}
+    assert forward.kind is SpanKind.CLIENT
+    assert forward.attributes["macp.pod"] == owner
+    assert forward.attributes["rpc.method"] == "GetSession"
+    assert locate.end_time <= forward.start_time, "located first, then forwarded"
+    for span in finished:
+        assert sid not in str(dict(span.attributes or {})), "never a full session id"
+
+
+async def test_a_session_start_is_reserved_then_forwarded_to_the_placed_pod(
+    spans, sim_pods, make_router,
+):
+    pods = await sim_pods(2)
+    router = await make_router(pods)
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        spans.clear()
+        sid = await macp_calls.start(channel)
+    finished = list(spans.get_finished_spans())
+    server = one([s for s in finished if s.kind is SpanKind.SERVER], f"{SERVICE}/Send")
+    assert server.parent is None, "no traceparent from the client: a new trace"
+    top = children(finished, server)
+    reserve = one(top, "store.reserve")
+    forward = one(top, "forward")
+    assert reserve.attributes["pod"] == forward.attributes["macp.pod"] == holder(router, sid)
+
+
+class RecordingPod:
+    """A real gRPC server standing in for a pod: answers GetSession live, health SERVING, and
+    keeps the metadata of every GetSession it receives (everything else UNIMPLEMENTED)."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, str]] = []
+        self.server = grpc.aio.server()
+        self.port = 0
+
+    async def start(self) -> None:
+        async def get_session(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            self.received.append({k: v for k, v in context.invocation_metadata()
+                                  if isinstance(v, str)})
+            sid = core_pb2.GetSessionRequest.FromString(request).session_id
+            return core_pb2.GetSessionResponse(
+                metadata=core_pb2.SessionMetadata(session_id=sid)).SerializeToString()
+
+        handler = grpc.method_handlers_generic_handler(SERVICE, {
+            "GetSession": grpc.unary_unary_rpc_method_handler(get_session),
+        })
+        self.server.add_generic_rpc_handlers((handler,))
+        checker = health.aio.HealthServicer()
+        await checker.set("", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(checker, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+
+    async def stop(self) -> None:
+        await self.server.stop(0)
+
+
+@pytest.fixture
+async def recording_pod() -> AsyncIterator[RecordingPod]:
+    pod = RecordingPod()
+    await pod.start()
+    yield pod
+    await pod.stop()
+
+
+async def test_pod_receives_the_traceparent_of_the_forward_span(spans, recording_pod):
+    config = RouterConfig(listen="127.0.0.1:0", token="router", health_interval_ms=200,
+                          pods=(PodSpec("rec", f"127.0.0.1:{recording_pod.port}"),))
+    router = Router(config)
+    await router.start()
+    try:
+        traceparent, trace_id, _ = client_traceparent()
+        sid = "0b6b5f36-3f7b-4d71-9d1e-2f0a9f8c1d2e"
+        metadata = (("authorization", "Bearer client-token"), ("traceparent", traceparent))
+        async with grpc.aio.insecure_channel(router.address) as channel:
+            await macp_calls.stub(channel).GetSession(
+                core_pb2.GetSessionRequest(session_id=sid), metadata=metadata, timeout=10)
+    finally:
+        await router.stop(grace=0)
+    finished = list(spans.get_finished_spans())
+    forward = one(finished, "forward")
+    assert forward.attributes["macp.pod"] == "rec"
+    forwarded = [m for m in recording_pod.received
+                 if m.get("authorization") == "Bearer client-token"]
+    assert len(forwarded) == 1, recording_pod.received
+    seen = forwarded[0]["traceparent"]
+    assert seen == f"00-{trace_id:032x}-{forward.context.span_id:016x}-01", seen
+    probes = [m for m in recording_pod.received if m.get("authorization") == "Bearer router"]
+    assert probes and all(m["traceparent"].split("-")[1] == f"{trace_id:032x}" for m in probes)
+
+
+def test_tracing_off_leaves_handlers_untouched():
+    assert not tracing.enabled
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+    assert tracing.traced_handler("Send", handler) is handler
+    marker = object()
+    assert tracing.traced("locate", marker) is marker  # type: ignore[arg-type]
