@@ -107,6 +107,7 @@ class RouterAdmin(router_pb2_grpc.RouterAdminServicer):
             cached_sessions=cached,
             last_error=pod.last_error or (feed.last_error if feed and not pod.feed_up else ""),
             feed_reconnects=feed.reconnects if feed else 0,
+            credentials_rejected=pod.credentials_rejected,
         )
 
     async def ListPods(

@@ -24,6 +24,7 @@ from router import routes
 from router.admin import RouterAdmin
 from router.aio import wait_event
 from router.config import RouterConfig, parse_host_port
+from router.credentials import FIX_HINT, RouterCredentials
 from router.discovery import DnsDiscovery, Resolver
 from router.locator import Locator
 from router.metrics import Metrics
@@ -92,6 +93,7 @@ class Router:
         resolver: Resolver | None = None,
     ) -> None:
         self.config = config
+        self.credentials = RouterCredentials(config.token, config.token_file)
         self.metrics = metrics or Metrics()
         self.store = make_store(config, self.metrics)
         self.pods = PodSet(
@@ -122,7 +124,7 @@ class Router:
             locator=self.locator,
             store=self.store,
             metrics=self.metrics,
-            router_metadata=config.router_metadata,
+            router_metadata=self.credentials.metadata,
             scope=(DiscoveryScope(config.observer_tokens, dict(config.token_identities))
                    if config.scope_discovery else None),
         )
@@ -176,7 +178,7 @@ class Router:
         pod.answer_check = self.proxy.answers
         feed = WatchFeed(
             pod, self.locator, self.metrics,
-            metadata=self.config.router_metadata,
+            metadata=self.credentials.metadata,
             on_connect=self.proxy.replay_broadcasts,
         )
         self.feeds[pod.name] = feed
@@ -198,6 +200,7 @@ class Router:
 
     def _pod_health_changed(self, pod: Pod) -> None:
         self.metrics.set_pod_health(pod.name, pod.healthy, pod.draining)
+        self.metrics.set_pod_credentials_rejected(pod.name, bool(pod.credentials_rejected))
         if pod.healthy and pod.feed_up and not pod.registry_synced:
             # Unhealthy and back without its feed dropping (a blip, or a call it missed):
             # replay what it lacks now, since no feed reconnect will.
@@ -209,9 +212,15 @@ class Router:
     def _refresh_health(self) -> None:
         healthy = [pod.name for pod in self.pods if pod.healthy]
         feeds_up = [pod.name for pod in self.pods if pod.feed_up]
-        ready = bool(healthy)
+        rejecting = [pod.name for pod in self.pods if pod.credentials_rejected]
+        # A healthy pod that rejects the router's token cannot be watched or probed: the
+        # router is not ready while no healthy pod accepts it.
+        ready = any(name not in rejecting for name in healthy)
         reason = ""
-        if not ready:
+        if healthy and not ready:
+            reason = (f"every healthy pod rejects the router's credentials ({', '.join(rejecting)}"
+                      f"): {FIX_HINT}")
+        elif not ready:
             reason = "no healthy pod"
             if not len(self.pods):
                 reason = "no pods"
@@ -224,6 +233,7 @@ class Router:
                 pod.name: {
                     "address": pod.address, "healthy": pod.healthy, "draining": pod.draining,
                     "feed_up": pod.feed_up, "last_error": pod.last_error,
+                    "credentials_rejected": pod.credentials_rejected,
                     "placeable": pod.placeable, "not_placeable": pod.not_placeable_reason,
                 }
                 for pod in self.pods
@@ -342,6 +352,7 @@ class Router:
             raise
 
     async def _start(self) -> None:
+        self.credentials.start()
         await self.store.start()
         await self.locator.start()
         server = grpc.aio.server(options=self._server_options())
@@ -436,6 +447,7 @@ class Router:
         await self._bounded("locator", self.locator.aclose())
         await self._bounded("pod channels", self.pods.aclose())
         await self._bounded("store", self.store.aclose())
+        await self._bounded("router token file watch", self.credentials.aclose())
         if self._http is not None:
             self._http.close()
             self._http = None

@@ -91,8 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(serve, "--metrics-listen", metavar="HOST:PORT",
           help="serve Prometheus /metrics and /healthz, /readyz over HTTP here")
     _flag(serve, "--token", metavar="TOKEN",
-          help="the router's own bearer token (an observer identity) for its watch feeds, "
-          "probes and registry replays; client calls always carry the client's token")
+          help="the router's own bearer token for its watch feeds, ListSessions reconciles, "
+          "GetSession probes and registry replays (client calls always carry the client's "
+          "token). The runtime authenticates all of these, so serve refuses to start without "
+          "--token or --token-file. On each runtime give it an entry like {\"token\": \"...\", "
+          "\"sender\": \"macp-router\", \"is_observer\": true, "
+          "\"can_manage_mode_registry\": true}: observer so probes read any session, "
+          "registry rights so registrations are replayed to new pods")
+    _flag(serve, "--token-file", metavar="PATH",
+          help="read the router's token from this file instead, and re-read it when it changes "
+          "(rotated JWTs, a re-mounted Secret) without a restart; wins over --token")
     _flag(serve, "--admin-token", metavar="TOKEN",
           help="bearer token the admin API requires (drain always; reads unless "
           "--admin-open-reads)")
@@ -290,6 +298,7 @@ def _config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         redis_required=args.redis_required,
         metrics_listen=args.metrics_listen,
         token=args.token,
+        token_file=args.token_file or None,
         admin_token=args.admin_token,
         probe_timeout_ms=int(args.probe_timeout_ms),
         negative_cache_ms=int(args.negative_cache_ms),
@@ -411,9 +420,28 @@ async def _serve(config, otel: bool = False) -> int:  # type: ignore[no-untyped-
     return 0
 
 
+def _check_router_identity(config) -> None:  # type: ignore[no-untyped-def]
+    """A router without its own token cannot work in front of a real runtime: refuse."""
+    if config.token_file:
+        try:
+            with open(config.token_file, encoding="utf-8") as handle:
+                if not handle.read().strip():
+                    raise ValueError(f"--token-file {config.token_file} is empty")
+        except OSError as exc:
+            raise ValueError(f"--token-file {config.token_file}: cannot read it "
+                             f"({exc.strerror or exc})") from None
+        return
+    if not config.token:
+        raise ValueError(
+            "no router identity: give --token or --token-file. The runtime authenticates "
+            "WatchSessions, ListSessions and GetSession, so without a token the router could "
+            "neither watch nor locate a single session (every pod would reject it)")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = _config_from_args(args)
+        _check_router_identity(config)
     except ValueError as exc:
         print(f"macp-router serve: error: {exc} (see macp-router serve --help)", file=sys.stderr)
         return EXIT_USAGE
@@ -471,27 +499,27 @@ def cmd_pod(args: argparse.Namespace) -> int:
     from router.sim.auth import load_token_file, parse_token_entries
 
     command = "macp-router pod"
+    problem = None
     try:
         if args.auth_tokens_json:
             parse_token_entries(args.auth_tokens_json)
         elif args.auth_tokens_file:
             load_token_file(args.auth_tokens_file)
     except (OSError, ValueError) as exc:
-        print(f"{command}: error: bad token entries: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if not (args.auth_tokens_json or args.auth_tokens_file or args.allow_insecure):
-        print(f"{command}: error: no authentication configured: give --auth-tokens-json or "
-              "--auth-tokens-file, or --allow-insecure for dev-mode auth (as the runtime "
-              "refuses to start without MACP_AUTH_TOKENS_* or MACP_ALLOW_INSECURE=1)",
-              file=sys.stderr)
-        return EXIT_USAGE
-    if not args.allow_insecure:
-        print(f"{command}: error: the simulated pod serves plaintext only; give "
-              "--allow-insecure (the runtime requires TLS without MACP_ALLOW_INSECURE=1)",
-              file=sys.stderr)
-        return EXIT_USAGE
-    if args.session_start_limit_per_minute <= 0 or args.message_limit_per_minute <= 0:
-        print(f"{command}: error: rate limits must be positive integers", file=sys.stderr)
+        problem = f"bad token entries: {exc}"
+    if problem is None and not (args.auth_tokens_json or args.auth_tokens_file
+                                or args.allow_insecure):
+        problem = ("no authentication configured: give --auth-tokens-json or --auth-tokens-file, "
+                   "or --allow-insecure for dev-mode auth (the runtime refuses to start without "
+                   "MACP_AUTH_TOKENS_* or MACP_ALLOW_INSECURE=1)")
+    if problem is None and not args.allow_insecure:
+        problem = ("the simulated pod serves plaintext only: give --allow-insecure (the runtime "
+                   "requires TLS without MACP_ALLOW_INSECURE=1)")
+    if problem is None and (args.session_start_limit_per_minute <= 0
+                            or args.message_limit_per_minute <= 0):
+        problem = "rate limits must be positive integers"
+    if problem is not None:
+        print(f"{command}: error: {problem} (see {command} --help)", file=sys.stderr)
         return EXIT_USAGE
     options = {
         "auth_tokens": args.auth_tokens_json or None,
@@ -551,17 +579,25 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def format_pod_table(reply) -> str:  # type: ignore[no-untyped-def]
+    from router.credentials import FIX_HINT
+
     header = ("POD", "ADDRESS", "HEALTH", "FEED", "DRAINING", "OPEN", "CACHED", "LAST ERROR")
     rows = [header]
     for pod in reply.pods:
         rows.append((
             pod.name, pod.address, "healthy" if pod.healthy else "DOWN",
             "up" if pod.feed_up else "down", "yes" if pod.draining else "no",
-            str(pod.open_sessions), str(pod.cached_sessions), pod.last_error[:60],
+            str(pod.open_sessions), str(pod.cached_sessions),
+            ("rejects the router's credentials" if pod.credentials_rejected
+             else pod.last_error[:60]),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]
+    for pod in reply.pods:
+        if pod.credentials_rejected:
+            lines.append(f"pod {pod.name} rejects the router's credentials "
+                         f"({pod.credentials_rejected}): {FIX_HINT}")
     store = f"store: {reply.store}" + (" (DEGRADED)" if reply.store_degraded else "")
     lines.append(f"{store}; cached sessions: {reply.cached_sessions}; router {reply.version}")
     return "\n".join(lines)

@@ -51,6 +51,8 @@ class RouterConfig:
     redis_required: bool = False
     metrics_listen: str | None = None
     token: str | None = field(default=None, repr=False)
+    token_file: str | None = None
+    """A file holding the router's token, re-read when it changes (router.credentials)."""
     admin_token: str | None = field(default=None, repr=False)
     probe_timeout_ms: int = 250
     negative_cache_ms: int = 1000

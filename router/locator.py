@@ -82,11 +82,19 @@ class Located:
     source: str
     unknown_pods: tuple[str, ...] = ()
 
-    def describe_unknown(self, sid: str, probe_timeout_s: float) -> str:
-        pods = ", ".join(self.unknown_pods) or "none"
+    def describe_unknown(self, sid: str, probe_timeout_s: float,
+                         causes: Mapping[str, str] | None = None) -> str:
+        """Why the session is not located. `causes` names a known reason for some pods (e.g.
+        "rejects the router's credentials ..."); the others did not answer in time."""
+        causes = causes or {}
+        silent = [pod for pod in self.unknown_pods if pod not in causes]
+        known = [f"pod {pod} {causes[pod]}" for pod in self.unknown_pods if pod in causes]
+        if known and not silent:
+            return f"session {sid} not located: " + "; ".join(known)
+        pods = ", ".join(silent) or "none"
         return (
             f"session {sid} not located: pods {pods} did not answer within "
-            f"{probe_timeout_s * 1000:.0f} ms (retry)"
+            f"{probe_timeout_s * 1000:.0f} ms (retry)" + "".join(f"; {k}" for k in known)
         )
 
 

@@ -206,6 +206,12 @@ class Metrics:
             "macp_router_pod_draining", "1 while the pod takes no new placements", ["pod"],
             registry=r,
         )
+        self.pod_credentials_rejected = Gauge(
+            "macp_router_pod_credentials_rejected",
+            "1 while the pod rejects the router's own token (UNAUTHENTICATED / "
+            "PERMISSION_DENIED to its feed, reconcile, probes or replays): fix --token",
+            ["pod"], registry=r,
+        )
         self.store_degraded = Gauge(
             "macp_router_store_degraded", "1 while the location store is unreachable",
             registry=r,
@@ -239,6 +245,7 @@ class Metrics:
         self.known_pods.add(pod)
         self.pod_healthy.labels(pod).set(0)
         self.pod_draining.labels(pod).set(0)
+        self.pod_credentials_rejected.labels(pod).set(0)
         self.watch_up.labels(pod).set(0)
         self.watch_reconnects.labels(pod)
         self.reconcile_dropped.labels(pod)
@@ -260,6 +267,7 @@ class Metrics:
         for metric in (self.requests, self.probes, self.placements, self.broadcast_replays,
                        self.watch_up, self.watch_reconnects, self.watch_events,
                        self.reconcile_dropped, self.pod_healthy, self.pod_draining,
+                       self.pod_credentials_rejected,
                        getattr(self, "_pod_up_gauge", None)):
             if metric is not None:
                 _remove_series(metric, "pod", pod)
@@ -364,6 +372,10 @@ class Metrics:
         label = pod
         self.pod_healthy.labels(label).set(1 if healthy else 0)
         self.pod_draining.labels(label).set(1 if draining else 0)
+
+    def set_pod_credentials_rejected(self, pod: str, rejected: bool) -> None:
+        if pod in self.known_pods:
+            self.pod_credentials_rejected.labels(pod).set(1 if rejected else 0)
 
     def observe_redis(self, command: str, seconds: float) -> None:
         self.redis_command_duration.labels(command.lower()[:32]).observe(seconds)

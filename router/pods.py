@@ -33,8 +33,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from router.aio import wait_event
+from router.credentials import FIX_HINT
 
 log = logging.getLogger("macp_router.pods")
+
+GET_MANIFEST_PATH = "/macp.v1.MACPRuntimeService/GetManifest"
 
 
 class _RosterPod(Protocol):
@@ -198,6 +201,12 @@ class Pod:
         self._checked = asyncio.Event()
         self.on_health_change: Callable[[Pod], None] | None = None
         self.silent = False
+        self.credentials_rejected = ""
+        """Why the pod rejects the router's own token ("" while it accepts it): set by the
+        feed, the reconcile, probes and replays (UNAUTHENTICATED / PERMISSION_DENIED)."""
+        self.health_fallback = False
+        """True once the pod answered Health/Check UNIMPLEMENTED (a runtime built before
+        grpc.health.v1): it is checked with GetManifest, which needs no token, instead."""
         self.answer_check: Callable[[Pod], Awaitable[bool]] | None = None
         """Does the pod answer a call (not only health checks)? Set by the protocol adapter."""
 
@@ -288,6 +297,8 @@ class Pod:
         if self.draining:
             return "draining"
         if not self.feed_up:
+            if self.credentials_rejected:
+                return f"rejects the router's credentials ({self.credentials_rejected})"
             return "watch feed not up and reconciled yet"
         if not self.registry_synced:
             return "registry replay pending"
@@ -328,11 +339,49 @@ class Pod:
         await wait_event(self._became_healthy, timeout)
         return self.healthy
 
+    def report_credentials_rejected(self, call: str, code: grpc.StatusCode, details: str) -> None:
+        """The pod answered one of the router's own calls UNAUTHENTICATED / PERMISSION_DENIED:
+        a configuration error (the router's token), not silence. Logged once per episode."""
+        reason = f"{call} answered {code.name}: {details}".strip().rstrip(":")
+        first = not self.credentials_rejected
+        self.credentials_rejected = reason
+        if first:
+            log.error("pod %s rejects the router's credentials (%s): the router cannot watch, "
+                      "list or locate its sessions; %s", self.name, reason, FIX_HINT)
+            if self.on_health_change is not None:
+                self.on_health_change(self)
+
+    def report_credentials_accepted(self) -> None:
+        """One of the router's own calls was accepted (a feed came up, a probe answered)."""
+        if self.credentials_rejected:
+            self.credentials_rejected = ""
+            log.info("pod %s accepts the router's credentials now", self.name)
+            if self.on_health_change is not None:
+                self.on_health_change(self)
+
+    async def _check_without_health_service(self) -> health_pb2.HealthCheckResponse:
+        """An older runtime: any answer to GetManifest (no token needed) means serving."""
+        await self._health_channel.unary_unary(GET_MANIFEST_PATH)(
+            b"", timeout=self._health_timeout_s)
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
     async def check_health(self) -> bool:
         try:
-            reply = await self._health_stub.Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=self._health_timeout_s
-            )
+            if self.health_fallback:
+                reply = await self._check_without_health_service()
+            else:
+                try:
+                    reply = await self._health_stub.Check(
+                        health_pb2.HealthCheckRequest(service=""), timeout=self._health_timeout_s
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                        raise
+                    self.health_fallback = True
+                    log.warning("pod %s has no grpc.health.v1 (Health/Check answered "
+                                "UNIMPLEMENTED: a runtime built before it); checking it with "
+                                "GetManifest instead", self.name)
+                    reply = await self._check_without_health_service()
         except grpc.aio.AioRpcError as exc:
             reason = f"health check failed: {exc.code().name} {exc.details() or ''}".strip()
             if self.healthy:

@@ -34,6 +34,7 @@ from google.protobuf.message import DecodeError
 from macp.v1 import core_pb2, policy_pb2
 
 from router import routes, tracing
+from router.credentials import FIX_HINT
 from router.locator import LIVE, NOT_FOUND, Locator, NoPlaceablePod
 from router.metrics import Metrics
 from router.pods import Pod, PodSet
@@ -455,8 +456,14 @@ class MacpProxy:
             return await self._forward_unary(pod, route, request, context)
         raise Abort(
             grpc.StatusCode.UNAVAILABLE,
-            located.describe_unknown(sid, self.locator.probe_timeout_s),
+            located.describe_unknown(sid, self.locator.probe_timeout_s, self.unknown_causes()),
         )
+
+    def unknown_causes(self) -> dict[str, str]:
+        """Pods whose silence has a known cause: they reject the router's own credentials."""
+        return {pod.name: f"rejects the router's credentials ({pod.credentials_rejected}); "
+                          f"{FIX_HINT}"
+                for pod in self.pods if pod.credentials_rejected}
 
     async def _stale(
         self,
@@ -478,7 +485,8 @@ class MacpProxy:
         if located.status not in (LIVE, NOT_FOUND):
             raise Abort(
                 grpc.StatusCode.UNAVAILABLE,
-                located.describe_unknown(sid, self.locator.probe_timeout_s),
+                located.describe_unknown(sid, self.locator.probe_timeout_s,
+                                         self.unknown_causes()),
             )
         if isinstance(answer, Abort):
             raise answer
@@ -599,7 +607,8 @@ class MacpProxy:
             else:
                 raise Abort(
                     grpc.StatusCode.UNAVAILABLE,
-                    located.describe_unknown(sid, self.locator.probe_timeout_s),
+                    located.describe_unknown(sid, self.locator.probe_timeout_s,
+                                             self.unknown_causes()),
                 )
         return self._pod(name), True
 
@@ -955,6 +964,10 @@ class MacpProxy:
                     timeout=self.broadcast_timeout_s)
             except grpc.aio.AioRpcError as exc:
                 result = exc
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED,
+                                  grpc.StatusCode.PERMISSION_DENIED):
+                    pod.report_credentials_rejected(f"{record.method} replay", exc.code(),
+                                                    exc.details() or "")
             kind, why = registry_outcome(route, True, result)
             label = {HELD: "ok", REFUSED: "refused", FAILED: "failed"}[kind]
             self.metrics.broadcast_replays.labels(self.metrics.pod_label(pod.name), label).inc()
@@ -1019,7 +1032,14 @@ class MacpProxy:
             if code is grpc.StatusCode.NOT_FOUND:
                 return "not_found"
             if code is grpc.StatusCode.PERMISSION_DENIED:
+                # The runtime checks membership after authentication and lookup: the session
+                # is here and the router's identity is not an observer of it.
                 return "live"
+            if code is grpc.StatusCode.UNAUTHENTICATED:
+                # Authentication comes before the lookup: nothing is known about the session,
+                # and the router's token is what is wrong.
+                pod.report_credentials_rejected("GetSession probe", code, exc.details() or "")
+                return "unknown"
             if code is grpc.StatusCode.UNAVAILABLE:
                 pod.report_failure(f"probe: {exc.details() or 'unavailable'}")
             elif code is grpc.StatusCode.DEADLINE_EXCEEDED:

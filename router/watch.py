@@ -192,6 +192,11 @@ class WatchFeed:
                 outcome = f"{exc.code().name}: {exc.details() or ''}".strip()
                 if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     self.pod.report_failure(f"watch feed: {outcome}")
+                elif exc.code() in (grpc.StatusCode.UNAUTHENTICATED,
+                                    grpc.StatusCode.PERMISSION_DENIED):
+                    # The router's own token: a configuration error, logged once by the pod.
+                    self.pod.report_credentials_rejected("WatchSessions/ListSessions",
+                                                         exc.code(), exc.details() or "")
             except ListTooLarge as exc:
                 outcome = str(exc)
                 if outcome != self.last_error:
@@ -272,6 +277,7 @@ class WatchFeed:
         finally:
             self._reconciling = False
             self._seen_on_connection = set()  # only the reconcile needs it: free 1 sid/session
+        self.pod.report_credentials_accepted()  # watched and listed with the router's token
         if self.on_connect is not None:
             await self.on_connect(self.pod)
         self.pod.report_success()

@@ -13,6 +13,8 @@ Any other token is UNAUTHENTICATED.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from router.sim.auth import agent_entry, router_entry
@@ -30,3 +32,21 @@ TOKEN_ENTRIES: list[dict[str, Any]] = [
 def pod_options(**overrides: Any) -> dict[str, Any]:
     """SimPod keyword arguments for a test pod: the token entries above, plaintext allowed."""
     return {"auth_tokens": TOKEN_ENTRIES, "allow_insecure": True, **overrides}
+
+
+def write_token_file(directory: Path) -> Path:
+    """The token entries as a MACP_AUTH_TOKENS_FILE for pods run as processes."""
+    path = directory / "pod-tokens.json"
+    path.write_text(json.dumps({"tokens": TOKEN_ENTRIES}))
+    return path
+
+
+def pod_cli_args(directory: Path, *, start_limit: int | None = None,
+                 message_limit: int | None = None) -> list[str]:
+    """`macp-router pod` flags for the same configuration (plus raised rate limits, if given)."""
+    args = ["--auth-tokens-file", str(write_token_file(directory)), "--allow-insecure"]
+    if start_limit is not None:
+        args += ["--session-start-limit-per-minute", str(start_limit)]
+    if message_limit is not None:
+        args += ["--message-limit-per-minute", str(message_limit)]
+    return args

@@ -22,6 +22,7 @@ from macp.v1 import core_pb2, core_pb2_grpc
 
 from router.v1 import router_pb2, router_pb2_grpc
 from tests.macp_calls import METADATA, TIMEOUT, start_envelope
+from tests.pod_auth import pod_cli_args
 from tests.procs import free_port
 
 CLI = [sys.executable, "-m", "router.cli"]
@@ -91,7 +92,8 @@ def cluster(tmp_path_factory) -> Iterator[tuple[str, str]]:
     tmp = tmp_path_factory.mktemp("cli")
     pod_address = f"127.0.0.1:{free_port()}"
     router_address = f"127.0.0.1:{free_port()}"
-    pod = Server(tmp, "pod", "pod", "--listen", pod_address, "--name", "podA")
+    pod = Server(tmp, "pod", "pod", "--listen", pod_address, "--name", "podA",
+                 *pod_cli_args(tmp))
     router = None
     try:
         pod.wait_for("ready")
@@ -156,15 +158,25 @@ def test_console_script_runs():
         (["serve", "--pods", "a=127.0.0.1:1,b=127.0.0.1:99999"], "127.0.0.1:99999"),
         (["serve", "--pods", "a=127.0.0.1:1,a=127.0.0.1:2"], "'a' appears twice"),
         (["pod", "--listen", "127.0.0.1:1"], "--name"),
+        (["pod", "--listen", "127.0.0.1:1", "--name", "a"], "no authentication configured"),
+        (["pod", "--listen", "127.0.0.1:1", "--name", "a", "--auth-tokens-json", "[{}]"],
+         "bad token entries"),
+        (["pod", "--listen", "127.0.0.1:1", "--name", "a", "--auth-tokens-json",
+          '[{"token": "t", "sender": "s"}]'], "--allow-insecure"),
         (["status"], "SESSION_ID"),
         (["no-such-command"], "no-such-command"),
         (["serve", "--pods", "a=127.0.0.1:1", "--redis-url", "notaurl://x"], "'notaurl'"),
+        (["serve", "--pods", "a=127.0.0.1:1"], "no router identity"),
+        (["serve", "--pods", "a=127.0.0.1:1", "--token-file", "/nonexistent/tok"],
+         "--token-file /nonexistent/tok"),
         (["serve", "--pods", "a=127.0.0.1:1", "--redis-url", "redis://:s3cret@h:notaport/0"],
          "Redis URL"),
     ],
     ids=["unknown-flag", "not-a-number", "bad-choice", "bad-listen", "no-pods", "pod-no-port",
          "pod-no-address", "pod-bad-port", "duplicate-pod", "pod-without-name",
-         "status-without-sid", "unknown-command", "bad-redis-scheme", "bad-redis-port"],
+         "sim-pod-without-auth", "sim-pod-bad-tokens", "sim-pod-plaintext-without-insecure",
+         "status-without-sid", "unknown-command", "bad-redis-scheme", "serve-without-token",
+         "serve-unreadable-token-file", "bad-redis-port"],
 )
 def test_bad_input_exits_2_with_one_clear_line(args, expected):
     result = run(*args)
@@ -186,7 +198,8 @@ def test_bad_pods_in_the_environment_are_named():
 # -- serve and pod lifecycles ------------------------------------------------------------------
 def test_pod_logs_ready_and_exits_0_on_sigterm(tmp_path):
     address = f"127.0.0.1:{free_port()}"
-    pod = Server(tmp_path, "pod", "pod", "--listen", address, "--name", "solo")
+    pod = Server(tmp_path, "pod", "pod", "--listen", address, "--name", "solo",
+                 *pod_cli_args(tmp_path))
     try:
         line = pod.wait_for("ready")
         assert "solo" in line and address in line, line
@@ -202,13 +215,15 @@ def test_pod_logs_ready_and_exits_0_on_sigterm(tmp_path):
 def test_serve_from_env_logs_ready_and_exits_0_on_sigterm(tmp_path):
     pod_address = f"127.0.0.1:{free_port()}"
     router_address = f"127.0.0.1:{free_port()}"
-    pod = Server(tmp_path, "pod", "pod", "--listen", pod_address, "--name", "envpod")
+    pod = Server(tmp_path, "pod", "pod", "--listen", pod_address, "--name", "envpod",
+                 *pod_cli_args(tmp_path))
     router = None
     try:
         pod.wait_for("ready")
         router = Server(tmp_path, "router", "serve", env=clean_env(
             MACP_ROUTER_PODS=f"envpod={pod_address}",
             MACP_ROUTER_LISTEN=router_address,
+            MACP_ROUTER_TOKEN="router",
             MACP_ROUTER_SHUTDOWN_GRACE_S="2",
         ))
         line = router.wait_for("ready")
@@ -237,7 +252,8 @@ def test_busy_listen_port_exits_nonzero_saying_cannot_listen():
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        result = run("serve", "--listen", f"127.0.0.1:{port}", "--pods", "a=127.0.0.1:1")
+        result = run("serve", "--listen", f"127.0.0.1:{port}", "--pods", "a=127.0.0.1:1",
+                     "--token", "router")
     assert result.returncode != 0, result
     lines = [line for line in result.stderr.splitlines() if "cannot listen" in line]
     assert lines and str(port) in lines[0], result.stderr
@@ -245,7 +261,8 @@ def test_busy_listen_port_exits_nonzero_saying_cannot_listen():
 
 def test_second_router_on_the_same_port_exits_nonzero(cluster):
     router_address, pod_address = cluster
-    result = run("serve", "--listen", router_address, "--pods", f"a={pod_address}")
+    result = run("serve", "--listen", router_address, "--pods", f"a={pod_address}",
+                 "--token", "router")
     assert result.returncode != 0, result
     assert any("cannot listen" in line and router_address in line
                for line in result.stderr.splitlines()), result.stderr

@@ -37,7 +37,7 @@ class ListPodsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PodStatus(_message.Message):
-    __slots__ = ("name", "address", "healthy", "draining", "feed_up", "open_sessions", "cached_sessions", "last_error", "feed_reconnects")
+    __slots__ = ("name", "address", "healthy", "draining", "feed_up", "open_sessions", "cached_sessions", "last_error", "feed_reconnects", "credentials_rejected")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class PodStatus(_message.Message):
     CACHED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     FEED_RECONNECTS_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIALS_REJECTED_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     healthy: bool
@@ -56,7 +57,8 @@ class PodStatus(_message.Message):
     cached_sessions: int
     last_error: str
     feed_reconnects: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ..., feed_up: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., cached_sessions: _Optional[int] = ..., last_error: _Optional[str] = ..., feed_reconnects: _Optional[int] = ...) -> None: ...
+    credentials_rejected: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ..., feed_up: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., cached_sessions: _Optional[int] = ..., last_error: _Optional[str] = ..., feed_reconnects: _Optional[int] = ..., credentials_rejected: _Optional[str] = ...) -> None: ...
 
 class ListPodsResponse(_message.Message):
     __slots__ = ("pods", "store", "store_degraded", "version", "cached_sessions")

@@ -43,6 +43,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from router.sim import SimPod
 from router.v1 import router_pb2, router_pb2_grpc
 from tests import macp_calls
+from tests.pod_auth import pod_cli_args
 from tests.procs import Process, free_port, router_process
 from tests.redis_fixture import RedisServer
 
@@ -392,8 +393,12 @@ class PodProcs:
     def _process(self, name: str, port: int, state_file: Path) -> Process:
         self._starts[name] += 1
         log = self.tmp_path / f"pod-{name}-{self._starts[name]}.log"
+        # Configured as an operator configures a runtime (tests.pod_auth), with the rate limits
+        # raised as for a load test: the fault runs start sessions from one sender at volume.
         return Process(["pod", "--listen", f"127.0.0.1:{port}", "--name", name,
-                        "--state-file", str(state_file), "--log-level", "info"], log)
+                        "--state-file", str(state_file), "--log-level", "info",
+                        *pod_cli_args(self.tmp_path, start_limit=1_000_000,
+                                      message_limit=1_000_000)], log)
 
     async def start(self, *names: str) -> list[PodProc]:
         started = []
