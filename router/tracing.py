@@ -153,8 +153,16 @@ def traced_handler(method: str, handler: Any) -> Any:
 
 
 async def _traced(name: str, awaitable: Awaitable[T], attributes: dict[str, Any]) -> T:
-    with _tracer.start_as_current_span(name, attributes=attributes) as span:
-        result = await awaitable
+    from opentelemetry.trace import Status, StatusCode
+
+    # Exceptions are not recorded as events: their messages can carry full session ids.
+    with _tracer.start_as_current_span(name, attributes=attributes, record_exception=False,
+                                       set_status_on_exception=False) as span:
+        try:
+            result = await awaitable
+        except Exception as exc:
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            raise
         status = getattr(result, "status", None)
         if isinstance(status, str):
             span.set_attribute("macp.locate.status", status)
@@ -188,15 +196,26 @@ def forward_span(pod: str, address: str, path: str,
 
     Only called when `enabled` (the caller checks, so the untraced path pays nothing).
     """
+    import grpc
     from opentelemetry import propagate
-    from opentelemetry.trace import SpanKind
+    from opentelemetry.trace import SpanKind, Status, StatusCode
 
     with _tracer.start_as_current_span(
         name, kind=SpanKind.CLIENT,
         attributes={"macp.pod": pod, "server.address": address, "rpc.system": "grpc",
                     "rpc.method": path.rsplit("/", 1)[-1]},
-    ):
+        record_exception=False, set_status_on_exception=False,  # details name session ids
+    ) as span:
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
         kept = tuple((k, v) for k, v in metadata if k not in carrier)
-        yield kept + tuple(carrier.items())
+        try:
+            yield kept + tuple(carrier.items())
+        except grpc.aio.AioRpcError as exc:
+            span.set_attribute("rpc.grpc.status_code", exc.code().value[0])
+            span.set_status(Status(StatusCode.ERROR, exc.code().name))
+            raise
+        except Exception as exc:
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            raise
+        span.set_attribute("rpc.grpc.status_code", 0)

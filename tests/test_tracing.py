@@ -8,6 +8,7 @@ for a pod, which keeps the metadata of every call it receives).
 from __future__ import annotations
 
 import secrets
+import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
@@ -103,7 +104,30 @@ async def test_a_routed_miss_is_a_server_span_with_locate_store_probe_and_forwar
     assert forward.attributes["rpc.method"] == "GetSession"
     assert locate.end_time <= forward.start_time, "located first, then forwarded"
     for span in finished:
-        assert sid not in str(dict(span.attributes or {})), "never a full session id"
+        assert sid not in span.to_json(), "never a full session id"
+
+
+async def test_a_session_no_pod_holds_leaves_no_full_session_id_in_any_span(
+    spans, sim_pods, make_router,
+):
+    pods = await sim_pods(2)
+    router = await make_router(pods)
+    missing = str(uuid.uuid4())
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        spans.clear()
+        with pytest.raises(grpc.aio.AioRpcError) as lost:
+            await macp_calls.get_session(channel, missing)
+    assert lost.value.code() is grpc.StatusCode.NOT_FOUND
+    finished = list(spans.get_finished_spans())
+    server = one([s for s in finished if s.kind is SpanKind.SERVER], f"{SERVICE}/GetSession")
+    assert server.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    locate = one(children(finished, server), "locate")
+    assert locate.attributes["macp.locate.status"] == "not_found"
+    probes = [s for s in finished if s.name == "probe"]
+    assert len(probes) == 2
+    assert all(p.attributes["rpc.grpc.status_code"] == 5 for p in probes)
+    for span in finished:
+        assert missing not in span.to_json(), span.to_json()
 
 
 async def test_a_session_start_is_reserved_then_forwarded_to_the_placed_pod(
