@@ -251,6 +251,8 @@ class Router:
         }
         self.metrics.store_degraded.set(1 if self.store.degraded else 0)
         self.metrics.set_pod_counts("macp", len(self.pods), len(healthy))
+        if self.acp is not None:  # ACP pods' health changes reach here within a second
+            self.metrics.set_pod_counts("acp", len(self.acp.roster), len(self.acp.roster.healthy()))
         self._status_changed.set()
 
     async def _status_loop(self) -> None:

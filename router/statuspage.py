@@ -267,7 +267,7 @@ class StatusPage:
             parts.append(f", state {esc(reply.state)}")
         parts.append(")</p>")
         if reply.detail:
-            parts.append(f"<p class=detail>{esc(reply.detail)}</p>")
+            parts.append(f"<p class=detail id=lookup-detail>{esc(reply.detail)}</p>")
         return "".join(parts)
 
     def _counter(self, name: str, **labels: str) -> float:

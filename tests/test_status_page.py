@@ -25,6 +25,7 @@ import pytest
 
 from router.app import Router
 from tests import macp_calls
+from tests.waiting import eventually
 
 ADMIN_TOKEN = "admin-secret-for-tests"
 CHROMIUM_FLAGS = (
@@ -258,3 +259,17 @@ async def test_status_page_in_headless_chromium_shows_pods_and_a_session_lookup(
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (1280, 900)
     assert len(data) > 20_000, "a blank page compresses to a few kilobytes"
+
+
+
+async def test_session_lookup_answers_unknown_naming_the_silent_pod(sim_pods, make_router):
+    pods = await sim_pods(2)
+    router = await make_router(pods, metrics_listen="127.0.0.1:0")
+    await pods[1].stop()  # b is gone: a session it might hold cannot be ruled out
+    await eventually(lambda: not router.pods.is_healthy("b"), what="b unhealthy")
+    missing = str(uuid.uuid4())
+    _, page, _ = await asyncio.to_thread(fetch, router.metrics_port, f"/?session={missing}")
+    parsed = parse(page)
+    assert parsed.ids["lookup-status"] == "unknown"
+    assert "b" in parsed.ids["lookup-detail"]
+    assert parsed.rows["b"][2] == "DOWN"
