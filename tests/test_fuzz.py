@@ -41,6 +41,7 @@ from router.config import RouterConfig
 from router.pods import PodSpec
 from router.sim import SimPod
 from tests.macp_calls import METADATA, proposal_envelope, start, start_envelope
+from tests.pod_auth import pod_options
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -75,7 +76,7 @@ class Cluster:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def cluster() -> AsyncIterator[Cluster]:
-    pods = [SimPod(name, "127.0.0.1:0") for name in ("a", "b")]
+    pods = [SimPod(name, "127.0.0.1:0", **pod_options()) for name in ("a", "b")]
     for pod in pods:
         await pod.start()
     specs = tuple(PodSpec(pod.name, pod.address) for pod in pods)

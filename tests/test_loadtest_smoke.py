@@ -23,6 +23,7 @@ from loadtest.benchcache import bench_memory, bench_near_cache
 from loadtest.hist import LatencyHistogram
 from loadtest.passthrough import Passthrough
 from router.sim import SimPod
+from tests.pod_auth import pod_options
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,7 +66,7 @@ def test_payload_templates_carry_the_ids() -> None:
 
 
 async def test_passthrough_forwards_unary_stream_status_and_trailers() -> None:
-    pod = SimPod("p", "127.0.0.1:0")
+    pod = SimPod("p", "127.0.0.1:0", **pod_options())
     await pod.start()
     proxy = Passthrough(pod.address)
     await proxy.start()
