@@ -230,19 +230,26 @@ class Pod:
                      sum(self._streams))
         return len(self._channels) - 1
 
-    def _pick(self, load: list[int], soft_limit: int) -> int:
-        """A channel whose `load` is under `soft_limit` (round robin from the last pick); a new
-        channel when every one is at it and the pool may grow; else the least loaded."""
-        count = len(load)
+    def _pick(self, unary: bool) -> int:
+        """A channel with room (round robin from the last pick); a new channel when every one
+        is full and the pool may grow; else the least loaded.
+
+        Every call is an HTTP/2 stream, so a channel has room for a stream while its streams
+        plus unary calls are under STREAM_SOFT_LIMIT, and for a unary call when, besides,
+        its unary calls are under UNARY_SOFT_LIMIT.
+        """
+        in_flight, streams = self._in_flight, self._streams
+        count = len(streams)
         start = self._cursor
         for step in range(count):
             index = (start + step) % count
-            if load[index] < soft_limit:
+            if (in_flight[index] + streams[index] < STREAM_SOFT_LIMIT
+                    and (not unary or in_flight[index] < UNARY_SOFT_LIMIT)):
                 self._cursor = index + 1
                 return index
         if count < self.max_channels:
             return self._add_channel()
-        return min(range(count), key=load.__getitem__)
+        return min(range(count), key=lambda i: in_flight[i] + streams[i])
 
     @property
     def channel_count(self) -> int:
@@ -254,7 +261,7 @@ class Pod:
 
     def unary(self, path: str) -> grpc.aio.UnaryUnaryMultiCallable:
         """A raw-bytes unary multicallable on a pooled channel with room (cached per channel)."""
-        index = self._pick(self._in_flight, UNARY_SOFT_LIMIT)
+        index = self._pick(unary=True)
         cache = self._unary[index]
         multicallable = cache.get(path)
         if multicallable is None:
@@ -264,7 +271,7 @@ class Pod:
         return multicallable  # type: ignore[return-value]
 
     def _stream_channel(self) -> tuple[grpc.aio.Channel, int]:
-        index = self._pick(self._streams, STREAM_SOFT_LIMIT)
+        index = self._pick(unary=False)
         return self._channels[index], index
 
     def unary_stream(self, path: str) -> grpc.aio.UnaryStreamMultiCallable:
