@@ -1,7 +1,11 @@
 """`macp-router demo`: three simulated pods, one router, the real macp_sdk client, end to end.
 
 Everything runs on free loopback ports in this process (pods and router on the event loop, the
-blocking SDK client in a worker thread) with the embedded in-memory store. The demo checks what
+blocking SDK client in a worker thread) with the embedded in-memory store. The pods behave like
+macp-runtime v0.6.1 and are configured as an operator configures one (token entries in the
+runtime's MACP_AUTH_TOKENS_JSON shape: the router as an observer with registry rights, the two
+demo agents; plaintext allowed on loopback as MACP_ALLOW_INSECURE=1 does; the runtime's default
+rate limits, which the demo stays well under). The demo checks what
 it shows: every session lives on exactly one pod, every call reached the pod that holds it; it
 exits non-zero otherwise.
 """
@@ -17,7 +21,7 @@ import grpc
 from router.app import Router
 from router.config import RouterConfig
 from router.pods import PodSpec
-from router.sim import SimPod
+from router.sim import SimPod, agent_entry, router_entry
 from router.v1 import router_pb2, router_pb2_grpc
 
 
@@ -37,7 +41,9 @@ async def run_demo(sessions: int = 6) -> int:
 
     logging.getLogger("macp_sdk").setLevel(logging.ERROR)  # "insecure channel" is the point here
 
-    pods = [SimPod(name, "127.0.0.1:0") for name in ("a", "b", "c")]
+    tokens = [router_entry("router"), agent_entry("coordinator"), agent_entry("reviewer")]
+    pods = [SimPod(name, "127.0.0.1:0", auth_tokens=tokens, allow_insecure=True)
+            for name in ("a", "b", "c")]
     for pod in pods:
         await pod.start()
     config = RouterConfig(
@@ -55,6 +61,8 @@ async def run_demo(sessions: int = 6) -> int:
         for pod in pods:
             _say(f"  pod {pod.name:<6} {pod.address}")
         _say(f"  router   {router.address}")
+        _say('  the router\'s token on every pod: {"token": "router", "sender": "macp-router", '
+             '"is_observer": true, "can_manage_mode_registry": true}')
         _say("  waiting for the router's watch feeds ...")
         if not await router.wait_ready(10):
             _say("error: the router's watch feeds did not come up within 10 s")
