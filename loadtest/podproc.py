@@ -23,7 +23,11 @@ from router.sim import SimPod
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    pod = SimPod(args.name, args.listen, state_file=args.state_file)
+    # Dev mode on loopback (any bearer token, plaintext) and no per-sender rate limits: the
+    # load generator is one sender sending far more than the runtime's default 60 starts /
+    # 600 messages per minute.
+    pod = SimPod(args.name, args.listen, state_file=args.state_file, allow_insecure=True,
+                 start_limit_per_minute=1_000_000_000, message_limit_per_minute=1_000_000_000)
     await pod.start()
 
     async def stats(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -115,8 +115,37 @@ def quality_bars(results: dict[str, Any]) -> list[Bar]:
              _get(r, "pod-kill", "router", "non_retryable_errors"), "", "== 0",
              lambda v: v == 0),
         *acp_bars(r),
+        *store_bars(r),
     ]
     return [b for b in bars if b["name"].split(":", 1)[0] in r]
+
+
+def store_bars(r: dict[str, Any]) -> list[Bar]:
+    """The `store` scenario's rows (none when it did not run)."""
+    if "store" not in r:
+        return []
+    st = r["store"]
+    kind = st.get("topology")
+    rows = [
+        _bar(f"store: Redis commands per hit ({kind})", st.get("redis_commands_per_hit"), "",
+             "== 0", lambda v: v == 0, "timer commands (marker, drain, PING) listed apart"),
+        _bar(f"store: Redis commands per start ({kind})", st.get("redis_commands_per_start"),
+             "", "(info)", None, "commands the router sent; script-internal ones apart"),
+        _bar(f"store: Redis commands per session lifecycle ({kind})",
+             st.get("redis_commands_per_lifecycle"), "", "(info)", None),
+        _bar(f"store: Redis bytes per session ({kind})", st.get("redis_bytes_per_session"), "B",
+             "(info)", None),
+    ]
+    for key, value in st.items():
+        if key.startswith("placements_") and isinstance(value, dict):
+            label = key.removeprefix("placements_").replace("_", " ")
+            rows.append(_bar(f"store: placements/s, {label} ({kind})",
+                             value.get("placements_per_s"), "/s", "(info)", None,
+                             f"{value.get('redis_cpu_us_per_placement')} us Redis CPU each"))
+    rows.append(_bar("store: placements 3 masters / 1 master",
+                     st.get("placements_ratio_3_vs_1"), "x", "(info)", None,
+                     "one Python caller on 2 shared cores"))
+    return [row for row in rows if row["value"] is not None]
 
 
 def acp_bars(r: dict[str, Any]) -> list[Bar]:

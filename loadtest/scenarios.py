@@ -44,10 +44,11 @@ from loadtest.cluster import (
 from loadtest.gen import Op, PhaseResult, merge, run_closed, run_open
 
 SCENARIOS = ("hit", "stream", "miss", "start", "mixed", "pod-kill", "scale", "workers", "memory",
-             "acp")
+             "acp", "store")
 # Scenarios that bring their own pods and router: they need one MACP pod (for `serve --pods`)
-# and none of the MACP sessions, passthrough or router of the others.
-OWN_SETUP = frozenset({"acp"})
+# and none of the MACP sessions, passthrough or router of the others. (`store` starts its own
+# Redis topology, pods and router: `loadtest.storebench`.)
+OWN_SETUP = frozenset({"acp", "store"})
 MD = payloads.METADATA
 T = CALL_TIMEOUT_S
 MISROUTE_CODES = frozenset({"ACK_SESSION_NOT_FOUND", "NOT_FOUND", "STREAM_SESSION_NOT_FOUND"})
@@ -81,6 +82,7 @@ class Settings:
     acp_client: str = "lean"
     rounds: int = 3
     redis: str | None = None
+    store_topology: str | None = None  # `store`: standalone | cluster | sentinel
     router: bool = True
     require_router: bool = False
     quick: bool = False
@@ -826,6 +828,12 @@ class Run:
         summary["machine_cpus"] = _cpus()
         summary["note"] = ("generator, pods and router share one machine; the speedup is "
                            "bounded by the cores left over for the router")
+
+    async def scenario_store(self) -> None:
+        """The location store on one Redis topology (`loadtest.storebench`)."""
+        from loadtest.storebench import run_store_scenario
+
+        self.results["store"] = await run_store_scenario(self)
 
     async def scenario_memory(self) -> None:
         """Router RSS and Redis used_memory before/after the router learns N new sessions."""
