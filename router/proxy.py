@@ -552,7 +552,8 @@ class MacpProxy:
     ) -> None:
         call = pod.unary_stream(route.path)(
             request,
-            metadata=forwardable(context.invocation_metadata()),
+            metadata=tracing.stream_metadata(pod.name, pod.address, route.path,
+                                             forwardable(context.invocation_metadata())),
             timeout=context.time_remaining(),
         )
         try:
@@ -810,7 +811,9 @@ class MacpProxy:
         calls = []
 
         async def pump(pod: Pod) -> None:
-            call = pod.unary_stream(route.path)(request, metadata=metadata, timeout=timeout)
+            call = pod.unary_stream(route.path)(
+                request, metadata=tracing.stream_metadata(pod.name, pod.address, route.path,
+                                                          metadata), timeout=timeout)
             calls.append(call)
             try:
                 async for message in call:
@@ -1116,7 +1119,9 @@ class _BidiRelay:
 
     def _open(self, pod: Pod) -> grpc.aio.StreamStreamCall:
         return pod.stream_stream(self.route.path)(
-            metadata=self.metadata, timeout=self.context.time_remaining()
+            metadata=tracing.stream_metadata(pod.name, pod.address, self.route.path,
+                                             self.metadata),
+            timeout=self.context.time_remaining(),
         )
 
     async def _client_to_pod(self) -> None:

@@ -7,7 +7,9 @@ child spans for the steps that cost time:
   with one `probe` CLIENT span per pod asked),
 - `store.reserve` (placing a new session),
 - `forward` (CLIENT span, attribute `macp.pod`: the pod's name): its context is the
-  `traceparent` the pod receives, so the pod's own spans hang under it.
+  `traceparent` the pod receives, so the pod's own spans hang under it. A relayed stream
+  (StreamSession, Watch*, merged fan-outs) gets `forward.open` instead, one per pod stream:
+  the moment it was opened, and the parent the pod sees; the SERVER span covers its life.
 
 The exporter is configured by the standard variables: `OTEL_TRACES_EXPORTER` (`otlp`, the
 default, `console` or `none`), `OTEL_EXPORTER_OTLP_ENDPOINT` / `..._TRACES_ENDPOINT`,
@@ -218,4 +220,19 @@ def forward_span(pod: str, address: str, path: str,
         except Exception as exc:
             span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
             raise
-        span.set_attribute("rpc.grpc.status_code", 0)
+        if name != "forward.open":  # a stream's outcome is its SERVER span's
+            span.set_attribute("rpc.grpc.status_code", 0)
+
+
+def stream_metadata(pod: str, address: str, path: str,
+                    metadata: Sequence[tuple[str, str | bytes]]) -> Sequence[tuple]:
+    """`metadata` for opening a stream to `pod`, carrying a `forward.open` span's context.
+
+    A relayed stream lives as long as the caller's (the SERVER span covers it); this CLIENT
+    span marks the moment the pod's stream was opened, names the pod, and is the parent the
+    pod sees. `metadata` itself when tracing is off.
+    """
+    if not enabled:
+        return metadata
+    with forward_span(pod, address, path, metadata, "forward.open") as carried:
+        return carried

@@ -147,6 +147,33 @@ async def test_a_session_start_is_reserved_then_forwarded_to_the_placed_pod(
     assert reserve.attributes["pod"] == forward.attributes["macp.pod"] == holder(router, sid)
 
 
+async def test_a_relayed_stream_session_names_its_pod_on_a_forward_open_span(
+    spans, sim_pods, make_router,
+):
+    pods = await sim_pods(2)
+    router = await make_router(pods)
+    traceparent, trace_id, client_span_id = client_traceparent()
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        sid = await macp_calls.start(channel)
+        spans.clear()
+        call = macp_calls.stub(channel).StreamSession(
+            metadata=(*macp_calls.METADATA, ("traceparent", traceparent)), timeout=10)
+        proposal = macp_calls.proposal_envelope(sid)
+        await call.write(core_pb2.StreamSessionRequest(envelope=proposal))
+        assert (await call.read()).envelope.message_id == proposal.message_id
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF
+        assert await call.code() is grpc.StatusCode.OK
+    finished = list(spans.get_finished_spans())
+    server = one([s for s in finished if s.kind is SpanKind.SERVER],
+                 f"{SERVICE}/StreamSession")
+    assert server.context.trace_id == trace_id and server.parent.span_id == client_span_id
+    opened = one(children(finished, server), "forward.open")
+    assert opened.kind is SpanKind.CLIENT
+    assert opened.attributes["macp.pod"] == holder(router, sid)
+    assert opened.end_time <= server.end_time
+
+
 class RecordingPod:
     """A real gRPC server standing in for a pod: answers GetSession live, health SERVING, and
     keeps the metadata of every GetSession it receives (everything else UNIMPLEMENTED)."""
