@@ -184,6 +184,8 @@ class MacpProxy:
         self._cache_hits = metrics.locate.labels("macp", "hit")
         self._closing = False
         self._replay_locks: dict[str, asyncio.Lock] = {}
+        self.first_answer_warn_s = FIRST_ANSWER_WARN_S
+        """A stream whose first envelope frame gets no answer this long is logged (pod named)."""
 
     # -- grpc plumbing -----------------------------------------------------------------------
     def generic_handler(self) -> grpc.GenericRpcHandler:
@@ -1152,18 +1154,19 @@ class _BidiRelay:
 
     def _silent_first_answer(self) -> None:
         log.warning(
-            "pod %s (%s) has not answered the first frame of a %s stream%s within %.0f s; the "
+            "pod %s (%s) has not answered the first frame of a %s stream%s within %.1f s; the "
             "stream stays open (a re-sent message gets no echo), but if this repeats the pod is "
             "overloaded or hung: check its logs and `macp-router pods`",
             self.pod.name, self.pod.address, self.route.method,
-            f" for session {self.plan.sid}" if self.plan.sid else "", FIRST_ANSWER_WARN_S,
+            f" for session {self.plan.sid}" if self.plan.sid else "",
+            self.proxy.first_answer_warn_s,
         )
 
     async def run(self) -> None:
         self._pump = asyncio.create_task(self._client_to_pod(), name=f"bidi-up:{self.pod.name}")
         if self.plan.expects_answer:
-            self._warn = asyncio.get_running_loop().call_later(FIRST_ANSWER_WARN_S,
-                                                               self._silent_first_answer)
+            self._warn = asyncio.get_running_loop().call_later(
+                self.proxy.first_answer_warn_s, self._silent_first_answer)
         context = self.context
         try:
             initial = await self.call.initial_metadata()
