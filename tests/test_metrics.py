@@ -259,3 +259,32 @@ async def test_metrics_port_answers_404_on_unknown_paths_and_head_on_every_known
     assert status == 405 and "GET" in headers["Allow"]
     status, headers, _ = await asyncio.to_thread(http, port, "/drain", "GET")
     assert status == 405 and headers["Allow"] == "POST"
+
+
+async def test_pod_counts_cover_the_acp_front_door_too(sim_pods, make_router, tmp_path):
+    pytest.importorskip("acp", reason="the acp extra is not installed")
+    from router.acp.config import AcpConfig, AcpPodSpec
+    from router.acp.sim_pod import AcpSimPod
+
+    acp_pods = [AcpSimPod(name, "127.0.0.1:0", tmp_path) for name in ("x", "y")]
+    for pod in acp_pods:
+        await pod.start()
+    try:
+        acp = AcpConfig(listen="127.0.0.1:0",
+                        pods=tuple(AcpPodSpec(pod.name, pod.url) for pod in acp_pods),
+                        health_interval_ms=200, connect_timeout_ms=1000)
+        router = await make_router(await sim_pods(1), metrics_listen="127.0.0.1:0", acp=acp)
+
+        def counts() -> tuple[float | None, float | None]:
+            registry = router.metrics.registry
+            return (registry.get_sample_value("macp_router_pods", {"protocol": "acp"}),
+                    registry.get_sample_value("macp_router_healthy_pods", {"protocol": "acp"}))
+
+        await eventually(lambda: counts() == (2, 2), what="2 ACP pods, both healthy")
+        await acp_pods[1].stop()
+        await eventually(lambda: counts() == (2, 1), what="one ACP pod down")
+        assert router.metrics.registry.get_sample_value(
+            "macp_router_healthy_pods", {"protocol": "macp"}) == 1
+    finally:
+        for pod in acp_pods:
+            await pod.stop()
