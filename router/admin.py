@@ -106,6 +106,7 @@ class RouterAdmin(router_pb2_grpc.RouterAdminServicer):
             open_sessions=self.locator.near.open_counts().get(pod.name, 0),
             cached_sessions=cached,
             last_error=pod.last_error or (feed.last_error if feed and not pod.feed_up else ""),
+            not_placeable=pod.not_placeable_reason,
             feed_reconnects=feed.reconnects if feed else 0,
             credentials_rejected=pod.credentials_rejected,
         )

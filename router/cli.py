@@ -598,6 +598,9 @@ def format_pod_table(reply) -> str:  # type: ignore[no-untyped-def]
         if pod.credentials_rejected:
             lines.append(f"pod {pod.name} rejects the router's credentials "
                          f"({pod.credentials_rejected}): {FIX_HINT}")
+        elif pod.healthy and pod.not_placeable:
+            lines.append(f"pod {pod.name} takes no new sessions: {pod.not_placeable} "
+                         "(its own sessions still route)")
     store = f"store: {reply.store}" + (" (DEGRADED)" if reply.store_degraded else "")
     lines.append(f"{store}; cached sessions: {reply.cached_sessions}; router {reply.version}")
     return "\n".join(lines)

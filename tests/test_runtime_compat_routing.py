@@ -146,6 +146,10 @@ async def test_a_pod_whose_feed_is_not_reconciled_takes_no_new_sessions_but_rout
     assert router.pods.get("b").healthy
 
     async with grpc.aio.insecure_channel(router.address) as channel:
+        table = await router_pb2_grpc.RouterAdminStub(channel).ListPods(
+            router_pb2.ListPodsRequest(), timeout=TIMEOUT)
+        shown = {pod.name: pod.not_placeable for pod in table.pods}
+        assert shown["a"] == "" and "feed" in shown["b"]  # `macp-router pods` says why
         starts_b = b.calls["Send"]
         for _ in range(6):
             await start(channel)

@@ -37,7 +37,7 @@ class ListPodsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PodStatus(_message.Message):
-    __slots__ = ("name", "address", "healthy", "draining", "feed_up", "open_sessions", "cached_sessions", "last_error", "feed_reconnects", "credentials_rejected")
+    __slots__ = ("name", "address", "healthy", "draining", "feed_up", "open_sessions", "cached_sessions", "last_error", "feed_reconnects", "credentials_rejected", "not_placeable")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class PodStatus(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     FEED_RECONNECTS_FIELD_NUMBER: _ClassVar[int]
     CREDENTIALS_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    NOT_PLACEABLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     healthy: bool
@@ -58,7 +59,8 @@ class PodStatus(_message.Message):
     last_error: str
     feed_reconnects: int
     credentials_rejected: str
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ..., feed_up: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., cached_sessions: _Optional[int] = ..., last_error: _Optional[str] = ..., feed_reconnects: _Optional[int] = ..., credentials_rejected: _Optional[str] = ...) -> None: ...
+    not_placeable: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ..., feed_up: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., cached_sessions: _Optional[int] = ..., last_error: _Optional[str] = ..., feed_reconnects: _Optional[int] = ..., credentials_rejected: _Optional[str] = ..., not_placeable: _Optional[str] = ...) -> None: ...
 
 class ListPodsResponse(_message.Message):
     __slots__ = ("pods", "store", "store_degraded", "version", "cached_sessions")
