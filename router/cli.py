@@ -109,7 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(serve, "--negative-cache-ms", type=int, default=1000, metavar="MS",
           help="how long 'no pod holds this session' is remembered")
     _flag(serve, "--retention-s", type=float, default=600.0, metavar="SECONDS",
-          help="how long ended sessions stay routable")
+          help="how long the router remembers which pod holds an ended (resolved, expired, "
+          "cancelled) session, so calls on it get that pod's own answer. The runtime keeps an "
+          "ended session in memory until MACP_SESSION_RETENTION_SECS (default 3600) after it "
+          "STARTED and repeats it in every WatchSessions snapshot and ListSessions reply until "
+          "then (a reconnect rewrites nothing the router already knows); after that the pod "
+          "answers NOT_FOUND. Keep this at or below the runtime's retention: longer only "
+          "remembers a pod that no longer has the session")
     _flag(serve, "--channels-per-pod", type=int, default=2, metavar="N",
           help="gRPC connections per pod at start (the runtime allows 128 streams and 64 "
           "requests in flight per connection; the pool grows with load)")

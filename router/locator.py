@@ -568,10 +568,14 @@ class Locator:
                 and current[1] != RESERVED):
             self._second_holder(sid, current[0], pod, state)
             return
-        ttl = self.retention_s if state in TERMINAL_STATES else 0.0
-        self.near.set(sid, pod, state, ttl)
         self._negative.pop(sid, None)
         self._recent_placements.pop(sid, None)
+        if current == (pod, state):
+            # Nothing new: every reconnect's snapshot repeats every session the pod holds
+            # (terminal ones too, for the runtime's whole retention): no write for it.
+            return
+        ttl = self.retention_s if state in TERMINAL_STATES else 0.0
+        self.near.set(sid, pod, state, ttl)
         self._enqueue_write(sid, Location(pod, state, incarnation, now_ms()))
 
     async def reconcile(self, pod: str, present: set[str], since: float) -> int:
