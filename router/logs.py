@@ -79,7 +79,10 @@ class RedactFilter(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return True  # a malformed call: the formatter reports it as logging always does
         redacted = redact(message)
         if redacted != message or record.args:
             record.msg, record.args = redacted, ()
@@ -97,12 +100,20 @@ _STANDARD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict
     "message", "asctime", "taskName"}
 
 
+class _TextFormatter(logging.Formatter):
+    def formatException(self, ei: Any) -> str:
+        return redact(super().formatException(ei))  # tracebacks can quote session ids
+
+
 def _json_formatter() -> logging.Formatter:
     from pythonjsonlogger.json import JsonFormatter
 
     class Formatter(JsonFormatter):
         def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
             return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+
+        def formatException(self, ei: Any) -> str:
+            return redact(super().formatException(ei))
 
     return Formatter(
         "%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -118,7 +129,7 @@ def setup_logging(level: str, fmt: str = "text", *, session_ids: bool = False,
         raise ValueError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {fmt!r}")
     set_full_session_ids(session_ids)
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(_json_formatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(_json_formatter() if fmt == "json" else _TextFormatter(TEXT_FORMAT))
     handler.addFilter(RedactFilter())
     root = logging.getLogger()
     for old in list(root.handlers):

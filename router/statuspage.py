@@ -107,7 +107,12 @@ class StatusPage:
 
     # -- calls into the router ----------------------------------------------------------------
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(self.call_timeout_s)
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(self.call_timeout_s)
+        except TimeoutError:
+            future.cancel()  # do not leave the lookup running on the router's loop
+            raise
 
     def list_pods(self) -> router_pb2.ListPodsResponse:
         return self._run(self.admin.ListPods(router_pb2.ListPodsRequest(),

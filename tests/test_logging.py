@@ -162,3 +162,18 @@ async def test_serve_with_json_logs_writes_one_json_object_per_line_without_secr
     assert any(r["method"] == "GetSession" and r["code"] == "NOT_FOUND" for r in calls)
     for secret in (CLIENT_TOKEN, ROUTER_TOKEN, sid, missing):
         assert secret not in output, f"{secret} was logged"
+
+
+def test_tracebacks_are_redacted_in_both_formats(captured):
+    sid = str(uuid.uuid4())
+    for fmt in ("text", "json"):
+        captured.seek(0)
+        captured.truncate()
+        logs.setup_logging("info", fmt, stream=captured)
+        try:
+            raise KeyError(f"session {sid}")
+        except KeyError:
+            logging.getLogger("macp_router.test").exception("lookup failed")
+        output = captured.getvalue()
+        assert "KeyError" in output and sid[:8] + "…" in output
+        assert sid not in output, fmt
