@@ -659,15 +659,25 @@ def test_example_overlay_wires_namespace_redis_and_images(example_docs):
     namespaced = [d for d in example_docs if d["kind"] != "Namespace"]
     assert {d["metadata"]["namespace"] for d in namespaced} == {"macp"}
     find(example_docs, "Namespace", "macp")
-    redis_url = router_env(example_docs)["MACP_ROUTER_REDIS_URL"]
-    host, port = re.fullmatch(r"redis://([\w.-]+):(\d+)/\d+", redis_url).groups()
-    redis_service = find(example_docs, "Service", host)
-    assert [p["port"] for p in redis_service["spec"]["ports"]] == [int(port)]
-    redis = find(example_docs, "Deployment", host)
-    assert redis["spec"]["replicas"] == 1
-    assert redis_service["spec"]["selector"].items() <= (
+    # The store fails over by itself: the URL names the sentinels of a 3-pod StatefulSet (one
+    # per pod, through its headless Service), and their master group, as the router parses it.
+    from router.redis_topology import SENTINEL, parse_url
+
+    target = parse_url(router_env(example_docs)["MACP_ROUTER_REDIS_URL"])
+    assert target.kind == SENTINEL and target.master and len(target.nodes) == 3
+    redis = find(example_docs, "StatefulSet", "macp-router-redis")
+    assert redis["spec"]["replicas"] == 3
+    headless = find(example_docs, "Service", redis["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"].items() <= (
         redis["spec"]["template"]["metadata"]["labels"].items()
     )
+    ports = {p["containerPort"] for c in containers(redis) for p in c["ports"]}
+    assert {port for _host, port in target.nodes} <= ports and 6379 in ports
+    pods = {f"macp-router-redis-{i}.{headless['metadata']['name']}" for i in range(3)}
+    assert {host for host, _port in target.nodes} == pods
+    scripts = find(example_docs, "ConfigMap", "macp-router-redis-scripts")["data"]
+    assert f"sentinel monitor {target.master} " in scripts["sentinel.sh"]
     assert find(example_docs, "StatefulSet", "macp-runtime")["spec"]["replicas"] == 3
     images = {c["image"] for d in example_docs for c in containers(d)}
     assert "macp-router:0.1.0" in images
