@@ -82,8 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(serve, "--pods-dns", metavar="HOST:PORT",
           help="discover pods from a headless Service's DNS name instead of --pods")
     _flag(serve, "--redis-url", metavar="URL",
-          help="share the session->pod store with other router replicas "
-          "(redis://HOST:PORT/DB, rediss:// for TLS); default: in-memory store")
+          help="share the session->pod store with other router replicas: "
+          "redis://HOST:PORT/DB (rediss:// for TLS), "
+          "redis+cluster://HOST:PORT[,HOST:PORT...] (Redis Cluster seeds; rediss+cluster://), "
+          "or redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME[/DB] (sentinels; "
+          "rediss+sentinel://); default: in-memory store")
     _flag(serve, "--redis-prefix", default="mrouter:", metavar="PREFIX",
           help="key prefix in Redis")
     _flag(serve, "--redis-required", action="store_true",
