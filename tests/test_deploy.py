@@ -58,6 +58,7 @@ ROUTER_METRICS = frozenset(
         "macp_router_cached_sessions",
         "macp_router_active_streams",
         "macp_router_pod_healthy",
+        "macp_router_pod_credentials_rejected",
         "macp_router_pods",
         "macp_router_healthy_pods",
         "macp_router_store_degraded",
