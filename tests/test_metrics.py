@@ -288,3 +288,17 @@ async def test_pod_counts_cover_the_acp_front_door_too(sim_pods, make_router, tm
     finally:
         for pod in acp_pods:
             await pod.stop()
+
+
+async def test_exposition_passes_promtool_check_metrics(scraped):
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    _router, text = scraped
+    result = await asyncio.to_thread(
+        subprocess.run, [promtool, "check", "metrics"], input=text, capture_output=True,
+        text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
