@@ -1110,7 +1110,8 @@ class _BidiRelay:
         self.pod = plan.pod
         self.metadata = forwardable(context.invocation_metadata())
         self.first = first
-        self.kept: list[bytes] | None = [first]
+        self.kept: list[bytes] | None = [first] if plan.relocatable else None
+        """Frames sent before the first answer, kept for a re-route (relocatable streams)."""
         self.settled = False
         self.rerouted = False
         self.client_done = False
