@@ -1107,3 +1107,22 @@ async def test_terminal_sessions_are_evicted_silently_after_retention() -> None:
             with pytest.raises(asyncio.TimeoutError):  # no lifecycle event for an eviction
                 await asyncio.wait_for(watch.read(), 0.3)
             watch.cancel()
+
+
+async def test_max_open_sessions_and_payload_limit() -> None:
+    tokens = [{"token": "capped", "sender": "capped", "max_open_sessions": 2}]
+    async with SimPod("cap", auth_tokens=tokens, allow_insecure=True,
+                      max_payload_bytes=1024) as pod:
+        async with grpc.aio.insecure_channel(pod.address) as channel:
+            stub = core_pb2_grpc.MACPRuntimeServiceStub(channel)
+            first, second = new_sid(), new_sid()
+            for sid in (first, second):
+                assert (await send(stub, start_env(sid, sender=""), token="capped")).ok
+            third = await send(stub, start_env(new_sid(), sender=""), token="capped")
+            assert third.error.code == "RATE_LIMITED"  # two open sessions already
+            assert (await send(stub, msg_env(first, "Commitment", sender=""), token="capped")).ok
+            assert (await send(stub, start_env(new_sid(), sender=""), token="capped")).ok
+            big = msg_env(second, sender="")
+            big.payload = b"x" * 1025
+            ack = await send(stub, big, token="capped")
+            assert (ack.ok, ack.error.code) == (False, "PAYLOAD_TOO_LARGE")
