@@ -3,7 +3,7 @@
 Like HAProxy's stats page: server-rendered HTML, no build step, refreshes itself (a tiny inline
 script that waits while you type, with a `<noscript>` meta refresh). It shows:
 - readiness, store, version; every MACP pod with health, feed, open/cached sessions,
-  draining, reconnects and last error;
+  draining, reconnects, whether it takes new sessions (and why not) and last error;
 - the locate mix (hit / store / probe / not found / negative / unknown / stale) and the probe
   fan-outs with their latency;
 - the last placements (a bounded ring in `Metrics.recent_placements`);
@@ -234,6 +234,10 @@ class StatusPage:
             health = ("<td class=ok>healthy</td>" if pod.healthy else "<td class=bad>DOWN</td>")
             feed = "<td class=ok>up</td>" if pod.feed_up else "<td class=bad>down</td>"
             draining = "<td class=warn>yes</td>" if pod.draining else "<td>no</td>"
+            reason = pod.not_placeable
+            placeable = (f"<td class=warn>no: {esc(reason)}</td>" if reason
+                         else "<td>yes</td>" if pod.healthy and not pod.draining
+                         else "<td class=warn>no</td>")
             actions = ""
             if self.admin_token is not None:
                 verb = "undrain" if pod.draining else "drain"
@@ -248,11 +252,11 @@ class StatusPage:
                 f"<tr data-pod=\"{esc(pod.name)}\"><td class=name>{esc(pod.name)}</td>"
                 f"<td>{esc(pod.address)}</td>{health}{feed}{draining}"
                 f"<td class=num>{pod.open_sessions}</td><td class=num>{pod.cached_sessions}</td>"
-                f"<td class=num>{pod.feed_reconnects}</td>"
+                f"<td class=num>{pod.feed_reconnects}</td>{placeable}"
                 f"<td class=err>{esc(pod.last_error)}</td><td>{actions}</td></tr>"
             )
         if not rows:
-            rows.append("<tr><td colspan=10 class=bad>no pods: check --pods / --pods-dns "
+            rows.append("<tr><td colspan=11 class=bad>no pods: check --pods / --pods-dns "
                         "(see /readyz)</td></tr>")
         return "\n".join(rows)
 
@@ -377,7 +381,7 @@ code{{background:#eef1f5;padding:0 .25em}} .detail{{color:#555}}
 <h2>Pods</h2>
 <table id=pods>
 <tr><th>pod</th><th>address</th><th>health</th><th>feed</th><th>draining</th><th>open</th>
-<th>cached</th><th>feed reconnects</th><th>last error</th><th></th></tr>
+<th>cached</th><th>feed reconnects</th><th>new sessions</th><th>last error</th><th></th></tr>
 {pod_rows}
 </table>
 <p class=meta>{admin_note}</p>

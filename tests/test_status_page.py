@@ -240,6 +240,9 @@ async def test_status_page_in_headless_chromium_shows_pods_and_a_session_lookup(
     async with grpc.aio.insecure_channel(router.address) as channel:
         with pytest.raises(grpc.aio.AioRpcError):  # a miss: not found after a probe fan-out
             await macp_calls.get_session(channel, str(uuid.uuid4()))
+    status, _, _ = await asyncio.to_thread(fetch, router.metrics_port, "/drain",
+                                           {"pod": "c", "token": ADMIN_TOKEN})
+    assert status == 303
     url = f"http://127.0.0.1:{router.metrics_port}/?session={sids[0]}"
 
     dom = await run_chromium(binary, tmp_path / "profile-dom", "--dump-dom", url)
@@ -247,6 +250,9 @@ async def test_status_page_in_headless_chromium_shows_pods_and_a_session_lookup(
     parsed = parse(dom.stdout)
     assert set(parsed.rows) == {"a", "b", "c"}
     assert all(cells[2] == "healthy" and cells[3] == "up" for cells in parsed.rows.values())
+    assert [parsed.rows[name][4] for name in "abc"] == ["no", "no", "yes"]
+    assert parsed.rows["a"][8] == "yes" and parsed.rows["c"][8].startswith("no")
+    assert "undrain" in parsed.rows["c"][-1] and "drain" in parsed.rows["a"][-1]
     assert parsed.ids["lookup-status"] == "live"
     assert parsed.ids["lookup-pod"] == holder(router, sids[0])
 
