@@ -48,6 +48,10 @@ from tests.procs import Process, free_port, router_process
 from tests.redis_fixture import RedisServer
 
 ROUTER_TOKEN = "router"
+LOAD_LIMITS = {"start_limit_per_minute": 1_000_000, "message_limit_per_minute": 1_000_000}
+"""Rate limits for in-process pods under fault traffic: one sender starts sessions at volume,
+far past the runtime's default 60 starts / 600 messages per minute, so they are raised as an
+operator raises them for a load test (pods run as processes get the same, see PodProcs)."""
 ROUTER_METADATA = (("authorization", f"Bearer {ROUTER_TOKEN}"),)
 RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 NOT_FOUND_CODES = frozenset({"NOT_FOUND", "ACK_SESSION_NOT_FOUND"})

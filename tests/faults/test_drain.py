@@ -17,6 +17,7 @@ import grpc
 
 from router.v1 import router_pb2
 from tests.faults.conftest import (
+    LOAD_LIMITS,
     FaultRow,
     Traffic,
     admin_stub,
@@ -48,7 +49,7 @@ async def admin_drain(address: str, pod: str, drain: bool) -> router_pb2.PodStat
 
 
 async def test_drain_and_undrain_through_admin_api_and_cli_under_traffic(sim_pods, routers):
-    pods = await sim_pods(3)
+    pods = await sim_pods(3, **LOAD_LIMITS)
     router = await routers.start(",".join(f"{p.name}={p.address}" for p in pods))
     initial = await start_sessions(router.address, 30)
     by_name = {pod.name: pod for pod in pods}

@@ -17,6 +17,7 @@ import grpc
 from router.redis_store import entry_key
 from router.v1 import router_pb2
 from tests.faults.conftest import (
+    LOAD_LIMITS,
     FaultRow,
     Traffic,
     admin_stub,
@@ -67,7 +68,7 @@ async def test_redis_killed_and_restarted_under_traffic_with_two_routers(
     sim_pods, routers, redis_proc
 ):
     server = redis_proc
-    pods = await sim_pods(3)
+    pods = await sim_pods(3, **LOAD_LIMITS)
     one = await routers.start(pod_list(pods), "--redis-url", server.url, name="r1")
     two = await routers.start(pod_list(pods), "--redis-url", server.url, name="r2")
     initial = await start_sessions(one.address, 20)
@@ -112,7 +113,7 @@ async def test_redis_killed_and_restarted_under_traffic_with_two_routers(
 async def test_redis_flushed_under_traffic_with_two_routers(sim_pods, routers,
                                                             redis_proc):
     server = redis_proc
-    pods = await sim_pods(3)
+    pods = await sim_pods(3, **LOAD_LIMITS)
     one = await routers.start(pod_list(pods), "--redis-url", server.url, name="r1")
     two = await routers.start(pod_list(pods), "--redis-url", server.url, name="r2")
     initial = await start_sessions(one.address, 20)
@@ -150,7 +151,7 @@ async def test_redis_flushed_under_traffic_with_two_routers(sim_pods, routers,
 async def test_router_killed_and_restarted_under_traffic(sim_pods, routers,
                                                          redis_proc):
     server = redis_proc
-    pods = await sim_pods(3)
+    pods = await sim_pods(3, **LOAD_LIMITS)
     router = await routers.start(pod_list(pods), "--redis-url", server.url)
     initial = await start_sessions(router.address, 20)
     async with Traffic([router.address], initial, workers=6, starts=0.1) as traffic:
@@ -191,7 +192,7 @@ async def test_router_killed_and_restarted_under_traffic(sim_pods, routers,
 async def test_one_of_two_routers_killed_under_traffic(sim_pods, routers,
                                                        redis_proc):
     server = redis_proc
-    pods = await sim_pods(3)
+    pods = await sim_pods(3, **LOAD_LIMITS)
     one = await routers.start(pod_list(pods), "--redis-url", server.url, name="r1")
     two = await routers.start(pod_list(pods), "--redis-url", server.url, name="r2")
     initial = await start_sessions(one.address, 20)
