@@ -133,8 +133,11 @@ def store_bars(r: dict[str, Any]) -> list[Bar]:
              "", "(info)", None, "commands the router sent; script-internal ones apart"),
         _bar(f"store: Redis commands per session lifecycle ({kind})",
              st.get("redis_commands_per_lifecycle"), "", "(info)", None),
+        _bar(f"store: Redis commands per session lifecycle, 2 routers ({kind})",
+             st.get("redis_commands_per_lifecycle_2_routers"), "", "(info)", None,
+             "each router writes what its watch feeds report"),
         _bar(f"store: Redis bytes per session ({kind})", st.get("redis_bytes_per_session"), "B",
-             "(info)", None),
+             "(info)", None, "100,000 sessions, 1,000 per pod"),
     ]
     for key, value in st.items():
         if key.startswith("placements_") and isinstance(value, dict):

@@ -13,12 +13,13 @@ What it measures (all on loopback, every phase bounded by --duration and per-cal
    (`macp-router serve --redis-url ...`, 3 simulated pods), counted from `INFO commandstats` on
    every data node (one kept connection each, so the counting adds nothing). A lifecycle is
    SessionStart, 3 Proposals and a Commitment (the session resolves; its entry then expires by
-   TTL, which costs no command). Timer-driven commands (marker EXISTS every 5 s, drain-set
-   SMEMBERS every 2 s, PINGs, a replica's REPLCONF ACK, the sentinels' hello PUBLISH) are
-   listed apart and measured on an idle window of the same length.
+   TTL, which costs no command); then the same lifecycles with a second router watching the
+   same pods (every router writes what its feeds report). Timer-driven commands (marker EXISTS
+   every 5 s, drain-set SMEMBERS every 2 s, PINGs, a replica's REPLCONF ACK, the sentinels'
+   hello PUBLISH) are listed apart and measured on an idle window of the same length.
 3. **memory per session in Redis**: `used_memory` summed over the masters before/after
-   `put_many` of --mem-sessions (at least 10,000) open sessions spread over 1,000 pod names
-   (entry + index membership). (The router's own few hundred sessions are too few to read
+   `put_many` of 100,000 open sessions, 1,000 per pod name (the density of 1M sessions on 1,000
+   pods; entry + index membership). (The router's own few hundred sessions are too few to read
    through `used_memory`'s noise: replication and client buffers move it by kilobytes.)
 
 Counting is done on the masters only (a replica's commandstats are the replication stream).
@@ -197,7 +198,9 @@ async def placements(topo: Topology, *, duration: float, concurrency: int) -> di
 
 
 async def memory_per_session(topo: Topology, sessions: int) -> dict[str, Any]:
-    """used_memory delta over the masters for `sessions` open entries on 1,000 pod names."""
+    """used_memory delta over the masters for `sessions` open entries, 1,000 per pod (the
+    density of 1M sessions on 1,000 pods: each pod's index spreads over the 64 shards, so a
+    sparser set-up pays a whole index key per session instead of a set member)."""
     from router.redis_store import RedisStore
     from router.store import OPEN, Location
 
@@ -205,13 +208,14 @@ async def memory_per_session(topo: Topology, sessions: int) -> dict[str, Any]:
     await store.start()
     try:
         before = await asyncio.to_thread(topo.used_memory)
-        items = [(str(uuid.uuid4()), Location(f"pod-{i % 1000:04d}", OPEN, "inc-1", 1))
+        pods = max(1, sessions // 1000)
+        items = [(str(uuid.uuid4()), Location(f"pod-{i % pods:04d}", OPEN, "inc-1", 1))
                  for i in range(sessions)]
         await store.put_many(items)
         after = await asyncio.to_thread(topo.used_memory)
     finally:
         await store.aclose()
-    return {"sessions": sessions, "pods": 1000,
+    return {"sessions": sessions, "pods": pods,
             "bytes_per_session": round((after - before) / sessions, 1)}
 
 
@@ -325,6 +329,28 @@ async def router_counts(run: Run, topo: Topology, *, starts: int, hits: int,
         out["per_lifecycle_with_script_internal"] = round(work / lifecycles, 3)
         out["lifecycle_commands"] = delta
         out["lifecycle"] = f"SessionStart + {LIFECYCLE_PROPOSALS} Proposals + Commitment"
+
+        # The same lifecycles with a second router watching the same pods: every router writes
+        # what its feeds report, so each extra router adds its own writes per lifecycle.
+        second = await cluster.start_router(pods, redis_url=topo.url,
+                                            name=f"router-{topo.kind}-2")
+        assert second.client is not None
+        await second.client.ready()
+        life = [payloads.new_id() for _ in range(lifecycles)]
+        before = await _settled(counter, quiet_s=2.0)
+        for sid in life:
+            steps = [payloads.send_start(sid)]
+            steps += [payloads.send_proposal(sid) for _ in range(LIFECYCLE_PROPOSALS)]
+            steps.append(payloads.send_commitment(sid))
+            for request in steps:
+                err = payloads.ack_error(await client.send(request, metadata=MD, timeout=T))
+                if err:
+                    raise RuntimeError(f"lifecycle step failed through the router: {err}")
+        after = await _settled(counter, quiet_s=2.0)
+        delta = _delta(before, after)
+        out["per_lifecycle_2_routers"] = round(_client_commands(delta) / lifecycles, 3)
+        out["lifecycle_2_routers_commands"] = delta
+        await cluster.stop_router(second)
     finally:
         await asyncio.to_thread(counter.close)
         await cluster.stop_router(router)
@@ -351,8 +377,7 @@ async def run_store_scenario(run: Run) -> dict[str, Any]:
             _log(f"{label}: {result['placements_per_s']}/s, "
                  f"{result['redis_cpu_us_per_placement']} us Redis CPU per placement")
             if masters == mastersets[-1]:
-                summary["memory"] = await memory_per_session(
-                    topo, 2_000 if quick else max(10_000, s.mem_sessions))
+                summary["memory"] = await memory_per_session(topo, 2_000 if quick else 100_000)
                 summary["router"] = await router_counts(
                     run, topo, starts=40 if quick else 200, hits=400 if quick else 5_000,
                     lifecycles=10 if quick else 100)
@@ -363,5 +388,7 @@ async def run_store_scenario(run: Run) -> dict[str, Any]:
     summary["redis_commands_per_hit"] = summary["router"]["per_hit"]
     summary["redis_commands_per_start"] = summary["router"]["per_start"]
     summary["redis_commands_per_lifecycle"] = summary["router"]["per_lifecycle"]
+    summary["redis_commands_per_lifecycle_2_routers"] = summary["router"].get(
+        "per_lifecycle_2_routers")
     summary["redis_bytes_per_session"] = summary["memory"]["bytes_per_session"]
     return summary
