@@ -86,10 +86,15 @@ def ops_app(
                 return _plain(start_response, "404 Not Found", "no status page on this router\n")
             return status_page(environ, start_response)
         if method == "HEAD":
-            # Answer exactly as GET would, without the body (wsgiref does not strip it).
-            get_environ = dict(environ, REQUEST_METHOD="GET")
-            for _chunk in get(get_environ, start_response):
-                pass
+            # Answer exactly as GET would (status, headers, Content-Length), without the body:
+            # wsgiref does not strip it.
+            answer: list[Any] = []
+            body = b"".join(get(dict(environ, REQUEST_METHOD="GET"),
+                                lambda status, headers, *exc: answer.extend((status, headers))))
+            status, headers = answer
+            if not any(name.lower() == "content-length" for name, _ in headers):
+                headers = [*headers, ("Content-Length", str(len(body)))]
+            start_response(status, headers)
             return [b""]
         return get(environ, start_response)
 
