@@ -357,6 +357,14 @@ class Router:
         self.credentials.start()
         await self.store.start()
         await self.locator.start()
+        resync = self.store.on_recovered
+
+        async def recovered() -> None:
+            if resync is not None:
+                await resync()
+            await self.proxy.replay_deferred()
+
+        self.store.on_recovered = recovered
         server = grpc.aio.server(options=self._server_options())
         if self.config.admin_on_main_port:
             router_pb2_grpc.add_RouterAdminServicer_to_server(self.admin, server)

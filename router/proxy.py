@@ -184,6 +184,7 @@ class MacpProxy:
         self._cache_hits = metrics.locate.labels("macp", "hit")
         self._closing = False
         self._replay_locks: dict[str, asyncio.Lock] = {}
+        self._deferred_replays: set[str] = set()
         self.first_answer_warn_s = FIRST_ANSWER_WARN_S
         """A stream whose first envelope frame gets no answer this long is logged (pod named)."""
 
@@ -949,13 +950,30 @@ class MacpProxy:
         async with lock:
             await self._replay(pod)
 
+    async def replay_deferred(self) -> None:
+        """The store is back: replay to the pods whose replay it prevented."""
+        for name in sorted(self._deferred_replays):
+            pod = self.pods.get(name)
+            if pod is None:
+                self._deferred_replays.discard(name)
+                continue
+            pod.registry_synced = False
+            await self.replay_broadcasts(pod)
+
     async def _replay(self, pod: Pod) -> None:
         try:
             records = await self.store.broadcasts()
         except StoreUnavailable:
-            log.warning("pod %s: cannot replay registry calls while the store is degraded; "
-                        "it takes no new sessions until they are replayed", pod.name)
+            # A store outage must not stop placement (routing never depends on the store):
+            # the pod takes sessions now and gets the replay when the store is back.
+            if pod.name not in self._deferred_replays:
+                log.warning("pod %s: registry replay deferred until the store is back (it "
+                            "cannot be read now); the pod takes new sessions meanwhile",
+                            pod.name)
+            self._deferred_replays.add(pod.name)
+            pod.registry_synced = True
             return
+        self._deferred_replays.discard(pod.name)
         holds = await self._registry_listing(pod) if records else None
         complete = True
         for record in records:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import signal
 
 import grpc
 import pytest
@@ -351,3 +352,37 @@ async def test_router_keeps_working_after_many_stale_stream_reroutes(sim_pods, m
     await eventually(
         lambda: sample(router, "macp_router_active_streams", protocol="macp",
                        method="StreamSession") == 0, what="every relayed stream ended")
+
+
+async def test_a_store_outage_does_not_stop_placement_and_the_replay_follows_its_recovery(
+    sim_pods, make_router, redis_server_factory
+):
+    server = redis_server_factory()
+    a, b = await sim_pods(2)
+    router = await make_router([a, b], redis_url=server.url)
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        assert (await macp(channel).RegisterPolicy(policy("p.outage"), metadata=METADATA,
+                                                   timeout=TIMEOUT)).ok
+    assert [r.key for r in await router.store.broadcasts()] == ["policy:p.outage"]
+
+    assert server.process is not None
+    server.process.send_signal(signal.SIGSTOP)  # Redis hangs: the store degrades, data kept
+    try:
+        fresh_b = await restart(b)
+        try:
+            await eventually(lambda: router.store.degraded, what="store degraded")
+            assert await router.feeds["b"].wait_for(lambda f: f.up, 20)
+            await eventually(lambda: router.pods.get("b").placeable,  # type: ignore[union-attr]
+                             what="b placeable during the outage")
+            assert "p.outage" not in fresh_b.policies
+        except BaseException:
+            await fresh_b.stop()
+            raise
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+    try:
+        await eventually(lambda: not router.store.degraded, timeout=20, what="store recovered")
+        await eventually(lambda: "p.outage" in fresh_b.policies, timeout=10,
+                         what="the deferred replay to b")
+    finally:
+        await fresh_b.stop()
