@@ -18,6 +18,7 @@ from macp.v1 import core_pb2
 from router.sim import SimPod
 from tests import macp_calls
 from tests.faults.conftest import (
+    LOAD_LIMITS,
     FaultRow,
     Traffic,
     eventually,
@@ -26,6 +27,7 @@ from tests.faults.conftest import (
     sessions_by_pod,
     start_sessions,
 )
+from tests.pod_auth import pod_options
 
 GRACE_S = 4.0
 SLOW_S = 1.0
@@ -52,7 +54,7 @@ async def read_until_end(call) -> tuple[str, str, float]:  # type: ignore[no-unt
 async def test_sigterm_finishes_unary_calls_ends_streams_cleanly_and_exits_within_grace(
     routers,
 ):
-    pods = [SlowPod(name, "127.0.0.1:0") for name in ("a", "b")]
+    pods = [SlowPod(name, "127.0.0.1:0", **pod_options(**LOAD_LIMITS)) for name in ("a", "b")]
     for pod in pods:
         await pod.start()
     try:
