@@ -136,6 +136,9 @@ def store_bars(r: dict[str, Any]) -> list[Bar]:
         _bar(f"store: Redis commands per session lifecycle, 2 routers ({kind})",
              st.get("redis_commands_per_lifecycle_2_routers"), "", "(info)", None,
              "each router writes what its watch feeds report"),
+        _bar(f"store: router CPU per watch-feed event ({kind})",
+             st.get("router_cpu_us_per_feed_event"), "us", "(info)", None,
+             "every router applies every pod's events and writes them behind"),
         _bar(f"store: Redis bytes per session ({kind})", st.get("redis_bytes_per_session"), "B",
              "(info)", None, "100,000 sessions, 1,000 per pod"),
     ]

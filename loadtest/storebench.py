@@ -17,6 +17,8 @@ What it measures (all on loopback, every phase bounded by --duration and per-cal
    same pods (every router writes what its feeds report). Timer-driven commands (marker EXISTS
    every 5 s, drain-set SMEMBERS every 2 s, PINGs, a replica's REPLCONF ACK, the sentinels'
    hello PUBLISH) are listed apart and measured on an idle window of the same length.
+   Last, sessions started and resolved directly on the pods: the router's CPU and the Redis
+   commands per watch-feed event it applies (every router applies every pod's events).
 3. **memory per session in Redis**: `used_memory` summed over the masters before/after
    `put_many` of 100,000 open sessions, 1,000 per pod name (the density of 1M sessions on 1,000
    pods; entry + index membership). (The router's own few hundred sessions are too few to read
@@ -270,7 +272,7 @@ async def _sends(client: Client, requests: list[bytes], concurrency: int) -> int
 
 
 async def router_counts(run: Run, topo: Topology, *, starts: int, hits: int,
-                        lifecycles: int) -> dict[str, Any]:
+                        lifecycles: int, feed_sessions: int) -> dict[str, Any]:
     """Commands per start / hit / lifecycle through a real router on `topo`."""
     cluster = run.cluster
     pods = await cluster.start_pods(3, prefix=f"store-{topo.kind}-pod", state=False)
@@ -351,6 +353,36 @@ async def router_counts(run: Run, topo: Topology, *, starts: int, hits: int,
         out["per_lifecycle_2_routers"] = round(_client_commands(delta) / lifecycles, 3)
         out["lifecycle_2_routers_commands"] = delta
         await cluster.stop_router(second)
+
+        # Feed events: sessions started and resolved directly on the pods (not through the
+        # router); the router only learns them from its watch feeds and writes them behind.
+        await _settled(counter)
+        from loadtest.cluster import metric_sum
+
+        idle0, idle_t0 = router.proc.cpu_seconds(), time.perf_counter()
+        await asyncio.sleep(2.0)  # the router's own idle CPU (health loops, feeds), subtracted
+        idle_rate = (router.proc.cpu_seconds() - idle0) / (time.perf_counter() - idle_t0)
+        m0 = await router.metrics()
+        cpu0, t0 = router.proc.cpu_seconds(), time.perf_counter()
+        before = await asyncio.to_thread(counter.sample)
+        await run.create_sessions([pods[i % len(pods)] for i in range(feed_sessions)],
+                                  resolve=True)
+        events0 = metric_sum(m0, "macp_router_watch_events_total")
+        deadline = time.perf_counter() + 60
+        while time.perf_counter() < deadline:
+            m1 = await router.metrics()
+            if metric_sum(m1, "macp_router_watch_events_total") - events0 >= 2 * feed_sessions:
+                break
+            await asyncio.sleep(0.1)
+        after = await _settled(counter)
+        cpu1, t1 = router.proc.cpu_seconds(), time.perf_counter()
+        events = metric_sum(m1, "macp_router_watch_events_total") - events0
+        delta = _delta(before, after)
+        busy = max(0.0, (cpu1 - cpu0) - idle_rate * (t1 - t0))
+        out["feed_events"] = int(events)
+        out["router_idle_cpu_cores"] = round(idle_rate, 4)
+        out["router_cpu_us_per_feed_event"] = round(busy * 1e6 / max(1, events), 1)
+        out["commands_per_feed_event"] = round(_client_commands(delta) / max(1, events), 3)
     finally:
         await asyncio.to_thread(counter.close)
         await cluster.stop_router(router)
@@ -380,7 +412,7 @@ async def run_store_scenario(run: Run) -> dict[str, Any]:
                 summary["memory"] = await memory_per_session(topo, 2_000 if quick else 100_000)
                 summary["router"] = await router_counts(
                     run, topo, starts=40 if quick else 200, hits=400 if quick else 5_000,
-                    lifecycles=10 if quick else 100)
+                    lifecycles=10 if quick else 100, feed_sessions=50 if quick else 1000)
     first: Callable[[str], Any] = lambda key: summary.get(key, {}).get("placements_per_s")  # noqa: E731
     if kind == "cluster" and first("placements_1_master") and first("placements_3_masters"):
         summary["placements_ratio_3_vs_1"] = round(
@@ -391,4 +423,5 @@ async def run_store_scenario(run: Run) -> dict[str, Any]:
     summary["redis_commands_per_lifecycle_2_routers"] = summary["router"].get(
         "per_lifecycle_2_routers")
     summary["redis_bytes_per_session"] = summary["memory"]["bytes_per_session"]
+    summary["router_cpu_us_per_feed_event"] = summary["router"].get("router_cpu_us_per_feed_event")
     return summary
