@@ -5,13 +5,14 @@
 What it measures (all on loopback, every phase bounded by --duration and per-call deadlines):
 
 1. **placements/s** straight on `RedisStore.reserve` (fresh session ids, --concurrency callers in
-   this process), with the Redis servers' CPU per placement. `cluster` runs it on a 1-master and
-   on a 3-master cluster (each master with one replica); `standalone` and `sentinel` on their one
-   master. On a 2-core machine the Python caller saturates first: the servers' CPU per placement
-   is the figure that carries over to a bigger machine.
+   this process), with the Redis servers' CPU per placement (process CPU of every data node,
+   replicas included) and the reservation script's own execution time (commandstats usec).
+   `cluster` runs it on a 1-master and on a 3-master cluster (each master with one replica);
+   `standalone` and `sentinel` on their one master. On a 2-core machine the Python caller
+   saturates first: the servers' CPU per placement is the figure that carries over.
 2. **Redis commands per hit, per start and per session lifecycle**, through a real router
    (`macp-router serve --redis-url ...`, 3 simulated pods), counted from `INFO commandstats` on
-   every data node (one kept connection each, so the counting adds nothing). A lifecycle is
+   every master (one kept connection each, so the counting adds nothing). A lifecycle is
    SessionStart, 3 Proposals and a Commitment (the session resolves; its entry then expires by
    TTL, which costs no command); then the same lifecycles with a second router watching the
    same pods (every router writes what its feeds report). Timer-driven commands (marker EXISTS
@@ -125,6 +126,16 @@ class Topology:
                 total += int(client.info("memory")["used_memory"])
         return total
 
+    def evalsha_usec(self) -> tuple[int, int]:
+        """(EVALSHA calls, their total server-side microseconds) summed over the masters."""
+        calls = usec = 0
+        for node in self.masters():
+            with node.client() as client:
+                stat = client.info("commandstats").get("cmdstat_evalsha", {})
+                calls += int(stat.get("calls", 0))
+                usec += int(stat.get("usec", 0))
+        return calls, usec
+
     def cpu_seconds(self) -> float:
         import psutil
 
@@ -169,6 +180,7 @@ async def placements(topo: Topology, *, duration: float, concurrency: int) -> di
     done = 0
     errors = 0
     cpu0 = await asyncio.to_thread(topo.cpu_seconds)
+    evals0 = await asyncio.to_thread(topo.evalsha_usec)
     stop_at = time.perf_counter() + duration
     began = time.perf_counter()
 
@@ -188,8 +200,11 @@ async def placements(topo: Topology, *, duration: float, concurrency: int) -> di
     finally:
         elapsed = time.perf_counter() - began
         cpu1 = await asyncio.to_thread(topo.cpu_seconds)
+        evals1 = await asyncio.to_thread(topo.evalsha_usec)
         await store.aclose()
+    calls = evals1[0] - evals0[0]
     return {
+        "redis_usec_per_reserve_script": round((evals1[1] - evals0[1]) / max(1, calls), 2),
         "placements_per_s": round(done / elapsed, 1),
         "placements": done,
         "errors": errors,
