@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("macp_router")
 
+FEED_START_WAIT_S = 10.0
+"""How long start-up waits for the pods' first feed reconciles before serving anyway."""
+
 
 class ListenError(RuntimeError):
     """The listen address cannot be bound."""
@@ -389,6 +392,11 @@ class Router:
         # are not refused for want of a known-healthy pod (bounded: a dead pod stays down).
         await asyncio.gather(*(pod.wait_checked(self.config.health_interval_ms / 1000 + 1)
                                for pod in self.pods))
+        # ... and, bounded, until each healthy pod's feed has reconciled once and had its
+        # registry replayed: before that no pod is placeable and every start would be refused.
+        await asyncio.gather(*(
+            feed.wait_for(lambda f: f.reconciles > 0 or not f.pod.healthy, FEED_START_WAIT_S)
+            for feed in list(self.feeds.values())))
         await self._sync_draining()
         self._refresh_health()
         if self.acp is not None:
