@@ -15,6 +15,7 @@ import logging
 import grpc
 
 from router import __version__
+from router.credentials import FIX_HINT
 from router.locator import LIVE, NOT_FOUND, SOURCE_CACHE, Located, Locator
 from router.metrics import Metrics
 from router.pods import Pod, PodSet
@@ -76,7 +77,10 @@ class RouterAdmin(router_pb2_grpc.RouterAdminServicer):
         else:
             located = await self.locator.lookup(sid, use_negative=False)
         located_pod, source, status = located.pod or "", located.source, located.status
-        detail = (located.describe_unknown(sid, self.locator.probe_timeout_s)
+        causes = {pod.name: f"rejects the router's credentials ({pod.credentials_rejected}); "
+                            f"{FIX_HINT}"
+                  for pod in self.pods if pod.credentials_rejected}
+        detail = (located.describe_unknown(sid, self.locator.probe_timeout_s, causes)
                   if located.unknown_pods else "")
         entry = self.locator.near.entry(sid)
         state = entry[1] if entry is not None else ""

@@ -84,6 +84,12 @@ async def test_a_token_the_pods_reject_is_named_in_pods_readyz_metric_log_and_cl
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "rejects the router's credentials" in (err.value.details() or "")
     assert "did not answer within" not in (err.value.details() or "")
+    # `macp-router status SID --probe` says the same.
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        status = await router_pb2_grpc.RouterAdminStub(channel).SessionStatus(
+            router_pb2.SessionStatusRequest(session_id=str(uuid.uuid4()), probe=True),
+            timeout=T)
+    assert status.status == "unknown" and "rejects the router's credentials" in status.detail
 
 
 async def test_a_rotated_token_file_is_reread_without_restart(sim_pods, make_router, tmp_path):
