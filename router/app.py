@@ -395,7 +395,8 @@ class Router:
         # ... and, bounded, until each healthy pod's feed has reconciled once and had its
         # registry replayed: before that no pod is placeable and every start would be refused.
         await asyncio.gather(*(
-            feed.wait_for(lambda f: f.reconciles > 0 or not f.pod.healthy, FEED_START_WAIT_S)
+            feed.wait_for(lambda f: (f.reconciles > 0 or not f.pod.healthy
+                                   or bool(f.pod.credentials_rejected)), FEED_START_WAIT_S)
             for feed in list(self.feeds.values())))
         await self._sync_draining()
         self._refresh_health()
