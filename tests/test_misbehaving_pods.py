@@ -42,18 +42,27 @@ class FaultyPod:
     def __init__(self, faults: dict[str, str]) -> None:
         self.faults = faults
         self.address = ""
+        self.port = 0
         self.cancelled: list[str] = []
+        self.registered = 0
+        """RegisterPolicy calls accepted (fault "accept")."""
         self._server: grpc.aio.Server | None = None
+        self._drop = asyncio.Event()
 
     async def start(self) -> None:
         server = grpc.aio.server()
         servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         server.add_generic_rpc_handlers((self._handler(),))
-        port = server.add_insecure_port("127.0.0.1:0")
+        self.port = server.add_insecure_port(f"127.0.0.1:{self.port}")
         await server.start()
         await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        self.address, self._server = f"127.0.0.1:{port}", server
+        self.address, self._server = f"127.0.0.1:{self.port}", server
+
+    def drop_watches(self) -> None:
+        """End the open WatchSessions streams (OK), as a runtime drops a slow consumer."""
+        self._drop.set()
+        self._drop = asyncio.Event()
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -69,6 +78,9 @@ class FaultyPod:
                 return b""  # an empty, valid ListSessionsResponse
             if method in ("ListPolicies", "ListExtModes", "ListModes") and fault is None:
                 return b""
+            if fault == "accept":
+                pod.registered += 1
+                return policy_pb2.RegisterPolicyResponse(ok=True).SerializeToString()
             if method == "GetSession":
                 await context.abort(grpc.StatusCode.NOT_FOUND, "Session not found")
             if fault == "garbage":
@@ -84,7 +96,7 @@ class FaultyPod:
         async def watch(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             if pod.faults.get("WatchSessions") == "garbage":
                 yield GARBAGE
-            await asyncio.Event().wait()  # an idle pod: no events
+            await pod._drop.wait()  # an idle pod: no events until the stream is dropped
 
         async def stream(requests: AsyncIterator[bytes],
                          context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -235,3 +247,34 @@ async def test_a_stream_silent_after_its_first_frame_is_logged_and_ends_at_the_d
         "macp_router_active_streams", {"protocol": "macp", "method": "StreamSession"}) == 0,
         what="the router's stream handler ended")
     await still_answers(router)
+
+
+async def test_a_pod_that_cannot_list_its_registry_gets_one_replay_per_incarnation(
+    faulty_router
+):
+    unlistable = {"ListPolicies": "unimplemented", "ListExtModes": "unimplemented",
+                  "ListModes": "unimplemented"}
+    pod, router = await faulty_router({"RegisterPolicy": "accept", **unlistable})
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        reply = await core_pb2_grpc.MACPRuntimeServiceStub(channel).RegisterPolicy(
+            policy_pb2.RegisterPolicyRequest(policy_descriptor=policy_pb2.PolicyDescriptor(
+                policy_id="p.once", mode=MODE, rules=b"{}", schema_version=1)),
+            metadata=METADATA, timeout=TIMEOUT)
+    assert reply.ok and pod.registered == 1
+    feed = router.feeds["bad"]
+
+    # The feed reconnects while the pod process stays up: nothing is replayed.
+    reconciles = feed.reconciles
+    pod.drop_watches()
+    assert await feed.wait_for(lambda f: f.reconciles > reconciles and f.up, 10)
+    assert pod.registered == 1
+
+    # A new incarnation (the pod goes away, the router sees it down, it comes back empty).
+    routed = router.pods.get("bad")
+    assert routed is not None
+    await pod.stop()
+    await eventually(lambda: not routed.healthy, what="the router saw the pod down")
+    await pod.start()
+    await eventually(lambda: pod.registered == 2 and routed.placeable,
+                     what="one replay to the new incarnation")
+    assert pod.registered == 2
