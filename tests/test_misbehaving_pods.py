@@ -74,6 +74,8 @@ class FaultyPod:
         async def unary(method: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             fault = pod.faults.get(method)
             router_call = _token(context) == "router"
+            if method == "ListSessions" and fault == "garbage_to_router":
+                return GARBAGE if router_call else b""
             if method == "ListSessions" and (router_call or fault is None):
                 return b""  # an empty, valid ListSessionsResponse
             if method in ("ListPolicies", "ListExtModes", "ListModes") and fault is None:
@@ -207,6 +209,18 @@ async def test_garbage_on_the_watch_feed_is_a_warning_naming_the_pod(faulty_rout
     assert lines and "pod bad" in lines[0]
     pod = router.pods.get("bad")
     assert pod is not None and not pod.placeable and "feed" in pod.not_placeable_reason
+    await still_answers(router)
+
+
+async def test_a_garbage_reconcile_listing_is_a_warning_naming_the_pod(faulty_router, caplog):
+    caplog.set_level(logging.WARNING, logger="macp_router.watch")
+    _pod, router = await faulty_router({"ListSessions": "garbage_to_router"}, wait=False)
+    feed = router.feeds["bad"]
+    assert await feed.wait_for(lambda f: f.reconnects >= 2, 15)
+    lines = [r.getMessage() for r in caplog.records if "ListSessionsResponse" in r.getMessage()]
+    assert lines and "pod bad" in lines[0]
+    pod = router.pods.get("bad")
+    assert pod is not None and not pod.placeable
     await still_answers(router)
 
 
