@@ -3,7 +3,8 @@
 A pod is identified by its name (a StatefulSet pod name), never by its address. Each pod owns
 a pool of gRPC channels that grows with its load (the runtime allows 128 concurrent streams and
 64 requests in flight per connection: a new connection is added when every channel is near
-either limit, up to `max_channels`), a health channel of its own (health checks never queue
+either limit, up to `max_channels`, and the newest added one is closed again after
+`idle_close_s` without calls), a health channel of its own (health checks never queue
 behind client calls), a list channel with a large receive limit (the runtime's unpaged
 ListSessions reply), and one health loop that checks `grpc.health.v1` and wakes early when a
 forward or probe fails.
@@ -157,6 +158,7 @@ class Pod:
         *,
         channels: int = 2,
         max_channels: int = 16,
+        idle_close_s: float = 60.0,
         channel_options: Iterable[tuple[str, object]] = (),
         list_receive_bytes: int | None = None,
         health_interval_s: float = 1.0,
@@ -167,7 +169,11 @@ class Pod:
         self.address = spec.address
         self._credentials = credentials
         self._options: list[tuple[str, object]] = [*CHANNEL_OPTIONS, *channel_options]
+        self.min_channels = max(1, channels)
         self.max_channels = max(channels, max_channels)
+        self.idle_close_s = idle_close_s
+        """An added connection idle this long is closed again (the pool shrinks to its start)."""
+        self._idle_since: float | None = None
         self._channels: list[grpc.aio.Channel] = []
         self._unary: list[dict[str, _Counted]] = []
         self._in_flight: list[int] = []
@@ -409,10 +415,37 @@ class Pod:
         """Until the first health check has answered (either way) or `timeout`."""
         return await wait_event(self._checked, timeout)
 
+    async def _shrink_idle(self) -> None:
+        """Close the newest added connection once it has carried nothing for `idle_close_s`.
+
+        Only the last channel is ever closed, so the indices of the others (and the counters
+        of their calls in flight) never move; it is closed only while it has no call in flight.
+        """
+        last = len(self._channels) - 1
+        if last < self.min_channels or self._in_flight[last] or self._streams[last]:
+            self._idle_since = None
+            return
+        now = asyncio.get_running_loop().time()
+        if self._idle_since is None:
+            self._idle_since = now
+            return
+        if now - self._idle_since < self.idle_close_s:
+            return
+        channel = self._channels.pop()
+        self._unary.pop()
+        self._in_flight.pop()
+        self._streams.pop()
+        self._cursor = 0
+        self._idle_since = None
+        log.info("pod %s: channel pool shrunk to %d connections (one idle for %.0f s)",
+                 self.name, len(self._channels), self.idle_close_s)
+        await channel.close()
+
     async def _health_loop(self) -> None:
         while True:
             await self.check_health()
             self._checked.set()
+            await self._shrink_idle()
             interval = self._health_interval_s if self.healthy else self._health_interval_s / 4
             self._wake.clear()
             await wait_event(self._wake, interval)

@@ -13,8 +13,9 @@ import asyncio
 import grpc
 from macp.v1 import core_pb2, core_pb2_grpc
 
-from router.pods import Pod, PodSpec
+from router.pods import STREAM_SOFT_LIMIT, Pod, PodSpec
 from tests.macp_calls import METADATA, TIMEOUT, proposal_envelope, send, start
+from tests.waiting import eventually
 
 OBSERVER = (("authorization", "Bearer observer"),)
 
@@ -111,3 +112,37 @@ async def test_one_connection_to_the_pod_holds_at_most_128_streams(sim_pods, mak
         for call in calls:
             call.cancel()
         await single.aclose()
+
+
+async def test_the_pool_shrinks_back_once_the_added_connections_are_idle(sim_pods, make_router):
+    (pod,) = await sim_pods(1)
+    router = await make_router([pod])
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        sid = await start(channel)
+    pooled = Pod(PodSpec(pod.name, pod.address), channels=1, max_channels=4,
+                 idle_close_s=0.3, health_interval_s=0.1)
+    pooled.start()
+    calls = []
+    try:
+        path = "/macp.v1.MACPRuntimeService/StreamSession"
+        for _ in range(150):
+            call = pooled.stream_stream(path)(metadata=OBSERVER, timeout=TIMEOUT)
+            await call.write(core_pb2.StreamSessionRequest(subscribe_session_id=sid)
+                             .SerializeToString())
+            calls.append(call)
+        assert all(isinstance(raw, bytes) for raw in
+                   await asyncio.gather(*(call.read() for call in calls)))
+        assert pooled.channel_count == 2
+        for call in calls:
+            call.cancel()
+        await eventually(lambda: pooled.channel_count == 1 and pooled.in_flight() == (0, 0),
+                         what="the idle added connection closed")
+        # And it grows again when needed.
+        more = [pooled.stream_stream(path)(metadata=OBSERVER, timeout=TIMEOUT)
+                for _ in range(STREAM_SOFT_LIMIT + 1)]
+        calls += more
+        assert pooled.channel_count == 2
+    finally:
+        for call in calls:
+            call.cancel()
+        await pooled.aclose()
