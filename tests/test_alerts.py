@@ -80,7 +80,8 @@ def test_alert_unit_tests_catch_a_rule_that_cannot_fire_without_pods(rules_dir: 
     result = subprocess.run([binary, "test", "rules", ALERT_TESTS.name], cwd=rules_dir,
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode != 0
-    assert "a router with no pods at all fires MacpRouterNoHealthyPods" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "a router with no pods at all fires MacpRouterNoHealthyPods" in output
 
 
 def test_every_alert_links_its_runbook_with_a_full_url():
