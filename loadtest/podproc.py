@@ -19,15 +19,22 @@ import json
 import signal
 import sys
 
-from router.sim import SimPod
+from loadtest import payloads
+from router.sim import SimPod, agent_entry, router_entry
+
+ROUTER_TOKEN = "router"  # the token loadtest.cluster gives the router (--token)
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    # Dev mode on loopback (any bearer token, plaintext) and no per-sender rate limits: the
-    # load generator is one sender sending far more than the runtime's default 60 starts /
-    # 600 messages per minute.
-    pod = SimPod(args.name, args.listen, state_file=args.state_file, allow_insecure=True,
-                 start_limit_per_minute=1_000_000_000, message_limit_per_minute=1_000_000_000)
+    # Configured as an operator configures a runtime for a load test: token entries for the
+    # router (observer, registry rights: what it needs on a real runtime) and the load
+    # generator's agents; plaintext on loopback (MACP_ALLOW_INSECURE=1); the per-sender rate
+    # limits raised, since the generator is one sender sending far more than the runtime's
+    # default 60 starts / 600 messages per minute.
+    tokens = [router_entry(ROUTER_TOKEN), *(agent_entry(name) for name in payloads.PARTICIPANTS)]
+    pod = SimPod(args.name, args.listen, state_file=args.state_file, auth_tokens=tokens,
+                 allow_insecure=True, start_limit_per_minute=1_000_000_000,
+                 message_limit_per_minute=1_000_000_000)
     await pod.start()
 
     async def stats(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
