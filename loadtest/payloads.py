@@ -5,9 +5,9 @@ Requests are built once as templates with placeholder ids and specialised with
 so swapping them keeps every length prefix valid. Building one SessionStart costs ~1 us this
 way instead of ~10 us with protobuf message construction.
 
-Identity: the simulated pods run dev auth, where the bearer token is the sender identity, so
-every request carries `authorization: Bearer coordinator` and `Envelope.sender="coordinator"`,
-and every SessionStart lists "coordinator" as a participant.
+Identity: the simulated pods (`loadtest.podproc`) have a token entry per agent whose token is
+its name, so every request carries `authorization: Bearer coordinator` and
+`Envelope.sender="coordinator"`, and every SessionStart lists "coordinator" as a participant.
 """
 
 from __future__ import annotations
