@@ -648,7 +648,7 @@ def cmd_acp_pod(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"macp-router acp-pod: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from router.acp.sim_pod import serve_acp_pod
+    from router.sim.acp_pod import serve_acp_pod
 
     return _run_sim(args, lambda: serve_acp_pod(args.listen, args.name, args.sessions_dir))
 

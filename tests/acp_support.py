@@ -21,8 +21,8 @@ from acp.schema import AllowedOutcome, DeniedOutcome, RequestPermissionResponse
 
 from router.acp.config import AcpConfig, AcpPodSpec
 from router.acp.frontdoor import AcpFrontDoor
-from router.acp.sim_pod import AcpSimPod
 from router.metrics import Metrics
+from router.sim.acp_pod import AcpSimPod
 
 T = 5.0  # seconds: the bound on every single wait in the ACP tests
 

@@ -9,7 +9,7 @@ import pytest
 from acp.exceptions import RequestError
 
 from router.acp.demo import run_acp_demo
-from router.acp.sim_pod import AcpSimPod
+from router.sim.acp_pod import AcpSimPod
 from tests.acp_support import T, connect
 
 pytestmark = pytest.mark.timeout(60)

@@ -267,7 +267,7 @@ async def test_metrics_port_answers_404_on_unknown_paths_and_head_on_every_known
 async def test_pod_counts_cover_the_acp_front_door_too(sim_pods, make_router, tmp_path):
     pytest.importorskip("acp", reason="the acp extra is not installed")
     from router.acp.config import AcpConfig, AcpPodSpec
-    from router.acp.sim_pod import AcpSimPod
+    from router.sim.acp_pod import AcpSimPod
 
     acp_pods = [AcpSimPod(name, "127.0.0.1:0", tmp_path) for name in ("x", "y")]
     for pod in acp_pods:

@@ -9,5 +9,5 @@ Requires the `acp` extra (`pip install 'macp-router[acp]'`). Modules, one concep
 - `connection`: a client's virtual connection (streams, sessions, lazily opened upstreams).
 - `frontdoor`: the server the clients talk to; reuses the protocol-neutral locator, store,
   placement and metrics unchanged.
-- `sim_pod`: a simulated ACP agent pod; `demo`: the reconnect flow end to end.
+- `demo`: the reconnect flow end to end against simulated ACP pods (`router.sim.acp_pod`).
 """

@@ -24,7 +24,7 @@ from acp.schema import AllowedOutcome, RequestPermissionResponse
 
 from router.acp.config import AcpConfig, AcpPodSpec
 from router.acp.frontdoor import AcpFrontDoor
-from router.acp.sim_pod import AcpSimPod
+from router.sim.acp_pod import AcpSimPod
 
 T = 10.0
 

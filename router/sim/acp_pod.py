@@ -52,7 +52,7 @@ from acp.schema import (
 from router import __version__
 from router.acp.asgi import AsgiServer
 
-log = logging.getLogger("macp_router.acp.sim")
+log = logging.getLogger("macp_router.sim.acp")
 
 STATUS_METHOD = "session/status"
 LIVE = "live"
