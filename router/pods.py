@@ -35,6 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from router.aio import wait_event
 from router.credentials import FIX_HINT
+from router.validate import parse_named_targets
 
 log = logging.getLogger("macp_router.pods")
 
@@ -103,37 +104,6 @@ class _Counted:
 class PodSpec:
     name: str
     address: str
-
-
-def parse_named_targets(
-    text: str, *, what: str, form: str, check: Callable[[str, str], str | None]
-) -> list[tuple[str, str]]:
-    """Parse `NAME=TARGET[,NAME=TARGET...]` (a pod list flag); ValueError naming the bad part.
-
-    `check(name, target)` returns what is wrong with one target, or None. Names and targets
-    must each be unique, and the list must not be empty.
-    """
-    entries: list[tuple[str, str]] = []
-    for raw in text.split(","):
-        item = raw.strip()
-        if not item:
-            continue
-        name, sep, target = item.partition("=")
-        name, target = name.strip(), target.strip()
-        if not sep or not name or not target:
-            raise ValueError(f"{what} entry {item!r} is not {form}")
-        problem = check(name, target)
-        if problem:
-            raise ValueError(problem)
-        if any(name == seen for seen, _ in entries):
-            raise ValueError(f"{what} name {name!r} appears twice")
-        if any(target == seen for _, seen in entries):
-            raise ValueError(f"{what} {'URL' if '://' in target else 'address'} {target!r} "
-                             "appears twice")
-        entries.append((name, target))
-    if not entries:
-        raise ValueError(f"no {what}s given (expected {form}[,...])")
-    return entries
 
 
 def _check_host_port(name: str, address: str) -> str | None:
