@@ -80,7 +80,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import parse_url as parse_redis_url
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.commands.core import AsyncScript
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
@@ -412,6 +412,12 @@ def _describe_error(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError | RedisTimeoutError):
         return "no answer before the deadline"
     text = str(exc) or type(exc).__name__
+    if isinstance(exc, MasterNotFoundError):
+        # redis-py appends the repr of every sentinel client: keep the sentence only.
+        return (
+            f"{text.split(' : ', 1)[0]} (no sentinel reachable, or none knows a healthy master); "
+            "check the sentinels' addresses and the master name"
+        )
     return text
 
 
@@ -546,7 +552,10 @@ class RedisStore:
         if target.kind == SENTINEL:
             self._sentinel = Sentinel(
                 list(target.nodes),
+                # No retries inside a sentinel query: the next sentinel is the retry, and the
+                # store's deadline bounds the whole discovery.
                 sentinel_kwargs=dict(
+                    retry=Retry(NoBackoff(), 0),
                     socket_timeout=timeout_s,
                     socket_connect_timeout=timeout_s,
                     username=target.sentinel_username,

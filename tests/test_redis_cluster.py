@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -16,8 +17,9 @@ import pytest
 import redis
 
 from router.redis_store import DEFAULT_INDEX_SHARDS, RedisStore, shard_of, shard_tags
-from router.store import OPEN, Location
-from tests.redis_fixture import RedisClusterServers, RedisServer
+from router.store import OPEN, Location, StoreUnavailable
+from tests.redis_fixture import RedisClusterServers, RedisServer, free_port
+from tests.waiting import eventually
 
 WAIT_S = 10.0
 
@@ -149,3 +151,24 @@ async def test_one_flushed_master_is_noticed_and_the_store_resynced(
     assert store.resyncs == 1 and not store.degraded
     with flushed.client() as client:  # the markers are back on the flushed node
         assert any(key.endswith(b":marker") for key in client.keys("mrouter:*"))
+
+
+@pytest.mark.parametrize("scheme", ["redis+cluster", "redis+sentinel"])
+async def test_unreachable_topology_degrades_with_one_line_and_no_password(
+    make: Callable[..., RedisStore], caplog: pytest.LogCaptureFixture, scheme: str
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    hosts = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    path = "/mrouter/0?sentinel_password=sentinel-secret-7" if scheme.endswith("sentinel") else ""
+    store = make(f"{scheme}://:hunter2-secret@{hosts}{path}", timeout_s=0.5)
+    await asyncio.wait_for(store.start(), WAIT_S)
+    assert store.degraded
+    with pytest.raises(StoreUnavailable, match="degraded") as info:
+        await store.get("s1")
+    await eventually(lambda: store.health_probes >= 2)
+    text = caplog.text + str(info.value) + store.degraded_reason
+    assert "hunter2-secret" not in text and "sentinel-secret-7" not in text
+    ours = [r for r in caplog.records if r.name == "router.redis_store"]
+    assert len(ours) == 1 and "unavailable at" in ours[0].getMessage()
+    assert f"{scheme}://:***@{hosts}" in ours[0].getMessage()
+    assert len(ours[0].getMessage()) < 400, "one readable line"
