@@ -4,21 +4,31 @@ Job: run each long-lived background coroutine (a watch feed, a health loop, the 
 a sweeper) as a named service. A service that raises is logged with its traceback, counted,
 marked down, and restarted after an exponential backoff with jitter; a service that returns is
 restarted too unless it was declared `once`. Stopping cancels every service and waits for each,
-bounded, naming any that does not stop.
+bounded, naming any that does not stop. One-shot background jobs (a registry replay, the
+clean-up after a pod left) run here too (`spawn_job`): they are restarted if they raise and
+forgotten once they return.
+
+Names: a service is named `kind` or `kind:instance` (`watch:pod-a`, `store_writer:macp`); the
+kind, a word fixed in code, is what metrics count by, so their label values stay bounded
+whatever the instances are.
 
 Invariants:
 - A service is reported `up` only while its coroutine is running; from the instant it raises
   until its next start it is down, with the exception as `last_error`. Nothing a service forgets
   to do in its own error handling can leave it looking alive.
+- `down()` lists services that should be running and are not; a `once` service or job that
+  finished is done, not down, and leaves the table.
 - Every task belongs to the supervisor that spawned it; `aclose()` leaves none running.
 - `asyncio.CancelledError` is never swallowed: cancelling a service stops it for good.
 - The supervisor knows no metrics library: crash counting and state changes go through the
-  `on_crash` / `on_state` callbacks its owner passes.
+  `on_crash` / `on_state` callbacks its owner passes. A callback that raises is logged and
+  never stops a service.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
@@ -40,6 +50,17 @@ class ServiceState:
     crashes: int = 0
     last_error: str = ""
     since: float = 0.0  # monotonic time of the last change of `up`
+    done: bool = False  # a `once` service that returned: finished, not down
+
+    @property
+    def kind(self) -> str:
+        """The name up to its first `:` or `#`: the bounded label metrics count by."""
+        return service_kind(self.name)
+
+
+def service_kind(name: str) -> str:
+    """`watch:pod-a` -> `watch`; `replay:b#3` -> `replay`; `status` -> `status`."""
+    return name.split(":", 1)[0].split("#", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -71,6 +92,12 @@ class Supervisor:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._states: dict[str, ServiceState] = {}
         self._closing = False
+        self._job_numbers = itertools.count(2)
+
+    @property
+    def closing(self) -> bool:
+        """True once `aclose()` began: nothing new can start."""
+        return self._closing
 
     def spawn(
         self,
@@ -92,6 +119,22 @@ class Supervisor:
             self._supervise(state, body, backoff or Backoff(), once), name=f"service:{name}"
         )
         return state
+
+    def spawn_job(self, name: str, body: ServiceBody, *,
+                  backoff: Backoff | None = None) -> ServiceState:
+        """Run a one-shot `body` (restarted if it raises, forgotten once it returns).
+
+        Several jobs may share a name (two replays to one pod): a name in use gets `#n`.
+        """
+        unique = name
+        while unique in self._tasks and not self._tasks[unique].done():
+            unique = f"{name}#{next(self._job_numbers)}"
+        return self.spawn(unique, body, backoff=backoff, once=True)
+
+    def running(self, name: str) -> bool:
+        """True while service `name` exists (up, or down waiting for its restart)."""
+        task = self._tasks.get(name)
+        return task is not None and not task.done()
 
     def state(self, name: str) -> ServiceState | None:
         return self._states.get(name)
@@ -133,7 +176,18 @@ class Supervisor:
         if error:
             state.last_error = error
         if self._on_state is not None:
-            self._on_state(state)
+            try:
+                self._on_state(state)
+            except Exception:  # a reporting bug must not take the service down with it
+                log.exception("state callback failed for background service %s", state.name)
+
+    def _finish(self, state: ServiceState) -> None:
+        """A `once` service returned: it is done; forget it unless a new one took its name."""
+        state.done = True
+        if self._states.get(state.name) is state:
+            del self._states[state.name]
+            self._tasks.pop(state.name, None)
+        self._set_up(state, False)
 
     async def _supervise(
         self, state: ServiceState, body: ServiceBody, backoff: Backoff, once: bool
@@ -156,11 +210,16 @@ class Supervisor:
                 log.error("background service %s crashed (%s); restarting", state.name, error,
                           exc_info=exc)
                 if self._on_crash is not None:
-                    self._on_crash(state.name, exc)
+                    try:
+                        self._on_crash(state.name, exc)
+                    except Exception:
+                        log.exception("crash callback failed for background service %s",
+                                      state.name)
             else:
-                self._set_up(state, False)
                 if once:
+                    self._finish(state)
                     return
+                self._set_up(state, False)
                 streak = 0 if time.monotonic() - started >= backoff.stable_s else streak + 1
                 log.info("background service %s ended; restarting", state.name)
             await asyncio.sleep(backoff.delay(streak))

@@ -142,3 +142,71 @@ def test_backoff_doubles_up_to_its_cap_with_jitter() -> None:
 
 def test_service_state_starts_down() -> None:
     assert not ServiceState("x").up
+
+
+async def test_a_finished_job_is_done_not_down_and_leaves_the_table() -> None:
+    release = asyncio.Event()
+    runs: list[str] = []
+
+    async def replay() -> None:
+        runs.append("replay")
+        await release.wait()
+
+    supervisor = Supervisor()
+    first = supervisor.spawn_job("replay:a", replay, backoff=FAST)
+    second = supervisor.spawn_job("replay:a", replay, backoff=FAST)  # same pod, still running
+    assert first.name == "replay:a" and second.name.startswith("replay:a#")
+    assert first.kind == second.kind == "replay"
+    await eventually(lambda: runs == ["replay", "replay"], timeout=2, what="both jobs run")
+    assert supervisor.running("replay:a") and supervisor.running(second.name)
+    release.set()
+    await eventually(lambda: first.done and second.done, timeout=2, what="both jobs done")
+    assert supervisor.down() == [] and list(supervisor.states()) == []
+    assert not supervisor.running("replay:a")
+    await supervisor.aclose()
+
+
+async def test_a_job_that_raises_is_restarted_until_it_completes() -> None:
+    attempts = 0
+
+    async def forget() -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise KeyError("pod a")
+
+    crashed: list[str] = []
+    supervisor = Supervisor(on_crash=lambda name, exc: crashed.append(name))
+    state = supervisor.spawn_job("forget_pod:a", forget, backoff=FAST)
+    await eventually(lambda: state.done, timeout=2, what="the job completed")
+    assert attempts == 2 and crashed == ["forget_pod:a"] and state.crashes == 1
+    await supervisor.aclose()
+
+
+async def test_a_failing_state_callback_never_stops_a_service(caplog) -> None:
+    def broken_report(state: ServiceState) -> None:
+        raise RuntimeError("metrics registry gone")
+
+    supervisor = Supervisor(on_state=broken_report,
+                            on_crash=lambda name, exc: broken_report(ServiceState(name)))
+    runs = 0
+
+    async def body() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            raise ValueError("first run fails")
+        await asyncio.Event().wait()
+
+    with caplog.at_level(logging.ERROR, logger="router.supervisor"):
+        state = supervisor.spawn("sweeper", body, backoff=FAST)
+        await eventually(lambda: runs == 2 and state.up, timeout=2, what="restarted and up")
+    assert "state callback failed for background service sweeper" in caplog.text
+    assert "crash callback failed for background service sweeper" in caplog.text
+    await supervisor.aclose()
+    assert supervisor.closing
+
+
+def test_the_kind_of_a_service_is_its_name_before_the_instance() -> None:
+    assert [ServiceState(n).kind for n in ("watch:pod-a", "replay:b#3", "status", "dns:x:53")] \
+        == ["watch", "replay", "status", "dns"]
