@@ -1,8 +1,14 @@
 """`macp-router`: the command line. The only module that reads flags and the environment.
 
-Every flag of every subcommand can also be given as `MACP_ROUTER_<FLAG>` (dashes become
-underscores: `--redis-url` -> `MACP_ROUTER_REDIS_URL`); a flag on the command line wins.
-Bad input exits with status 2 and one line saying what is wrong and what to do.
+Every subcommand's parser is generated from the settings table (`router.settings.SETTINGS`):
+each row is a flag (`--redis-url`) whose default comes from its variable
+(`MACP_ROUTER_REDIS_URL`) when set; a flag on the command line wins. `serve` turns its options
+into a `RouterConfig` in one call (`router.config.config_from_options`).
+
+Invariants:
+- Bad input exits with status 2 and one line saying what is wrong and what to do.
+- A `MACP_ROUTER_*` variable that is no setting is reported once at start (a warning naming the
+  closest setting), never silently ignored.
 """
 
 from __future__ import annotations
@@ -14,19 +20,33 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+import textwrap
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import grpc
 
 from router import __version__
+from router.settings import (
+    ACP_POD,
+    ADMIN_CLIENTS,
+    DEMO,
+    DRAIN,
+    FLAG,
+    GROUPS,
+    POD,
+    PODS,
+    SERVE,
+    STATUS,
+    UNDRAIN,
+    Setting,
+    env_only,
+    for_command,
+    unknown_variables,
+)
+from router.validate import truthy
 
-ENV_PREFIX = "MACP_ROUTER_"
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
-
-
-def _env(flag: str) -> str | None:
-    return os.environ.get(ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper())
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,236 +54,132 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _flag(parser: argparse.ArgumentParser, flag: str, *, help: str, **kwargs: object) -> None:
-    """A flag whose default comes from MACP_ROUTER_<FLAG> when set."""
-    env_value = _env(flag)
-    env_name = ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
-    if kwargs.get("action") == "store_true":
-        if env_value is not None:
-            kwargs["default"] = env_value.lower() in ("1", "true", "yes", "on")
-    elif env_value is not None:
-        kwargs["default"] = env_value
-        kwargs.pop("required", None)
-    parser.add_argument(flag, help=f"{help} [env {env_name}]", **kwargs)  # type: ignore[arg-type]
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs (examples) keep their lines; flag help is wrapped."""
 
 
-def _log_flags(parser: argparse.ArgumentParser) -> None:
-    _flag(parser, "--log-format", default="text", choices=["text", "json"],
-          help="text lines, or one JSON object per line (time, level, logger, message and "
-          "fields such as pod, method, code, duration_ms)")
-    _flag(parser, "--log-session-ids", action="store_true",
-          help="log full session ids (default: the first 8 characters and '…'; ids can act "
-          "as capabilities)")
+def _shown_default(row: Setting) -> str:
+    if row.is_switch or row.required or row.default in (None, (), frozenset()):
+        return ""
+    return f"default {row.default}; "
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _argument(row: Setting, environ: Mapping[str, str]) -> dict[str, object]:
+    """argparse keywords for one row: its variable, when set, is the default."""
+    text = environ.get(row.env)
+    help_text = f"{row.help} [{_shown_default(row)}env {row.env}]".replace("%", "%%")
+    kwargs: dict[str, object] = {"help": help_text, "dest": row.name}
+    if row.is_switch:
+        kwargs.update(action="store_true", default=truthy(text) if text is not None
+                      else row.default)
+        return kwargs
+    kwargs.update(default=text if text is not None else row.default, metavar=row.metavar)
+    if row.choices:
+        kwargs.update(choices=row.choices, metavar=None)
+    if row.parse is None and row.type in ("int", "float"):
+        kwargs["type"] = int if row.type == "int" else float
+    if row.required and text is None:
+        kwargs["required"] = True
+    return kwargs
+
+
+def add_settings(parser: argparse.ArgumentParser, command: str,
+                 environ: Mapping[str, str] | None = None) -> None:
+    """Add `command`'s rows of the settings table to `parser`, grouped as the table says."""
+    environ = os.environ if environ is None else environ
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for row in for_command(command):
+        if row.cli != FLAG:
+            continue
+        target: argparse._ActionsContainer = parser
+        if row.group:
+            if row.group not in groups:
+                about = _text(GROUPS[row.group]) if GROUPS[row.group] else None
+                groups[row.group] = parser.add_argument_group(row.group, about)
+            target = groups[row.group]
+        target.add_argument(row.flag, **_argument(row, environ))  # type: ignore[arg-type]
+
+
+def _text(paragraph: str) -> str:
+    return textwrap.fill(" ".join(paragraph.split()), width=96)
+
+
+SERVE_EXAMPLES = """\
+examples:
+  # two pods by address, the router's token from a mounted Secret
+  macp-router serve --pods a=10.0.0.5:50051,b=10.0.0.6:50051 --token-file /run/secrets/token
+
+  # in Kubernetes: pods from the headless Service, replicas sharing Redis, metrics on :9090
+  MACP_ROUTER_PODS_DNS=macp-runtime.macp.svc:50051 MACP_ROUTER_TOKEN_FILE=/run/secrets/token \\
+  MACP_ROUTER_REDIS_URL=redis://redis:6379/0 MACP_ROUTER_METRICS_LISTEN=0.0.0.0:9090 \\
+  macp-router serve
+"""
+
+
+def _serve_epilog() -> str:
+    lines = [SERVE_EXAMPLES, "set only in the environment:"]
+    lines += [textwrap.fill(f"{row.env}: {row.help} ({row.why_no_flag})", width=96,
+                            initial_indent="  ", subsequent_indent="    ")
+              for row in env_only(SERVE)]
+    return "\n".join(lines)
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="macp-router",
-        description=(
+        prog="macp-router", formatter_class=_HelpFormatter,
+        description=_text(
             "Route MACP sessions to the runtime pod that holds them. Clients talk to the "
             "router exactly as to one runtime (macp.v1.MACPRuntimeService); the router keeps a "
             "session->pod cache fed by each pod's WatchSessions stream, probes all pods on a "
-            "miss, and places new sessions on a chosen pod."
-        ),
+            "miss, and places new sessions on a chosen pod."),
         epilog="Every flag can also be set as MACP_ROUTER_<FLAG>, e.g. MACP_ROUTER_PODS.",
     )
     parser.add_argument("--version", action="version", version=f"macp-router {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    serve = sub.add_parser(
-        "serve", help="run the router",
-        description="Run the router in front of runtime pods. Logs one line when ready; "
-        "SIGTERM stops accepting calls, drains in-flight ones and exits.",
-    )
-    _flag(serve, "--listen", default="0.0.0.0:50051", metavar="HOST:PORT",
-          help="where clients connect (gRPC)")
-    _flag(serve, "--pods", metavar="NAME=HOST:PORT[,...]",
-          help="runtime pods by stable name, e.g. a=10.0.0.5:50051,b=10.0.0.6:50051")
-    _flag(serve, "--pods-dns", metavar="HOST:PORT",
-          help="discover pods from a headless Service's DNS name instead of --pods")
-    _flag(serve, "--redis-url", metavar="URL",
-          help="share the session->pod store with other router replicas: "
-          "redis://HOST:PORT/DB (rediss:// for TLS), "
-          "redis+cluster://HOST:PORT[,HOST:PORT...] (Redis Cluster seeds; rediss+cluster://), "
-          "or redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME[/DB] (sentinels; "
-          "rediss+sentinel://); default: in-memory store")
-    _flag(serve, "--redis-prefix", default="mrouter:", metavar="PREFIX",
-          help="key prefix in Redis")
-    _flag(serve, "--redis-required", action="store_true",
-          help="exit instead of starting degraded when Redis is unreachable at start-up")
-    _flag(serve, "--metrics-listen", metavar="HOST:PORT",
-          help="serve Prometheus /metrics and /healthz, /readyz over HTTP here")
-    _flag(serve, "--token", metavar="TOKEN",
-          help="the router's own bearer token for its watch feeds, ListSessions reconciles, "
-          "GetSession probes and registry replays (client calls always carry the client's "
-          "token). The runtime authenticates all of these, so serve refuses to start without "
-          "--token or --token-file. On each runtime give it an entry like {\"token\": \"...\", "
-          "\"sender\": \"macp-router\", \"is_observer\": true, "
-          "\"can_manage_mode_registry\": true}: observer so probes read any session, "
-          "registry rights so registrations are replayed to new pods")
-    _flag(serve, "--token-file", metavar="PATH",
-          help="read the router's token from this file instead, and re-read it when it changes "
-          "(rotated JWTs, a re-mounted Secret) without a restart; wins over --token")
-    _flag(serve, "--admin-token", metavar="TOKEN",
-          help="bearer token the admin API requires (drain always; reads unless "
-          "--admin-open-reads)")
-    _flag(serve, "--probe-timeout-ms", type=int, default=250, metavar="MS",
-          help="how long a miss waits for each pod's status answer")
-    _flag(serve, "--negative-cache-ms", type=int, default=1000, metavar="MS",
-          help="how long 'no pod holds this session' is remembered")
-    _flag(serve, "--retention-s", type=float, default=600.0, metavar="SECONDS",
-          help="how long the router remembers which pod holds an ended (resolved, expired, "
-          "cancelled) session, so calls on it get that pod's own answer. The runtime keeps an "
-          "ended session in memory until MACP_SESSION_RETENTION_SECS (default 3600) after it "
-          "STARTED and repeats it in every WatchSessions snapshot and ListSessions reply until "
-          "then (a reconnect rewrites nothing the router already knows); after that the pod "
-          "answers NOT_FOUND. Keep this at or below the runtime's retention: longer only "
-          "remembers a pod that no longer has the session")
-    _flag(serve, "--channels-per-pod", type=int, default=2, metavar="N",
-          help="gRPC connections per pod at start (the runtime allows 128 streams and 64 "
-          "requests in flight per connection; the pool grows with load)")
-    _flag(serve, "--max-channels-per-pod", type=int, default=16, metavar="N",
-          help="most connections the pool opens to one pod (100 streams / 48 unary calls in "
-          "flight per connection before it adds one)")
-    _flag(serve, "--max-list-bytes", type=int, default=256 * 1024 * 1024, metavar="N",
-          help="receive limit for one pod's whole ListSessions reply (the runtime does not "
-          "page it; ~300 bytes per in-memory session)")
-    _flag(serve, "--placement", default="least-sessions-p2c",
-          choices=["least-sessions-p2c", "round-robin"], help="placement policy for new sessions")
-    _flag(serve, "--shutdown-grace-s", type=float, default=10.0, metavar="SECONDS",
-          help="how long SIGTERM waits for in-flight calls")
-    _flag(serve, "--workers", default="1", metavar="N|auto",
-          help="router processes sharing the listen port (SO_REUSEPORT); auto = cores")
-    _flag(serve, "--log-level", default="info", choices=["debug", "info", "warning", "error"],
-          help="log verbosity (debug adds one access line per routed call)")
-    _log_flags(serve)
-    _flag(serve, "--otel", action="store_true",
-          help="export traces (OpenTelemetry, the otel extra): a span per routed call with "
-          "locate, probe fan-out, store and forward spans, continuing the client's "
-          "traceparent; the exporter follows the OTEL_* variables (OTEL_TRACES_EXPORTER="
-          "otlp|console|none, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, ...)")
-    _flag(serve, "--acp-listen", metavar="HOST:PORT",
-          help="also serve ACP agents here (ACP's Streamable HTTP / WebSocket transport, "
-          "path /acp)")
-    _flag(serve, "--acp-pods", metavar="NAME=http://HOST:PORT/acp[,...]",
-          help="ACP agent pods by stable name (with --acp-listen)")
-    _flag(serve, "--acp-upstream", default="ws", choices=["ws", "http"],
-          help="how the router talks to ACP pods: ws (acp's WebSocket on the pod's endpoint; "
-          "stock acp 0.12.1 pods need it for prompts after session/load) or http")
-    security = serve.add_argument_group("security and limits")
-    _flag(security, "--admin-listen", metavar="HOST:PORT",
-          help="serve the admin API (router.v1.RouterAdmin) here too; without --admin-token "
-          "the admin API is served only on loopback (this address, default 127.0.0.1:50052, or "
-          "--listen when that is loopback)")
-    _flag(security, "--admin-open-reads", action="store_true",
-          help="let SessionStatus/ListPods through without --admin-token (drain always needs "
-          "it)")
-    _flag(security, "--tls-cert", metavar="PEM", help="TLS certificate for the client port")
-    _flag(security, "--tls-key", metavar="PEM", help="TLS private key for the client port")
-    _flag(security, "--tls-client-ca", metavar="PEM",
-          help="require client certificates signed by this CA (mTLS)")
-    _flag(security, "--pod-ca", metavar="PEM", help="dial pods over TLS, trusting this CA")
-    _flag(security, "--pod-cert", metavar="PEM", help="client certificate for mTLS to pods")
-    _flag(security, "--pod-key", metavar="PEM", help="client key for mTLS to pods")
-    _flag(security, "--scope-discovery", action="store_true",
-          help="show ListSessions/WatchSessions callers only sessions they take part in "
-          "(participants, initiator) unless their token is an observer")
-    _flag(security, "--observer-tokens", metavar="TOKEN[,TOKEN]",
-          help="bearer tokens that may see every session under --scope-discovery")
-    _flag(security, "--auth-tokens-file", metavar="PATH",
-          help="the runtime's token entries (MACP_AUTH_TOKENS_FILE, or MACP_AUTH_TOKENS_JSON "
-          "saved to a file), so --scope-discovery identifies static tokens as the pods do "
-          "(token -> sender; is_observer entries see everything; unknown tokens see nothing). "
-          "JWTs are identified by their sub claim. Without it: dev mode, the token is the "
-          "sender")
-    _flag(security, "--auth-tokens-json", metavar="PATH",
-          help="older name of --auth-tokens-file")
-    _flag(security, "--max-message-bytes", type=int, default=16 * 1024 * 1024, metavar="N",
-          help="largest request or response the router passes")
-    _flag(security, "--max-concurrent-streams", type=int, default=256, metavar="N",
-          help="concurrent calls per client connection")
+    def command(name: str, help: str, description: str = "",
+                epilog: str | None = None) -> argparse.ArgumentParser:
+        made = sub.add_parser(name, help=help, description=_text(description or help),
+                              epilog=epilog, formatter_class=_HelpFormatter)
+        return made
 
-    pod = sub.add_parser(
-        "pod", help="run a simulated MACP runtime pod (tests, demo, load tests)",
-        description="A faithful in-memory MACP runtime pod for tests and demos.",
-    )
-    _flag(pod, "--listen", required=True, metavar="HOST:PORT", help="where the pod listens")
-    _flag(pod, "--name", required=True, metavar="NAME", help="the pod's stable name")
-    _flag(pod, "--state-file", metavar="PATH",
-          help="persist sessions here so a restarted pod replays them")
-    _flag(pod, "--auth-tokens-json", metavar="JSON",
-          help="token entries in the runtime's MACP_AUTH_TOKENS_JSON shape: [{\"token\", "
-               "\"sender\", \"is_observer\", \"can_manage_mode_registry\", ...}]")
-    _flag(pod, "--auth-tokens-file", metavar="PATH",
-          help="the same entries from a file (MACP_AUTH_TOKENS_FILE); the JSON flag wins")
-    _flag(pod, "--allow-insecure", action="store_true", default=False,
-          help="MACP_ALLOW_INSECURE=1: serve plaintext and, with no token entries, dev-mode "
-               "auth (any bearer token is a full identity named by the token); without it and "
-               "without token entries the pod refuses to start, as the runtime does")
-    _flag(pod, "--session-start-limit-per-minute", type=int, default=60, metavar="N",
-          help="per-sender SessionStart rate limit (the runtime's default: 60)")
-    _flag(pod, "--message-limit-per-minute", type=int, default=600, metavar="N",
-          help="per-sender message rate limit (the runtime's default: 600)")
-    _flag(pod, "--policies-dir", metavar="DIR",
-          help="as MACP_POLICIES_DIR: the policy registry becomes read-only "
-               "(RegisterPolicy answers FAILED_PRECONDITION); the directory is not read")
-    _flag(pod, "--session-retention-s", type=float, default=3600.0, metavar="S",
-          help="terminal sessions leave memory this long after they started "
-               "(MACP_SESSION_RETENTION_SECS)")
-    _flag(pod, "--no-health", action="store_true", default=False,
-          help="serve no grpc.health.v1 (a runtime built before it: Health/Check UNIMPLEMENTED)")
-    _flag(pod, "--log-level", default="info", choices=["debug", "info", "warning", "error"],
-          help="log verbosity")
-    _log_flags(pod)
-
-    acp_pod = sub.add_parser(
-        "acp-pod", help="run a simulated ACP agent pod (tests, demo)",
-        description="A simulated ACP agent served over ACP's Streamable HTTP transport "
-        "(acp.http.AcpServer); session history in --sessions-dir, which pods may share.",
-    )
-    _flag(acp_pod, "--listen", required=True, metavar="HOST:PORT", help="where the pod listens")
-    _flag(acp_pod, "--name", required=True, metavar="NAME", help="the pod's stable name")
-    _flag(acp_pod, "--sessions-dir", default="acp-sessions", metavar="DIR",
-          help="session history (shared by pods, so any pod can session/load any session)")
-    _flag(acp_pod, "--log-level", default="info", choices=["debug", "info", "warning", "error"],
-          help="log verbosity")
-    _log_flags(acp_pod)
-
-    demo = sub.add_parser(
-        "demo", help="3 simulated pods + a router + the macp_sdk client, end to end",
-        description="Start 3 simulated pods and a router on free loopback ports (in-memory "
-        "store), drive a real session flow through the router with the macp_sdk client, and "
-        "show which pod holds each session and how the router located it.",
-    )
-    _flag(demo, "--sessions", type=int, default=6, metavar="N",
-          help="sessions to start (default 6)")
-    _flag(demo, "--acp", action="store_true",
-          help="show the ACP front door instead: 3 simulated ACP pods, the acp client's "
-          "reconnect flow (status, prompt, pod restart, load)")
-
-    status = sub.add_parser(
-        "status", help="where does a session live? live | not_found | unknown",
-        description="Ask a running router where a session lives (the answer it routes by).",
-    )
+    serve = command(
+        SERVE, "run the router",
+        "Run the router in front of runtime pods. Logs one line when ready; SIGTERM stops "
+        "accepting calls, drains in-flight ones and exits.", epilog=_serve_epilog())
+    pod = command(POD, "run a simulated MACP runtime pod (tests, demo, load tests)",
+                  "A faithful in-memory MACP runtime pod for tests and demos.")
+    acp_pod = command(
+        ACP_POD, "run a simulated ACP agent pod (tests, demo)",
+        "A simulated ACP agent served over ACP's Streamable HTTP transport (acp.http.AcpServer); "
+        "session history in --sessions-dir, which pods may share.")
+    demo = command(
+        DEMO, "3 simulated pods + a router + the macp_sdk client, end to end",
+        "Start 3 simulated pods and a router on free loopback ports (in-memory store), drive a "
+        "real session flow through the router with the macp_sdk client, and show which pod "
+        "holds each session and how the router located it.")
+    status = command(STATUS, "where does a session live? live | not_found | unknown",
+                     "Ask a running router where a session lives (the answer it routes by).")
     status.add_argument("session_id", metavar="SESSION_ID")
-    _flag(status, "--router", default="127.0.0.1:50051", metavar="HOST:PORT",
-          help="the router's gRPC address")
-    _flag(status, "--probe", action="store_true",
-          help="ask the pods now instead of answering from the cache")
-    _flag(status, "--admin-token", metavar="TOKEN", help="bearer token for the admin API")
-
-    pods = sub.add_parser("pods", help="the pod table: health, feeds, sessions, draining")
-    _flag(pods, "--router", default="127.0.0.1:50051", metavar="HOST:PORT",
-          help="the router's gRPC address")
-    _flag(pods, "--admin-token", metavar="TOKEN", help="bearer token for the admin API")
-
-    for name, verb in (("drain", "stop"), ("undrain", "resume")):
-        drain = sub.add_parser(name, help=f"{verb} placing new sessions on a pod")
-        drain.add_argument("pod", metavar="NAME")
-        _flag(drain, "--router", default="127.0.0.1:50051", metavar="HOST:PORT",
-              help="the router's gRPC address")
-        _flag(drain, "--admin-token", metavar="TOKEN", help="bearer token for the admin API")
+    pods = command(PODS, "the pod table: health, feeds, sessions, draining")
+    drain = command(DRAIN, "stop placing new sessions on a pod")
+    undrain = command(UNDRAIN, "resume placing new sessions on a pod")
+    for each in (drain, undrain):
+        each.add_argument("pod", metavar="NAME")
+    parsers = {SERVE: serve, POD: pod, ACP_POD: acp_pod, DEMO: demo, STATUS: status,
+               PODS: pods, DRAIN: drain, UNDRAIN: undrain}
+    assert set(parsers) == {SERVE, POD, ACP_POD, DEMO, *ADMIN_CLIENTS}
+    for name, each in parsers.items():
+        add_settings(each, name, environ)
     return parser
+
+
+def warn_unknown_variables(environ: Mapping[str, str] | None = None) -> None:
+    """One warning per `MACP_ROUTER_*` variable that is no setting, naming the closest one."""
+    log = logging.getLogger("macp_router")
+    for name, closest in unknown_variables(os.environ if environ is None else environ):
+        hint = f"did you mean {closest}?" if closest else "see macp-router COMMAND --help"
+        log.warning("%s is not a macp-router setting and is ignored: %s", name, hint)
 
 
 READY_LOGGER = "macp_router.ready"
@@ -289,99 +205,6 @@ def run_async(main: Callable[[], object]) -> object:
 
 
 # -- serve -------------------------------------------------------------------------------------
-def _config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from router.config import RouterConfig, resolve_workers
-    from router.pods import parse_pod_list
-
-    pods = tuple(parse_pod_list(args.pods)) if args.pods else ()
-    identities, observers = _token_identities(args.auth_tokens_file or args.auth_tokens_json)
-    if args.observer_tokens:
-        observers |= {t.strip() for t in args.observer_tokens.split(",") if t.strip()}
-    return RouterConfig(
-        listen=args.listen,
-        pods=pods,
-        pods_dns=args.pods_dns,
-        redis_url=args.redis_url,
-        redis_prefix=args.redis_prefix,
-        redis_password=os.environ.get(ENV_PREFIX + "REDIS_PASSWORD"),
-        redis_required=args.redis_required,
-        metrics_listen=args.metrics_listen,
-        token=args.token,
-        token_file=args.token_file or None,
-        admin_token=args.admin_token,
-        probe_timeout_ms=int(args.probe_timeout_ms),
-        negative_cache_ms=int(args.negative_cache_ms),
-        retention_s=float(args.retention_s),
-        channels_per_pod=int(args.channels_per_pod),
-        max_channels_per_pod=int(args.max_channels_per_pod),
-        max_list_bytes=int(args.max_list_bytes),
-        placement=args.placement,
-        shutdown_grace_s=float(args.shutdown_grace_s),
-        log_level=args.log_level,
-        workers=resolve_workers(args.workers),
-        reuse_port="MACP_ROUTER_WORKER_INDEX" in os.environ,
-        admin_listen=args.admin_listen,
-        admin_open_reads=args.admin_open_reads,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        pod_ca=args.pod_ca,
-        pod_cert=args.pod_cert,
-        pod_key=args.pod_key,
-        scope_discovery=args.scope_discovery,
-        observer_tokens=frozenset(observers),
-        token_identities=identities,
-        max_message_bytes=int(args.max_message_bytes),
-        max_concurrent_streams=int(args.max_concurrent_streams),
-        acp=_acp_config(args),
-    )
-
-
-def _acp_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    if not args.acp_listen and not args.acp_pods:
-        return None
-    if not (args.acp_listen and args.acp_pods):
-        raise ValueError("--acp-listen and --acp-pods go together")
-    from router.acp.config import AcpConfig, parse_acp_pod_list, require_acp_extra
-
-    require_acp_extra()
-    return AcpConfig(
-        listen=args.acp_listen,
-        pods=tuple(parse_acp_pod_list(args.acp_pods)),
-        upstream_transport=args.acp_upstream,
-        placement=args.placement,
-        probe_timeout_ms=int(args.probe_timeout_ms),
-        negative_cache_ms=int(args.negative_cache_ms),
-        retention_s=float(args.retention_s),
-    )
-
-
-def _token_identities(path: str | None) -> tuple[tuple[tuple[str, str], ...], set[str]]:
-    """(token -> sender pairs, observer tokens) from a runtime MACP_AUTH_TOKENS_JSON file."""
-    if not path:
-        return (), set()
-    import json
-
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except OSError as exc:
-        raise ValueError(f"--auth-tokens-json: cannot read {path!r}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--auth-tokens-json: {path!r} is not JSON: {exc.msg}") from None
-    entries = data.get("tokens", data) if isinstance(data, dict) else data
-    if not isinstance(entries, list):
-        raise ValueError("--auth-tokens-json: expected a list of {token, sender, ...} objects")
-    pairs, observers = [], set()
-    for entry in entries:
-        if not isinstance(entry, dict) or "token" not in entry or "sender" not in entry:
-            raise ValueError("--auth-tokens-json: every entry needs 'token' and 'sender'")
-        pairs.append((str(entry["token"]), str(entry["sender"])))
-        if entry.get("is_observer"):
-            observers.add(str(entry["token"]))
-    return tuple(pairs), observers
-
-
 async def _serve(config, otel: bool = False) -> int:  # type: ignore[no-untyped-def]
     from router import tracing
     from router.app import ListenError, Router
@@ -448,8 +271,10 @@ def _check_router_identity(config) -> None:  # type: ignore[no-untyped-def]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from router.config import config_from_options
+
     try:
-        config = _config_from_args(args)
+        config = config_from_options(vars(args))
         _check_router_identity(config)
     except ValueError as exc:
         print(f"macp-router serve: error: {exc} (see macp-router serve --help)", file=sys.stderr)
@@ -459,6 +284,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     register_secrets(config.token, config.admin_token, config.redis_password,
                      *config.observer_tokens, *(token for token, _ in config.token_identities))
     _setup_logging(config.log_level, args)
+    warn_unknown_variables()
     if config.workers > 1 and not config.redis_url:
         logging.getLogger("macp_router").warning(
             "--workers %d without --redis-url: each worker keeps its own store, so two workers "
@@ -484,6 +310,7 @@ def _run_sim(args: argparse.Namespace, serve: Callable[[], Awaitable[None]]) -> 
         print(f"{command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     _setup_logging(args.log_level, args)
+    warn_unknown_variables()
 
     async def main() -> int:
         task = asyncio.ensure_future(serve())

@@ -23,10 +23,9 @@ import time
 from collections.abc import Callable
 
 from router.config import RouterConfig, parse_host_port
+from router.settings import WORKER_ENV
 
 log = logging.getLogger("macp_router.workers")
-
-WORKER_ENV = "MACP_ROUTER_WORKER_INDEX"
 
 
 def worker_argv(config: RouterConfig, index: int) -> list[str]:

@@ -1,19 +1,28 @@
-"""ACP front door configuration: one frozen, validated dataclass (built by `router.cli`).
+"""ACP front door configuration: one frozen, validated dataclass.
 
-Nothing here reads flags or the environment; `serve --acp-listen/--acp-pods` fills it. This
-module imports nothing outside the standard library and `router`, so `RouterConfig` can hold an
-`AcpConfig` without the `acp` extra installed.
+Nothing here reads flags or the environment: `acp_config_from_options` builds it from `serve`'s
+parsed `--acp-listen/--acp-pods/--acp-upstream` and the settings it shares with the MACP side
+(placement, probe timeout, negative cache, retention, health interval), whose checks are the
+settings table's (`router.settings.check_setting`), so they exist once.
+
+Invariants:
+- This module imports only the standard library and `router` leaf modules (`router.settings`,
+  `router.validate`), never `router.config`, so `RouterConfig` can hold an `AcpConfig` without
+  an import cycle and without the `acp` extra installed.
+- The fields without a flag (connect and fan-out timeouts, list pages, idle connection bound,
+  shutdown grace) are fixed tuning values of the front door; tests and the demo set them.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
-from router.config import parse_host_port
-from router.placement import POLICIES
-from router.pods import parse_named_targets
+from router.settings import check_setting, setting
+from router.validate import parse_host_port, parse_named_targets
 
 WS = "ws"
 HTTP = "http"
@@ -54,18 +63,24 @@ def parse_acp_pod_list(text: str) -> list[AcpPodSpec]:
                                 check=_check_url)]
 
 
+SHARED_SETTINGS = ("placement", "probe_timeout_ms", "negative_cache_ms", "retention_s",
+                   "health_interval_ms")
+"""`serve` settings that configure both front doors: one flag, one check, two configs."""
+
+
 @dataclass(frozen=True)
 class AcpConfig:
     listen: str = "0.0.0.0:8765"
     pods: tuple[AcpPodSpec, ...] = ()
     upstream_transport: str = WS
     """How the router talks to pods: `ws` (acp's WebSocket on the pod's endpoint) or `http`."""
-    placement: str = "least-sessions-p2c"
-    probe_timeout_ms: int = 250
-    negative_cache_ms: int = 1000
-    retention_s: float = 600.0
+    # The shared settings: defaults and checks are the settings table's.
+    placement: str = setting("placement").default
+    probe_timeout_ms: int = setting("probe_timeout_ms").default
+    negative_cache_ms: int = setting("negative_cache_ms").default
+    retention_s: float = setting("retention_s").default
+    health_interval_ms: int = setting("health_interval_ms").default
     connect_timeout_ms: int = 2000
-    health_interval_ms: int = 1000
     fanout_timeout_ms: int = 5000
     """Per-pod bound on each `session/list` page of a fan-out."""
     list_max_pages: int = 20
@@ -83,18 +98,10 @@ class AcpConfig:
             raise ValueError("--acp-pods: duplicate pod names")
         if self.upstream_transport not in TRANSPORTS:
             raise ValueError(f"--acp-upstream must be one of {', '.join(TRANSPORTS)}")
-        if self.placement not in POLICIES:
-            raise ValueError(f"unknown placement policy {self.placement!r}")
-        if not 1 <= self.probe_timeout_ms <= 60_000:
-            raise ValueError("--probe-timeout-ms must be between 1 and 60000")
-        if self.negative_cache_ms < 0:
-            raise ValueError("--negative-cache-ms must be >= 0")
-        if self.retention_s <= 0:
-            raise ValueError("--retention-s must be > 0")
+        for shared in SHARED_SETTINGS:
+            check_setting(shared, getattr(self, shared))
         if self.connect_timeout_ms < 1 or self.fanout_timeout_ms < 1:
             raise ValueError("ACP timeouts must be >= 1 ms")
-        if self.health_interval_ms < 50:
-            raise ValueError("--health-interval-ms must be >= 50")
         if self.connection_idle_s <= 0:
             raise ValueError("connection_idle_s must be > 0")
         if self.list_max_pages < 1:
@@ -107,3 +114,24 @@ class AcpConfig:
     @property
     def connect_timeout_s(self) -> float:
         return self.connect_timeout_ms / 1000
+
+
+def acp_config_from_options(options: Mapping[str, Any],
+                            shared: Mapping[str, Any]) -> AcpConfig | None:
+    """`serve`'s ACP flags plus the already-converted shared settings -> AcpConfig, or None.
+
+    None when neither `--acp-listen` nor `--acp-pods` is given; ValueError when only one is, or
+    when the `acp` extra is missing (saying what to install).
+    """
+    listen, pods = options.get("acp_listen"), options.get("acp_pods")
+    if not listen and not pods:
+        return None
+    if not (listen and pods):
+        raise ValueError("--acp-listen and --acp-pods go together")
+    require_acp_extra()
+    return AcpConfig(
+        listen=listen,
+        pods=tuple(parse_acp_pod_list(pods)),
+        upstream_transport=options.get("acp_upstream") or WS,
+        **{name: shared[name] for name in SHARED_SETTINGS if name in shared},
+    )
