@@ -1,10 +1,19 @@
 """One running router: builds every component from a `RouterConfig` and owns their lifetimes.
 
-`Router` is the only place that creates background work: pods (health loops), watch feeds,
-the locator's store writer, the store's health loop, the gRPC server and the HTTP endpoint for
-metrics and health. `start()` brings them up in dependency order; `stop()` takes them down in
-reverse: stop accepting calls, let in-flight calls finish within the grace period, close feeds,
-close the store.
+`Router` is the only place that creates background work, and all of it runs under one
+`Supervisor` (`router.supervisor`, `router.supervisor` on the instance): the pods' health loops,
+the watch feeds, the locator's store writer and sweeper, the store's health loop, DNS discovery,
+the token-file watch, the readiness and drain-sync loops, and one-shot jobs (registry replays,
+the clean-up after a pod left). A service that crashes is logged with its traceback, counted in
+`macp_router_service_crashes_total{service}`, shown down in `/readyz`, `macp-router pods` and
+the status page, and restarted.
+
+`start()` and `stop()` run the stages of `_stages()` (`router.lifecycle`): started in order,
+stopped in reverse, each stop bounded and named in the log if it hangs. Stopping first ends the
+readiness loop, then stops accepting calls (health NOT_SERVING, open streams end with
+UNAVAILABLE at once, in-flight unary calls finish within the grace period), then the ACP front
+door, DNS discovery, the feeds and pods, the listeners, the locator (write-behind flushed), the
+store, the token watch, and last every service still running.
 """
 
 from __future__ import annotations
@@ -12,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -26,6 +37,7 @@ from router.aio import wait_event
 from router.config import RouterConfig, parse_host_port
 from router.credentials import FIX_HINT, RouterCredentials
 from router.discovery import DnsDiscovery, Resolver
+from router.lifecycle import Lifecycle, Stage
 from router.locator import Locator
 from router.metrics import Metrics
 from router.opshttp import OpsHttpServer, ops_app
@@ -35,6 +47,7 @@ from router.proxy import MacpProxy
 from router.scope import DiscoveryScope
 from router.statuspage import StatusPage
 from router.store import LocationStore, MemoryStore, StoreUnavailable
+from router.supervisor import ServiceState, Supervisor, service_kind
 from router.v1 import router_pb2_grpc
 from router.watch import WatchFeed
 
@@ -45,6 +58,9 @@ log = logging.getLogger("macp_router")
 
 FEED_START_WAIT_S = 10.0
 """How long start-up waits for the pods' first feed reconciles before serving anyway."""
+
+STOP_STEP_S = 5.0
+"""How long one shutdown stage may take (the servers: the shutdown grace plus this)."""
 
 
 class ListenError(RuntimeError):
@@ -98,6 +114,9 @@ class Router:
         self.config = config
         self.credentials = RouterCredentials(config.token, config.token_file)
         self.metrics = metrics or Metrics()
+        self.supervisor = Supervisor(on_crash=self._service_crashed,
+                                     on_state=self._service_changed)
+        """Runs every background service of this router (see the module docstring)."""
         self.store = make_store(config, self.metrics)
         self.pods = PodSet(
             credentials=pod_credentials(config),
@@ -158,14 +177,13 @@ class Router:
         self._http: OpsHttpServer | None = None
         self.metrics_port = 0
         self._health_snapshot: dict[str, Any] = {"ready": False, "reason": "starting"}
-        self._status_task: asyncio.Task[None] | None = None
         self._status_changed = asyncio.Event()
-        self._drain_task: asyncio.Task[None] | None = None
-        self._feed_closers: set[asyncio.Task[None]] = set()
+        self._grace_s = 0.0
+        self.lifecycle = Lifecycle(self._stages())
         self.discovery: DnsDiscovery | None = None
         if config.pods_dns:
             self.discovery = DnsDiscovery(
-                config.pods_dns, self.pods, resolver=resolver,
+                config.pods_dns, self.pods, supervisor=self.supervisor, resolver=resolver,
                 interval_s=config.dns_interval_s, on_forget=self.locator.forget_pod,
             )
         self.pods.on_join.append(self._pod_joined)
@@ -181,6 +199,7 @@ class Router:
         pod.answer_check = self.proxy.answers
         feed = WatchFeed(
             pod, self.locator, self.metrics,
+            supervisor=self.supervisor,
             metadata=self.credentials.metadata,
             on_connect=self.proxy.replay_broadcasts,
         )
@@ -189,17 +208,42 @@ class Router:
 
     def _pod_left(self, pod: Pod) -> None:
         feed = self.feeds.pop(pod.name, None)
-        task = asyncio.ensure_future(self._forget_pod_series(pod.name, feed))
-        self._feed_closers.add(task)
-        task.add_done_callback(self._feed_closers.discard)
+        stopping = feed.cancel() if feed is not None else None  # before its channels close
+        self._job(f"forget_pod:{pod.name}",
+                  functools.partial(self._forget_pod_series, pod.name, stopping))
 
-    async def _forget_pod_series(self, name: str, feed: WatchFeed | None) -> None:
-        """Once the pod's feed is closed (its last write), drop every series of the pod."""
+    async def _forget_pod_series(self, name: str, feed: asyncio.Task[None] | None) -> None:
+        """Once the pod's feed has stopped (its last write), drop every series of the pod."""
         if feed is not None:
-            await feed.aclose()
+            await asyncio.wait({feed}, timeout=STOP_STEP_S)
         if self.pods.get(name) is None:  # not re-added meanwhile
             self.metrics.remove_pod(name)
         self._refresh_health()
+
+    def _job(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
+        """A one-shot background job under the supervisor (none once the router is stopping)."""
+        if not self.supervisor.closing:
+            self.supervisor.spawn_job(name, body)
+
+    # -- background services: crash counts and states ---------------------------------------------
+    def _service_crashed(self, name: str, exc: BaseException) -> None:
+        self.metrics.record_service_crash(service_kind(name))
+
+    def _service_changed(self, state: ServiceState) -> None:
+        """A service went up or down: its kind's gauge, and /readyz at its next refresh."""
+        kind = state.kind
+        self.metrics.set_service_up(kind, all(
+            other.up for other in self.supervisor.states() if other.kind == kind))
+        self._status_changed.set()
+
+    def _services_snapshot(self) -> dict[str, dict[str, Any]]:
+        now = time.monotonic()
+        return {
+            state.name: {"up": state.up, "starts": state.starts, "crashes": state.crashes,
+                         "last_error": state.last_error,
+                         "for_s": round(now - state.since, 1)}
+            for state in self.supervisor.states()
+        }
 
     def _pod_health_changed(self, pod: Pod) -> None:
         self.metrics.set_pod_health(pod.name, pod.healthy, pod.draining)
@@ -207,9 +251,7 @@ class Router:
         if pod.healthy and pod.feed_up and not pod.registry_synced:
             # Unhealthy and back without its feed dropping (a blip, or a call it missed):
             # replay what it lacks now, since no feed reconnect will.
-            task = asyncio.ensure_future(self.proxy.replay_broadcasts(pod))
-            self._feed_closers.add(task)
-            task.add_done_callback(self._feed_closers.discard)
+            self._job(f"replay:{pod.name}", functools.partial(self.proxy.replay_broadcasts, pod))
         self._refresh_health()
 
     def _refresh_health(self) -> None:
@@ -245,6 +287,8 @@ class Router:
             "feeds_up": len(feeds_up),
             "store": {"kind": self.store.name, "degraded": self.store.degraded},
             "cached_sessions": len(self.locator.near),
+            "services": self._services_snapshot(),
+            "services_down": sorted(state.name for state in self.supervisor.down()),
             "discovery": (
                 {"dns": f"{self.discovery.host}:{self.discovery.port}",
                  "last_error": self.discovery.last_error,
@@ -349,17 +393,37 @@ class Router:
         await server.start()
         self.admin_server = server
 
-    async def start(self) -> None:
-        try:
-            await self._start()
-        except BaseException:
-            await self.stop(grace=0)
-            raise
+    def _stages(self) -> list[Stage]:
+        """The router's parts in start order; `stop()` runs them in reverse."""
+        serving_s = lambda: self._grace_s + STOP_STEP_S  # noqa: E731
+        return [
+            Stage("background services", stop=self.supervisor.aclose,
+                  stop_timeout_s=2 * STOP_STEP_S),
+            Stage("router token file watch", self._watch_token_file, self.credentials.aclose),
+            Stage("store", self.store.start, self.store.aclose),
+            Stage("locator", self._start_locator, self._stop_locator,
+                  stop_timeout_s=2 * STOP_STEP_S),
+            Stage("listeners", self._bind_listeners, self._close_listeners),
+            Stage("pods and their watch feeds", self._add_pods, self._close_pods,
+                  stop_timeout_s=2 * STOP_STEP_S),
+            Stage("DNS discovery", self._start_discovery, self._stop_discovery),
+            Stage("first health checks and feed reconciles", self._wait_for_pods),
+            Stage("ACP front door", self._start_acp, self._stop_acp, stop_timeout_s=serving_s),
+            Stage("gRPC server", self._serve, self._stop_serving, stop_timeout_s=serving_s),
+            Stage("readiness and drain sync", self._start_status_services,
+                  self._stop_status_services),
+        ]
 
-    async def _start(self) -> None:
-        self.credentials.start()
-        await self.store.start()
-        await self.locator.start()
+    async def start(self) -> None:
+        """Run the stages in order; if one fails, stop what started (at once) and raise."""
+        self._grace_s = 0.0
+        await self.lifecycle.start()
+
+    async def _watch_token_file(self) -> None:
+        self.credentials.start(self.supervisor)
+
+    async def _start_locator(self) -> None:
+        await self.locator.start(self.supervisor)
         resync = self.store.on_recovered
 
         async def recovered() -> None:
@@ -368,6 +432,13 @@ class Router:
             await self.proxy.replay_deferred()
 
         self.store.on_recovered = recovered
+
+    async def _stop_locator(self) -> None:
+        await self._flush_quietly()
+        await self.locator.aclose()
+
+    async def _bind_listeners(self) -> None:
+        """Bind the gRPC port (serving starts last), start the admin and HTTP endpoints."""
         server = grpc.aio.server(options=self._server_options())
         if self.config.admin_on_main_port:
             router_pb2_grpc.add_RouterAdminServicer_to_server(self.admin, server)
@@ -384,10 +455,38 @@ class Router:
         self.server = server
         await self._start_admin_server()
         self._start_http()
+
+    async def _close_listeners(self) -> None:
+        if self.server is not None:  # bound but never served: a start that failed
+            await self.server.stop(0)
+            self.server = None
+        if self.admin_server is not None:
+            await self.admin_server.stop(0)
+            self.admin_server = None
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    async def _add_pods(self) -> None:
         for spec in self.config.pods:
-            self.pods.add(spec)
+            self.pods.add(spec)  # its health loop and watch feed start (on_join)
+
+    async def _close_pods(self) -> None:
+        feeds = list(self.feeds.values())
+        self.feeds.clear()
+        await asyncio.gather(*(feed.aclose() for feed in feeds))
+        await self.pods.aclose()
+
+    async def _start_discovery(self) -> None:
         if self.discovery is not None:
             self.discovery.start()
+
+    async def _stop_discovery(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.aclose()
+
+    async def _wait_for_pods(self) -> None:
+        """Bounded: every pod checked once, each healthy pod's feed reconciled once."""
         # Serve only once every pod has had one health check, so the first calls after "ready"
         # are not refused for want of a known-healthy pod (bounded: a dead pod stays down).
         await asyncio.gather(*(pod.wait_checked(self.config.health_interval_ms / 1000 + 1)
@@ -400,16 +499,44 @@ class Router:
             for feed in list(self.feeds.values())))
         await self._sync_draining()
         self._refresh_health()
-        if self.acp is not None:
-            try:
-                await self.acp.start()
-            except OSError as exc:
-                raise ListenError(
-                    f"cannot listen on --acp-listen {self.acp.config.listen}: {exc.strerror}"
-                ) from None
-        await server.start()
-        self._status_task = asyncio.create_task(self._status_loop(), name="router-status")
-        self._drain_task = asyncio.create_task(self._drain_sync_loop(), name="drain-sync")
+
+    async def _start_acp(self) -> None:
+        if self.acp is None:
+            return
+        try:
+            await self.acp.start()
+        except OSError as exc:
+            raise ListenError(
+                f"cannot listen on --acp-listen {self.acp.config.listen}: {exc.strerror}"
+            ) from None
+
+    async def _stop_acp(self) -> None:
+        if self.acp is not None and self.acp.started:
+            await self.acp.aclose()
+
+    async def _serve(self) -> None:
+        assert self.server is not None
+        await self.server.start()
+
+    async def _stop_serving(self) -> None:
+        """No new calls; open streams end now (UNAVAILABLE); unary calls get the grace."""
+        if self.server is None:
+            return
+        self._health_snapshot = {**self._health_snapshot, "ready": False,
+                                 "reason": "shutting down"}
+        for service in ("", routes.SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.proxy.end_streams()
+        await self.server.stop(self._grace_s)
+        self.server = None
+
+    async def _start_status_services(self) -> None:
+        self.supervisor.spawn("status", self._status_loop)
+        self.supervisor.spawn("drain_sync", self._drain_sync_loop)
+
+    async def _stop_status_services(self) -> None:
+        await self.supervisor.stop("status")
+        await self.supervisor.stop("drain_sync")
 
     @property
     def address(self) -> str:
@@ -432,57 +559,15 @@ class Router:
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let in-flight calls finish within `grace`, then close everything.
 
-        Every step is bounded: a step that does not finish is logged by name and skipped, so
-        SIGTERM always ends the process.
+        The stages stop in reverse order, each bounded: a stage that does not finish is named
+        in the log and skipped, so SIGTERM always ends the process.
         """
-        grace = self.config.shutdown_grace_s if grace is None else grace
-        if self.acp is not None and self.acp.started:
-            await self._bounded("ACP front door", self.acp.aclose(), grace + 5)
-        if self.admin_server is not None:
-            await self._bounded("admin server", self.admin_server.stop(0))
-            self.admin_server = None
-        if self.server is not None:
-            for service in ("", routes.SERVICE):
-                await self._bounded("health status",
-                                    self.health.set(service,
-                                                    health_pb2.HealthCheckResponse.NOT_SERVING))
-            self.proxy.end_streams()
-            await self._bounded("gRPC server", self.server.stop(grace), grace + 5)
-            self.server = None
-        if self.discovery is not None:
-            await self._bounded("DNS discovery", self.discovery.aclose())
-        for task in (self._status_task, self._drain_task):
-            if task is not None:
-                task.cancel()
-                await self._bounded(task.get_name(), asyncio.gather(task,
-                                                                    return_exceptions=True))
-        for feed in list(self.feeds.values()):
-            await self._bounded(f"watch feed of pod {feed.pod.name}", feed.aclose())
-        self.feeds.clear()
-        if self._feed_closers:
-            await self._bounded("watch feeds of removed pods",
-                                asyncio.gather(*self._feed_closers, return_exceptions=True))
-        await self._bounded("store write-behind", self._flush_quietly())
-        await self._bounded("locator", self.locator.aclose())
-        await self._bounded("pod channels", self.pods.aclose())
-        await self._bounded("store", self.store.aclose())
-        await self._bounded("router token file watch", self.credentials.aclose())
-        if self._http is not None:
-            self._http.close()
-            self._http = None
+        self._grace_s = self.config.shutdown_grace_s if grace is None else grace
+        await self.lifecycle.stop()
 
     async def _flush_quietly(self) -> None:
         with contextlib.suppress(StoreUnavailable, RuntimeError):  # store never started
             await self.locator.flush()
-
-    @staticmethod
-    async def _bounded(what: str, step: Awaitable[object], timeout: float = 5.0) -> None:
-        try:
-            async with asyncio.timeout(timeout):
-                await step
-        except TimeoutError:
-            log.warning("shutdown: %s did not finish within %.0fs; going on without it",
-                        what, timeout)
 
     async def __aenter__(self) -> Router:
         await self.start()

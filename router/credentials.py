@@ -8,7 +8,10 @@ Kubernetes Secret); the next call uses the new token, no restart needed.
 
 Invariants:
 - The token itself is never logged; log lines name the file and what happened.
-- A file that cannot be read, or reads empty, keeps the last good token (and says so once).
+- A file that cannot be read, is not UTF-8 text, or reads empty, keeps the last good token
+  (and says so once).
+- The file watch runs as the router supervisor's service `token_file`: an unexpected exception
+  is logged with its traceback, counted and the watch restarted; it never stops silently.
 - `metadata` is a live view: code that stored it sends the current token on every call.
 - The runtime reads `authorization: Bearer <token>`; a token entry for the router on a
   v0.6.1 runtime is `{"token": "...", "sender": "macp-router", "is_observer": true,
@@ -19,13 +22,13 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from typing import overload
 
 from router.logs import register_secrets
+from router.supervisor import Supervisor
 
 log = logging.getLogger("macp_router.credentials")
 
@@ -75,7 +78,8 @@ class RouterCredentials:
         self.reloads = 0
         self._stamp: tuple[int, int, int] | None = None
         self._read_error = ""
-        self._task: asyncio.Task[None] | None = None
+        self._supervisor: Supervisor | None = None
+        self.service = "token_file"
         self.metadata: Sequence[tuple[str, str]] = _LiveMetadata(self)
         if token_file:
             self._load(initial=True)
@@ -101,10 +105,11 @@ class RouterCredentials:
                 return False
             with open(path, encoding="utf-8") as handle:
                 token = handle.read().strip()
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             if initial:
                 raise
-            problem = f"cannot read {path} ({exc.strerror or exc}); keeping the last token"
+            reason = (exc.strerror or exc) if isinstance(exc, OSError) else "not UTF-8 text"
+            problem = f"cannot read {path} ({reason}); keeping the last token"
             if problem != self._read_error:
                 log.error("router token file: %s", problem)
                 self._read_error = problem
@@ -126,9 +131,11 @@ class RouterCredentials:
             log.info("router token re-read from %s (changed); new calls use it", path)
         return changed
 
-    def start(self) -> None:
-        if self.token_file and self._task is None:
-            self._task = asyncio.create_task(self._watch(), name="router-token-file")
+    def start(self, supervisor: Supervisor) -> None:
+        """Watch the token file (if any) as `supervisor`'s service `token_file`."""
+        if self.token_file and not supervisor.running(self.service):
+            self._supervisor = supervisor
+            supervisor.spawn(self.service, self._watch)
 
     async def _watch(self) -> None:
         while True:
@@ -140,8 +147,6 @@ class RouterCredentials:
         return bool(self.token_file) and self._load()
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        if self._supervisor is not None:
+            await self._supervisor.stop(self.service)
+            self._supervisor = None

@@ -12,6 +12,8 @@ Invariants:
   for `grace_s` *and* the pod is not answering; a DNS hiccup never drops a live pod.
 - A resolution failure keeps the current pod set and is reported (`last_error`, readiness), and
   resolution is retried at the next interval. Start-up never fails because DNS is not ready yet.
+- The loop runs as the router supervisor's service `dns`: an unexpected exception is logged with
+  its traceback, counted, shown in `last_error` and the loop restarted with backoff.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Protocol
 
 from router.aio import wait_event
 from router.pods import PodSet, PodSpec
+from router.supervisor import Supervisor
 
 log = logging.getLogger("macp_router.discovery")
 
@@ -64,6 +67,7 @@ class DnsDiscovery:
         target: str,
         pods: PodSet,
         *,
+        supervisor: Supervisor,
         resolver: Resolver | None = None,
         interval_s: float = 5.0,
         grace_s: float = 30.0,
@@ -81,32 +85,35 @@ class DnsDiscovery:
         self.resolutions = 0
         self._missing_since: dict[str, float] = {}
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._supervisor = supervisor
+        self.service = "dns"
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"dns:{self.host}")
+        if not self._supervisor.running(self.service):
+            self._supervisor.spawn(self.service, self._run)
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._supervisor.stop(self.service)
 
     def refresh_now(self) -> None:
         self._wake.set()
 
     async def _run(self) -> None:
-        while True:
-            await self.refresh()
-            self._wake.clear()
-            await wait_event(self._wake, self.interval_s)
+        try:
+            while True:
+                await self.refresh()
+                self._wake.clear()
+                await wait_event(self._wake, self.interval_s)
+        except Exception as exc:
+            self.last_error = (f"DNS discovery of {self.host} crashed ({type(exc).__name__}: "
+                               f"{exc}); restarting")
+            raise
 
     async def refresh(self) -> None:
         """Resolve once and reconcile the pod set with the answer."""
         try:
             found = await self.resolver.resolve(self.host, self.port)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode
             message = f"DNS name {self.host} did not resolve: {exc}; retrying every " \
                       f"{self.interval_s:g}s"
             if message != self.last_error:

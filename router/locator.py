@@ -27,6 +27,9 @@ Invariants:
   reconcile no longer lists it.
 - Store failures never fail a lookup: they degrade it to the near-cache and probes. A
   placement without the store takes the sid's rendezvous-hash pod, the same on every replica.
+- The store writer and the sweeper run as supervised services (`store_writer:<protocol>`,
+  `sweeper:<protocol>`): an unexpected exception is logged, counted and the loop restarted;
+  a batch whose write raised goes back to the pending writes, so it is written later.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from router.store import (
     StoreUnavailable,
     now_ms,
 )
+from router.supervisor import Supervisor
 
 log = logging.getLogger("macp_router.locator")
 
@@ -254,25 +258,36 @@ class Locator:
         self._pending_writes: dict[str, Location] = {}
         self._write_wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task[object]] = set()
-        self._writer: asyncio.Task[None] | None = None
-        self._sweeper: asyncio.Task[None] | None = None
+        self._supervisor: Supervisor | None = None
+        self._own_supervisor = False
+        self.services = (f"store_writer:{protocol}", f"sweeper:{protocol}")
+        """The names of the locator's loops in the supervisor."""
         self.store_writes_failed = 0
         metrics.watch_cached_sessions(self.near.counts, protocol)
 
     # -- lifecycle ---------------------------------------------------------------------------
-    async def start(self) -> None:
-        self._writer = asyncio.create_task(self._write_loop(), name="locator-store-writer")
-        self._sweeper = asyncio.create_task(self._sweep_loop(), name="locator-sweeper")
+    async def start(self, supervisor: Supervisor | None = None) -> None:
+        """Run the store writer and the sweeper as `supervisor`'s services (the router's;
+        a private supervisor when none is given)."""
+        self._own_supervisor = supervisor is None
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
+        writer, sweeper = self.services
+        self._supervisor.spawn(writer, self._write_loop)
+        self._supervisor.spawn(sweeper, self._sweep_loop)
         self.store.on_recovered = self.resync_store
 
     async def aclose(self) -> None:
-        for task in [self._writer, self._sweeper, *self._tasks]:
-            if task is not None:
-                task.cancel()
-        for task in [self._writer, self._sweeper, *self._tasks]:
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        for task in self._tasks:
+            task.cancel()
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None and self._own_supervisor:
+            await supervisor.aclose()
+        elif supervisor is not None:
+            for name in self.services:
+                await supervisor.stop(name)
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         self._tasks.clear()
 
     def _spawn(self, coro: Awaitable[object], name: str) -> None:
@@ -637,6 +652,10 @@ class Locator:
             except StoreUnavailable:
                 self.store_writes_failed += len(batch)
                 return
+            except BaseException:  # a crash or a cancel: the batch is written later
+                self._pending_writes = {**batch, **self._pending_writes}
+                self._write_wakeup.set()
+                raise
 
     async def _write_loop(self) -> None:
         while True:

@@ -18,10 +18,14 @@ Series lifecycle (what dashboards and alerts rely on):
   writes for a removed pod's gauges are ignored.
 - `macp_router_pods` / `macp_router_healthy_pods` count pods per protocol, so "no healthy pod"
   is a series at 0 even when the router has no pod at all.
+- Background services (`router.supervisor`) are counted by kind (`watch`, `store_writer`, ...,
+  a word fixed in code, never a pod or session): a kind's crash counter and `service_up` gauge
+  exist from its first start.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -45,6 +49,8 @@ WATCH_EVENTS = frozenset(
     {"created", "resolved", "expired", "suspended", "resumed", "cancelled", "unspecified"}
 )
 GRPC_CODES = frozenset(code.name for code in grpc.StatusCode)
+SERVICE_KIND = re.compile(r"[a-z][a-z0-9_]{0,31}")
+"""What a background service kind looks like; anything else is exported as "unknown"."""
 UNKNOWN = "unknown"
 
 LATENCY_BUCKETS = (
@@ -232,6 +238,18 @@ class Metrics:
             "Pods that answer health checks; 0 also when the router has no pod at all",
             ["protocol"], registry=r,
         )
+        self.service_crashes = Counter(
+            "macp_router_service_crashes",
+            "Background services that raised an unexpected exception (logged with its traceback; "
+            "the service is restarted with backoff), by service kind",
+            ["service"], registry=r,
+        )
+        self.service_up = Gauge(
+            "macp_router_service_up",
+            "1 while every background service of this kind runs; 0 while one is down (crashed "
+            "and waiting for its restart)",
+            ["service"], registry=r,
+        )
         self._cached_sessions = _CachedSessionsCollector(self.known_pods)
         r.register(self._cached_sessions)
         self.recent_placements: deque[Placement] = deque(maxlen=RECENT_PLACEMENTS)
@@ -376,6 +394,15 @@ class Metrics:
     def set_pod_credentials_rejected(self, pod: str, rejected: bool) -> None:
         if pod in self.known_pods:
             self.pod_credentials_rejected.labels(pod).set(1 if rejected else 0)
+
+    def set_service_up(self, kind: str, up: bool) -> None:
+        """A background service kind's state (its crash counter starts at 0 with it)."""
+        label = kind if SERVICE_KIND.fullmatch(kind) else UNKNOWN
+        self.service_crashes.labels(label)
+        self.service_up.labels(label).set(1 if up else 0)
+
+    def record_service_crash(self, kind: str) -> None:
+        self.service_crashes.labels(kind if SERVICE_KIND.fullmatch(kind) else UNKNOWN).inc()
 
     def observe_redis(self, command: str, seconds: float) -> None:
         self.redis_command_duration.labels(command.lower()[:32]).observe(seconds)

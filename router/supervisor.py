@@ -146,10 +146,18 @@ class Supervisor:
         """Services that are not running right now (crashed and waiting, or finished)."""
         return [state for state in self._states.values() if not state.up]
 
-    async def stop(self, name: str) -> None:
-        """Cancel one service and wait for it (bounded); forget its state."""
+    def cancel(self, name: str) -> asyncio.Task[None] | None:
+        """Cancel one service now and forget its state (for synchronous callers: a pod
+        leaving); returns its task so the caller can wait for it, or None if none ran."""
         task = self._tasks.pop(name, None)
         self._states.pop(name, None)
+        if task is not None:
+            task.cancel()
+        return task
+
+    async def stop(self, name: str) -> None:
+        """Cancel one service and wait for it (bounded); forget its state."""
+        task = self.cancel(name)
         if task is not None:
             await self._cancel({name: task})
 

@@ -12,13 +12,18 @@ Invariants:
 - Reconnects use exponential backoff with jitter, capped (default 2 s), reset after a healthy
   connection; a pod that restarts replays its sessions as CREATED and is re-learned.
 - Every (re)connect calls `on_connect(pod)` (broadcast replay) before the feed is marked up.
-- The feed's task is owned by the feed: `start()` creates it, `aclose()` cancels it.
+- The feed runs as the router supervisor's service `watch:<pod>` (`start()` spawns it,
+  `aclose()` stops it). Failures a pod can cause (a dropped stream, an RPC error, bytes that do
+  not parse, a listing too large) are the feed's own: logged in one line, reconnected with the
+  feed's backoff. Any other exception is a crash: the supervisor logs it with its traceback,
+  counts it and restarts the feed. Whichever way the feed stops, `pod.feed_up` and
+  `macp_router_watch_up` go to 0 before anything else runs: a feed that is not following its
+  pod is never reported up.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -33,6 +38,7 @@ from router.aio import wait_event
 from router.locator import Locator
 from router.metrics import Metrics
 from router.pods import Pod
+from router.supervisor import Backoff, Supervisor
 
 log = logging.getLogger("macp_router.watch")
 
@@ -61,6 +67,11 @@ SESSION_STATES = {
 
 def session_state(metadata: core_pb2.SessionMetadata, fallback: str = store.OPEN) -> str:
     return SESSION_STATES.get(metadata.state, fallback)
+
+
+class FeedError(ValueError):
+    """A pod answered the feed or its reconcile with something no runtime sends (bytes that do
+    not parse, a listing whose paging never ends): the feed reconnects."""
 
 
 class ListTooLarge(RuntimeError):
@@ -105,7 +116,7 @@ async def list_all_sessions(
         try:
             page = core_pb2.ListSessionsResponse.FromString(raw)
         except DecodeError as exc:
-            raise ValueError(
+            raise FeedError(
                 f"pod {pod.name} answered ListSessions with bytes that are not a "
                 f"ListSessionsResponse ({exc}): is it a MACP runtime of a supported version?"
             ) from None
@@ -113,7 +124,7 @@ async def list_all_sessions(
         token = page.next_page_token
         if not token:
             return sessions
-    raise RuntimeError(f"pod {pod.name}: ListSessions paging did not end")
+    raise FeedError(f"pod {pod.name}: ListSessions paging did not end after 100000 pages")
 
 
 class WatchFeed:
@@ -123,6 +134,7 @@ class WatchFeed:
         locator: Locator,
         metrics: Metrics,
         *,
+        supervisor: Supervisor,
         metadata: Sequence[tuple[str, str]] = (),
         list_timeout_s: float = 30.0,
         backoff_base_s: float = 0.1,
@@ -142,7 +154,9 @@ class WatchFeed:
         self.reconnects = 0
         self.last_error = ""
         self._changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._supervisor = supervisor
+        self.service = f"watch:{pod.name}"
+        """The feed's name in the supervisor (its kind, `watch`, labels the crash counter)."""
         self._seen_on_connection: set[str] = set()
         self._reconciling = False
 
@@ -151,15 +165,18 @@ class WatchFeed:
         return self.pod.feed_up
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"watch:{self.pod.name}")
+        if not self._supervisor.running(self.service):
+            self._supervisor.spawn(self.service, self._run,
+                                   backoff=Backoff(self.backoff_base_s, self.backoff_max_s))
+
+    def cancel(self) -> asyncio.Task[None] | None:
+        """Stop following now, without waiting (a pod leaving); the task, to wait for it."""
+        task = self._supervisor.cancel(self.service)
+        self._set_up(False)
+        return task
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._supervisor.stop(self.service)
         self._set_up(False)
 
     async def wait_for(self, predicate: Callable[[WatchFeed], bool], timeout: float) -> bool:
@@ -182,6 +199,23 @@ class WatchFeed:
             self.metrics.watch_up.labels(self.metrics.pod_label(self.pod.name)).set(int(up))
 
     async def _run(self) -> None:
+        """The service body: follow the pod, reconnecting after the failures a pod can cause.
+
+        Leaves only by cancellation or an unexpected exception (a crash, for the supervisor);
+        either way the feed is down before the exception goes on.
+        """
+        try:
+            await self._follow_forever()
+        except BaseException as exc:
+            self._set_up(False)
+            if not isinstance(exc, asyncio.CancelledError):
+                self.last_error = f"feed crashed: {type(exc).__name__}: {exc}"
+                self.reconnects += 1
+                self.metrics.watch_reconnects.labels(self.metrics.pod_label(self.pod.name)).inc()
+            self._notify()
+            raise
+
+    async def _follow_forever(self) -> None:
         failures = 0
         while True:
             started = time.monotonic()
@@ -201,7 +235,7 @@ class WatchFeed:
                 outcome = str(exc)
                 if outcome != self.last_error:
                     log.error("watch feed of pod %s cannot reconcile: %s", self.pod.name, exc)
-            except (ValueError, RuntimeError) as exc:  # unparsable event or listing
+            except FeedError as exc:  # unparsable event or listing
                 outcome = f"feed error: {exc}"
             self._set_up(False)
             self.last_error = outcome
@@ -246,7 +280,7 @@ class WatchFeed:
             try:
                 event = core_pb2.WatchSessionsResponse.FromString(raw).event
             except DecodeError as exc:
-                raise ValueError(
+                raise FeedError(
                     f"pod {self.pod.name} sent WatchSessions bytes that are not a "
                     f"WatchSessionsResponse ({exc}): is it a MACP runtime of a supported "
                     "version? The feed reconnects; until it reconciles the pod takes no new "

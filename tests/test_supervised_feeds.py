@@ -1,0 +1,217 @@
+"""A watch feed that fails in a way nobody planned for is reported down, and comes back.
+
+The pod is a small raw-bytes grpc.aio server on loopback (`ScriptedPod`): health SERVING, an
+open WatchSessions that sends what the test pushes, and a ListSessions for the router's
+reconcile that the test can hold (so the feed's down state lasts until the test has looked at
+it) and that lists the sessions the test gives it.
+
+Two faults: an unparsable event (bytes that are no WatchSessionsResponse), and an event whose
+handling raises an exception type the feed does not expect (protobuf's `DecodeError` raised
+inside the router, which is neither ValueError nor RuntimeError). Either way the feed must be
+down everywhere an operator looks (`pod.feed_up`, `macp_router_watch_up`, `/readyz`) until it
+has resubscribed and reconciled, and then be up again with the pod's sessions learned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from macp.v1 import core_pb2, envelope_pb2
+
+from router.app import Router
+from router.config import RouterConfig
+from router.pods import PodSpec
+from tests.waiting import eventually
+
+SERVICE = "macp.v1.MACPRuntimeService"
+GARBAGE = b"\xff\xff\xff\xff"  # a truncated varint: no protobuf message parses from it
+SID = "5b0c3f7e-0d7a-4f0e-9d55-2f1f7c8f6a01"
+POISON = "9e1d6c2a-3b4f-4c8e-8a7d-6f5e4d3c2b10"
+
+
+def created(sid: str) -> bytes:
+    return core_pb2.WatchSessionsResponse(event=core_pb2.SessionLifecycleEvent(
+        event_type=core_pb2.SessionLifecycleEvent.EventType.EVENT_TYPE_CREATED,
+        session=core_pb2.SessionMetadata(session_id=sid, state=envelope_pb2.SESSION_STATE_OPEN),
+    )).SerializeToString()
+
+
+class ScriptedPod:
+    """A pod whose watch stream sends what `push` gives it and whose listing can be held."""
+
+    def __init__(self) -> None:
+        self.address = ""
+        self.subscriptions = 0
+        self.listings = 0
+        self.sessions: list[str] = []
+        self.listing_open = asyncio.Event()
+        self.listing_open.set()
+        self._watchers: list[asyncio.Queue[bytes]] = []
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        server = grpc.aio.server()
+        servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        server.add_generic_rpc_handlers((self._handler(),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.address, self._server = f"127.0.0.1:{port}", server
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(0)
+
+    def push(self, raw: bytes) -> None:
+        """Send `raw` on every open WatchSessions stream."""
+        for queue in self._watchers:
+            queue.put_nowait(raw)
+
+    def _handler(self) -> grpc.GenericRpcHandler:
+        pod = self
+
+        async def watch(_request: bytes, _context: grpc.aio.ServicerContext
+                        ) -> AsyncIterator[bytes]:
+            pod.subscriptions += 1
+            queue: asyncio.Queue[bytes] = asyncio.Queue()
+            pod._watchers.append(queue)
+            try:
+                while True:
+                    yield await queue.get()
+            finally:
+                pod._watchers.remove(queue)
+
+        async def list_sessions(_request: bytes, _context: grpc.aio.ServicerContext) -> bytes:
+            await pod.listing_open.wait()
+            pod.listings += 1
+            return core_pb2.ListSessionsResponse(sessions=[
+                core_pb2.SessionMetadata(session_id=sid, state=envelope_pb2.SESSION_STATE_OPEN)
+                for sid in pod.sessions
+            ]).SerializeToString()
+
+        async def empty(_request: bytes, _context: grpc.aio.ServicerContext) -> bytes:
+            return b""  # registry listings: nothing registered
+
+        class Handler(grpc.GenericRpcHandler):
+            def service(self, details):  # type: ignore[no-untyped-def]
+                if not details.method.startswith(f"/{SERVICE}/"):
+                    return None
+                method = details.method.rsplit("/", 1)[-1]
+                if method == "WatchSessions":
+                    return grpc.unary_stream_rpc_method_handler(watch)
+                if method == "ListSessions":
+                    return grpc.unary_unary_rpc_method_handler(list_sessions)
+                if method in ("ListPolicies", "ListExtModes", "ListModes"):
+                    return grpc.unary_unary_rpc_method_handler(empty)
+                return None
+
+        return Handler()
+
+
+@pytest.fixture
+async def scripted():  # type: ignore[no-untyped-def]
+    """(pod, router) with the router's feed of the pod up and /readyz served."""
+    pod = ScriptedPod()
+    await pod.start()
+    router = Router(RouterConfig(listen="127.0.0.1:0", pods=(PodSpec("p", pod.address),),
+                                 token="router", health_interval_ms=200,
+                                 metrics_listen="127.0.0.1:0"))
+    try:
+        await router.start()
+        assert await router.wait_ready(10), router.feeds["p"].last_error
+        yield pod, router
+    finally:
+        await router.stop(grace=0)
+        await pod.stop()
+
+
+def readyz(router: Router) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{router.metrics_port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return dict(json.loads(answer.read()))
+    except urllib.error.HTTPError as exc:  # 503 carries the same JSON
+        return dict(json.loads(exc.read()))
+
+
+async def readyz_feed_up(router: Router) -> bool:
+    return bool((await asyncio.to_thread(readyz, router))["pods"]["p"]["feed_up"])
+
+
+def watch_up(router: Router) -> float | None:
+    return router.metrics.registry.get_sample_value("macp_router_watch_up", {"pod": "p"})
+
+
+def crashes(router: Router) -> float:
+    return router.metrics.registry.get_sample_value(
+        "macp_router_service_crashes_total", {"service": "watch"}) or 0.0
+
+
+async def assert_down_then_back(pod: ScriptedPod, router: Router, subscriptions: int) -> None:
+    """The feed is down everywhere while its reconcile is held; released, it comes back."""
+    routed = router.pods.get("p")
+    assert routed is not None
+    feed = router.feeds["p"]
+    await eventually(lambda: not routed.feed_up, timeout=5, what="pod.feed_up False")
+    assert watch_up(router) == 0
+    await eventually(lambda: pod.subscriptions > subscriptions, timeout=10,
+                     what="the feed resubscribed")
+
+    async def readyz_says_down() -> bool:
+        return not await readyz_feed_up(router)
+
+    await eventually(readyz_says_down, timeout=5, what="/readyz: feed down")
+    assert not routed.feed_up and watch_up(router) == 0, "still down: the reconcile is held"
+    assert not routed.placeable and "feed" in routed.not_placeable_reason
+    reconciles = feed.reconciles
+
+    pod.sessions = [SID]  # the pod gained a session while its feed was down
+    pod.listing_open.set()
+    await eventually(lambda: routed.feed_up and feed.reconciles > reconciles, timeout=10,
+                     what="the feed reconciled and is up again")
+    assert watch_up(router) == 1
+    assert router.locator.near.get(SID) == "p", "the reconcile learned the pod's session"
+    await eventually(lambda: readyz_feed_up(router), timeout=5, what="/readyz: feed up")
+
+
+async def test_a_feed_hit_by_an_unparsable_event_is_reported_down_and_comes_back(scripted):
+    pod, router = scripted
+    subscriptions = pod.subscriptions
+    pod.listing_open.clear()  # hold the next reconcile: the down state must be observable
+    pod.push(GARBAGE)
+    await assert_down_then_back(pod, router, subscriptions)
+    assert router.feeds["p"].last_error.startswith("feed error: pod p sent WatchSessions bytes")
+
+
+async def test_an_unexpected_exception_in_a_feed_is_a_crash_reported_down_and_restarted(
+    scripted, monkeypatch
+):
+    """Before the feeds ran under the supervisor, this exception type ended the feed's task
+    for good while `feed_up` stayed True."""
+    pod, router = scripted
+    observe = router.locator.observe
+
+    def observe_or_raise(pod_name: str, sid: str, state: str, incarnation: str = "") -> None:
+        if sid == POISON:
+            raise DecodeError("Error parsing message with type 'macp.v1.SessionMetadata'")
+        observe(pod_name, sid, state, incarnation)
+
+    monkeypatch.setattr(router.locator, "observe", observe_or_raise)
+    subscriptions = pod.subscriptions
+    pod.listing_open.clear()
+    pod.push(created(POISON))
+    await assert_down_then_back(pod, router, subscriptions)
+    assert crashes(router) == 1
+    state = router.supervisor.state("watch:p")
+    assert state is not None and state.up and state.crashes == 1
+    assert state.last_error.startswith("DecodeError: Error parsing message")
