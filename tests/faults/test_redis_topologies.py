@@ -45,7 +45,7 @@ from tests.redis_fixture import RedisClusterServers, RedisSentinelGroup
 # raised as an operator would for such a client.
 POD_LIMITS = {"start_limit_per_minute": 100_000, "message_limit_per_minute": 1_000_000}
 RACES = 0.08
-SHARDS_MOVED = 4
+SHARDS_MOVED = 3
 
 
 def pod_list(pods) -> str:  # type: ignore[no-untyped-def]
