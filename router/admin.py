@@ -15,8 +15,9 @@ import logging
 import grpc
 
 from router import __version__
+from router.core.status import LIVE, NOT_FOUND
 from router.credentials import FIX_HINT
-from router.locator import LIVE, NOT_FOUND, SOURCE_CACHE, Located, Locator
+from router.locator import SOURCE_CACHE, Located, Locator
 from router.metrics import Metrics
 from router.pods import Pod, PodSet
 from router.scope import bearer_token
@@ -93,7 +94,7 @@ class RouterAdmin(router_pb2_grpc.RouterAdminServicer):
                 f"also reported by pod(s) {', '.join(also_on)}: routed to {located_pod} until "
                 "it no longer holds it (pods must not share storage)")
         return router_pb2.SessionStatusResponse(
-            status=status, pod=located_pod, source=source, state=state,
+            status=str(status), pod=located_pod, source=source, state=state,
             unknown_pods=list(located.unknown_pods), detail=detail, also_on=also_on,
         )
 

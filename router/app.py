@@ -43,7 +43,7 @@ from router.metrics import Metrics
 from router.opshttp import OpsHttpServer, ops_app
 from router.placement import make_policy
 from router.pods import Pod, PodSet
-from router.proxy import MacpProxy
+from router.macp import MacpProxy
 from router.scope import DiscoveryScope
 from router.statuspage import StatusPage
 from router.store import LocationStore, MemoryStore, StoreUnavailable

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from router import tracing
+from router.core.status import LIVE, NOT_FOUND, UNKNOWN, LocateStatus
 from router.metrics import Metrics
 from router.placement import PlacementPolicy, rendezvous
 from router.store import (
@@ -59,16 +60,13 @@ from router.supervisor import Supervisor
 
 log = logging.getLogger("macp_router.locator")
 
-LIVE = "live"
-NOT_FOUND = "not_found"
-UNKNOWN = "unknown"
-
 SOURCE_CACHE = "cache"
 SOURCE_STORE = "store"
 SOURCE_PROBE = "probe"
 SOURCE_NEGATIVE = "negative_cache"
 
 ProbeFn = Callable[[str, str], Awaitable[str]]
+"""(pod, sid) -> a `LocateStatus` (a plain "live" / "not_found" string is read the same)."""
 
 
 class PodRoster(Protocol):
@@ -81,7 +79,7 @@ class PodRoster(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Located:
-    status: str
+    status: LocateStatus
     pod: str | None
     source: str
     unknown_pods: tuple[str, ...] = ()
@@ -418,7 +416,8 @@ class Locator:
             return Located(UNKNOWN, None, SOURCE_PROBE, tuple(sorted(unknown)))
         return Located(NOT_FOUND, None, SOURCE_PROBE)
 
-    async def _probe_one(self, pod: str, sid: str) -> str:
+    async def _probe_one(self, pod: str, sid: str) -> LocateStatus:
+        answer: object
         try:
             async with asyncio.timeout(self.probe_timeout_s):
                 answer = await self.probe(pod, sid)
@@ -430,8 +429,7 @@ class Locator:
         except Exception as exc:  # an adapter bug must not turn into not_found
             log.warning("probe of %s on pod %s failed: %r", sid, pod, exc)
             answer = UNKNOWN
-        if answer not in (LIVE, NOT_FOUND):
-            answer = UNKNOWN
+        answer = LocateStatus.of(answer)
         self.metrics.record_probe(self.protocol, pod, answer)
         return answer
 

@@ -130,6 +130,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.unexpected_errors = Counter(
+            "macp_router_unexpected_errors",
+            "Calls that ended with an unexpected exception (a router bug), answered INTERNAL",
+            ["protocol", "method"],
+            registry=r,
+        )
         self.locate = Counter(
             "macp_router_locate",
             "Session lookups by result (hit, store_hit, probe_hit, not_found, negative_hit, "
@@ -354,6 +360,11 @@ class Metrics:
         counter.inc()  # type: ignore[attr-defined]
         histogram.observe(seconds)  # type: ignore[attr-defined]
         log_call(protocol, method, route, pod, code, seconds)
+
+    def record_unexpected(self, protocol: str, method: str) -> None:
+        """A call ended with an unexpected exception (see `router.core.errors`)."""
+        self.unexpected_errors.labels(bounded(protocol, PROTOCOLS),
+                                      bounded(method, self.known_methods)).inc()
 
     def record_locate(self, protocol: str, result: str) -> None:
         key = (protocol, result)

@@ -37,6 +37,7 @@ import grpc
 
 from router import __version__
 from router.admin import RouterAdmin
+from router.core.status import LocateStatus
 from router.logs import short_sid
 from router.metrics import Metrics
 from router.v1 import router_pb2
@@ -265,7 +266,7 @@ class StatusPage:
             reply = self.session_status(sid)
         except AdminRefused as exc:
             return f"<p class=error id=lookup-result>{esc(exc.details)}</p>"
-        css = {"live": "ok", "not_found": "warn"}.get(reply.status, "bad")
+        css = {LocateStatus.LIVE: "ok", LocateStatus.NOT_FOUND: "warn"}.get(reply.status, "bad")
         parts = [f"<p id=lookup-result><code>{esc(sid)}</code>: "
                  f"<strong class={css} id=lookup-status>{esc(reply.status)}</strong>"]
         if reply.pod:

@@ -54,9 +54,10 @@ from router.acp.asgi import AsgiServer
 from router.acp.config import AcpConfig
 from router.acp.connection import ConnectionTable, VirtualConnection
 from router.acp.jsonrpc import Message
-from router.acp.pods import NOT_FOUND, AcpPod, AcpPodRoster
+from router.acp.pods import AcpPod, AcpPodRoster
 from router.acp.upstream import Upstream, UpstreamClosed, UpstreamRefused
-from router.locator import LIVE, SOURCE_PROBE, Located, Locator, NoPlaceablePod
+from router.core.status import LIVE, NOT_FOUND
+from router.locator import SOURCE_PROBE, Located, Locator, NoPlaceablePod
 from router.metrics import Metrics
 from router.placement import make_policy
 from router.store import OPEN, LocationStore, MemoryStore

@@ -35,13 +35,11 @@ from router.acp.config import WS, AcpPodSpec
 from router.acp.routes import STATUS_METHOD
 from router.acp.upstream import Upstream, UpstreamClosed
 from router.aio import wait_event
+from router.core.status import UNKNOWN, LocateStatus
 from router.pods import NamedPods
 
 log = logging.getLogger("macp_router.acp.pods")
 
-LIVE = "live"
-NOT_FOUND = "not_found"
-UNKNOWN = "unknown"
 HEALTH_PROBE_SID = "macp-router-health-check"
 
 ROUTER_INIT_PARAMS: dict[str, Any] = {
@@ -99,7 +97,7 @@ class AcpPod:
         )
 
     # -- probes ------------------------------------------------------------------------------
-    async def probe(self, sid: str) -> str:
+    async def probe(self, sid: str) -> LocateStatus:
         """`session/status` on the control connection: live | not_found | unknown."""
         control = self._control
         if control is None or control.closed:
@@ -110,7 +108,7 @@ class AcpPod:
             return UNKNOWN
         value = reply.get("result")
         status = value.get("status") if isinstance(value, dict) else None
-        return status if status in (LIVE, NOT_FOUND) else UNKNOWN
+        return LocateStatus.of(status)
 
     # -- health ------------------------------------------------------------------------------
     def report_failure(self, reason: str) -> None:
@@ -244,7 +242,7 @@ class AcpPodRoster(NamedPods[AcpPod]):
             pod.on_health_change = self._health_changed
             pod.on_disconnect = self._disconnected
 
-    async def probe(self, pod: str, sid: str) -> str:
+    async def probe(self, pod: str, sid: str) -> LocateStatus:
         """The locator's probe function."""
         target = self._pods.get(pod)
         return UNKNOWN if target is None else await target.probe(sid)

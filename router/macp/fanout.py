@@ -1,0 +1,248 @@
+"""Fan-out MACP calls: every pod's answer merged into one (ListSessions, WatchSessions,
+WatchSignals), with the caller's own credentials.
+
+Invariants:
+- A list is never partial: a pod that does not answer fails the call naming it (a partial
+  list would hide its sessions); a pod that refuses the caller's credentials fails it with
+  that pod's own status.
+- Pages are the router's own (keyset tokens over (started_at, session_id)), whatever the pods'
+  own paging; a token the router did not issue is INVALID_ARGUMENT.
+- A merged stream adds pods that become healthy while it is open, and ends (with that pod's
+  status) when one pod's stream fails, so the client resubscribes instead of missing events.
+- A frame that does not parse never opens N streams (INVALID_ARGUMENT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Callable
+
+import grpc
+from google.protobuf.message import DecodeError
+from macp.v1 import core_pb2
+
+from router import tracing
+from router.core.call import Call
+from router.core.errors import Abort
+from router.macp.backend import forwardable, no_pod_message, upstream_abort
+from router.pods import Pod, PodSet
+from router.scope import DiscoveryScope
+from router.watch import is_too_large, too_large
+from router.wire import WireError
+
+log = logging.getLogger("macp_router.proxy")
+
+LIST_PAGE_DEFAULT = 1000
+
+
+class FanOutCalls:
+    """ListSessions (paged, merged) and the merged watch streams."""
+
+    def __init__(self, pods: PodSet, scope: DiscoveryScope | None) -> None:
+        self.pods = pods
+        self.scope = scope
+
+    async def list_sessions(self, call: Call, request: bytes) -> bytes:
+        try:
+            query = core_pb2.ListSessionsRequest.FromString(request)
+        except Exception as exc:  # protobuf's DecodeError
+            raise WireError(str(exc)) from None
+        pods = list(self.pods)
+        if not pods:
+            raise Abort(grpc.StatusCode.UNAVAILABLE, no_pod_message(self.pods, call.method))
+        context: grpc.aio.ServicerContext = call.context
+        metadata = forwardable(context.invocation_metadata())
+        timeout = context.time_remaining()
+        results = await asyncio.gather(
+            *(_collect(pod, call.route.path, metadata, timeout) for pod in pods),
+            return_exceptions=True)
+        merged = _merge(pods, results)
+        if self.scope is not None:
+            visible = self.scope.visible_to(context.invocation_metadata())
+            if visible is not None:
+                merged = {sid: s for sid, s in merged.items() if visible(s)}
+        ordered = sorted(merged.values(), key=lambda s: (s.started_at_unix_ms, s.session_id))
+        start = _decode_page_token(query.page_token, ordered) if query.page_token else 0
+        size = query.page_size if query.page_size > 0 else LIST_PAGE_DEFAULT
+        page = ordered[start : start + size]
+        next_token = ""
+        if start + size < len(ordered) and page:
+            next_token = _encode_page_token(page[-1])
+        return core_pb2.ListSessionsResponse(
+            sessions=page, next_page_token=next_token
+        ).SerializeToString()
+
+    async def merged(self, call: Call, request: bytes) -> None:
+        """WatchSessions / WatchSignals: every pod's stream, with the caller's credentials."""
+        route = call.route
+        try:
+            route.request_class.FromString(request)  # never open N streams for garbage
+        except Exception as exc:  # protobuf's DecodeError
+            raise WireError(str(exc)) from None
+        pods = self.pods.healthy()
+        if not pods:
+            raise Abort(grpc.StatusCode.UNAVAILABLE, no_pod_message(self.pods, route.method))
+        context: grpc.aio.ServicerContext = call.context
+        visible = None
+        if self.scope is not None and route.method == "WatchSessions":
+            visible = self.scope.visible_to(context.invocation_metadata())
+        merge = _Merge(route.path, request, forwardable(context.invocation_metadata()),
+                       context.time_remaining())
+        for pod in pods:
+            merge.add(pod)
+
+        def joined(pod: Pod) -> None:
+            if pod.healthy:
+                merge.add(pod)
+
+        self.pods.on_health_change.append(joined)
+        try:
+            await merge.relay(context, visible)
+        finally:
+            self.pods.on_health_change.remove(joined)
+            await merge.close()
+
+
+async def _collect(
+    pod: Pod, path: str, metadata: tuple, timeout: float | None
+) -> list[core_pb2.SessionMetadata]:
+    """Every session one pod lists, page by page."""
+    sessions: list[core_pb2.SessionMetadata] = []
+    token = ""
+    multicallable = pod.list_unary(path)  # one unpaged reply can be huge
+    while True:
+        page_request = core_pb2.ListSessionsRequest(page_size=LIST_PAGE_DEFAULT,
+                                                     page_token=token)
+        try:
+            raw = await multicallable(page_request.SerializeToString(),
+                                      metadata=metadata, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            if is_too_large(exc):
+                log.error("ListSessions: %s", too_large(pod, exc))
+                raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"ListSessions: {too_large(pod, exc)}") from None
+            raise
+        try:
+            page = core_pb2.ListSessionsResponse.FromString(raw)
+        except DecodeError:
+            raise Abort(grpc.StatusCode.INTERNAL,
+                        f"ListSessions: pod {pod.name} ({pod.address}) answered bytes "
+                        "that are not a ListSessionsResponse: is it a MACP runtime of "
+                        "a supported version? (check that pod)") from None
+        sessions.extend(page.sessions)
+        token = page.next_page_token
+        if not token:
+            return sessions
+
+
+def _merge(pods: list[Pod], results: list[object]) -> dict[str, core_pb2.SessionMetadata]:
+    """One pod's sessions per result, merged by sid; any failure fails the whole list."""
+    merged: dict[str, core_pb2.SessionMetadata] = {}
+    failed: list[str] = []
+    for pod, result in zip(pods, results, strict=True):
+        if isinstance(result, Abort):
+            raise result
+        if isinstance(result, grpc.aio.AioRpcError):
+            if result.code() in (grpc.StatusCode.PERMISSION_DENIED,
+                                 grpc.StatusCode.UNAUTHENTICATED):
+                raise Abort(result.code(), result.details() or "",
+                            forwardable(result.trailing_metadata()))
+            failed.append(f"{pod.name} ({result.code().name})")
+            continue
+        if isinstance(result, BaseException):
+            failed.append(f"{pod.name} ({result!r})")
+            continue
+        for session in result:  # type: ignore[attr-defined]
+            merged.setdefault(session.session_id, session)
+    if failed:
+        raise Abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"ListSessions: pods {', '.join(failed)} did not answer; a partial list would "
+            "hide their sessions (retry)",
+        )
+    return merged
+
+
+class _Merge:
+    """The pods' streams of one merged watch, pumped into one queue."""
+
+    def __init__(self, path: str, request: bytes, metadata: tuple, timeout: float | None) -> None:
+        self.path = path
+        self.request = request
+        self.metadata = metadata
+        self.timeout = timeout
+        self.queue: asyncio.Queue[tuple[Pod, bytes | None, grpc.aio.AioRpcError | None]] = (
+            asyncio.Queue(maxsize=1024))
+        self.calls: list[grpc.aio.UnaryStreamCall] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.pumped: set[str] = set()
+
+    def add(self, pod: Pod) -> None:
+        if pod.name not in self.pumped:
+            self.pumped.add(pod.name)
+            self.tasks.append(asyncio.create_task(self._pump(pod), name=f"merge:{pod.name}"))
+
+    async def _pump(self, pod: Pod) -> None:
+        upstream = pod.unary_stream(self.path)(
+            self.request, metadata=tracing.stream_metadata(pod.name, pod.address, self.path,
+                                                           self.metadata), timeout=self.timeout)
+        self.calls.append(upstream)
+        try:
+            async for message in upstream:
+                await self.queue.put((pod, message, None))
+        except grpc.aio.AioRpcError as exc:
+            await self.queue.put((pod, None, exc))
+            return
+        await self.queue.put((pod, None, None))
+
+    async def relay(
+        self, context: grpc.aio.ServicerContext,
+        visible: Callable[[core_pb2.SessionMetadata], bool] | None,
+    ) -> None:
+        while True:
+            pod, message, error = await self.queue.get()
+            if message is not None:
+                if visible is not None and not visible(
+                    core_pb2.WatchSessionsResponse.FromString(message).event.session
+                ):
+                    continue
+                await context.write(message)
+                continue
+            if error is not None:
+                if error.code() is grpc.StatusCode.CANCELLED:
+                    return
+                raise upstream_abort(pod, error)
+            return  # one pod ended its stream (OK): end ours, the client resubscribes
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for upstream in self.calls:
+            upstream.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def _encode_page_token(last: core_pb2.SessionMetadata) -> str:
+    raw = f"{last.started_at_unix_ms}:{last.session_id}".encode()
+    return "r1." + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_page_token(token: str, ordered: list[core_pb2.SessionMetadata]) -> int:
+    """Index of the first session after the one the token names (keyset paging)."""
+    if not token.startswith("r1."):
+        raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    "ListSessions: page_token was not issued by this router")
+    body = token[3:]
+    try:
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
+        started, _, sid = raw.partition(":")
+        key = (int(started), sid)
+    except (ValueError, UnicodeDecodeError):
+        raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    "ListSessions: page_token is malformed") from None
+    for index, session in enumerate(ordered):
+        if (session.started_at_unix_ms, session.session_id) > key:
+            return index
+    return len(ordered)

@@ -1,0 +1,259 @@
+"""The MACP front door's gRPC glue: one raw-bytes handler per method of the route table.
+
+`MacpProxy` registers a handler for every method of `macp.v1.MACPRuntimeService`
+(`routes.build_routes`) that takes and returns bytes, and hands each call, as one `Call`
+object, to the module of its route class:
+
+    session   router.macp.session    (the hot path: sid -> near-cache -> forward)
+    start     router.macp.start      (place, forward, confirm / release)
+    fan-out   router.macp.fanout     (ListSessions, merged watch streams)
+    broadcast router.macp.broadcast  (registry calls to every pod, replay)
+    any       router.macp.any        (one healthy pod, unread)
+    streams   router.macp.streams    (server streams, bidi relay with one re-route)
+
+Every call ends here: its status comes from `router.core.errors.outcome_of` (an `Abort`, a
+frame that does not parse, or an unexpected exception, logged and counted) and its metric from
+`Call.finish`.
+
+Invariants:
+- A frame the router routes on (session, start, fan-out, broadcast) that does not parse is
+  answered INVALID_ARGUMENT and never forwarded; `any`-class requests go to one pod unread.
+- Every call records exactly one request metric, with the pod it last went to.
+- On shutdown (`end_streams`) every open stream ends UNAVAILABLE so clients reconnect to
+  another replica; unary calls are left to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+import grpc
+
+from router import routes, tracing
+from router.core.call import Call
+from router.core.errors import outcome_of
+from router.core.session_router import SessionRouter
+from router.credentials import FIX_HINT
+from router.locator import Locator
+from router.macp.any import AnyCalls, client_stream_handler
+from router.macp.backend import MacpBackend
+from router.macp.broadcast import BroadcastCalls
+from router.macp.fanout import FanOutCalls
+from router.macp.session import SessionCalls
+from router.macp.streams import FIRST_ANSWER_WARN_S, StreamCalls
+from router.metrics import Metrics
+from router.pods import Pod, PodSet
+from router.routes import Route, RouteClass, Shape
+from router.scope import DiscoveryScope
+from router.store import LocationStore
+
+PROTOCOL = "macp"
+SHUTDOWN_DETAILS = "macp-router is shutting down: reconnect (another replica serves) (retry)"
+
+UnaryBody = Callable[[Call, bytes], Awaitable[bytes]]
+StreamBody = Callable[[Call, bytes], Awaitable[None]]
+
+
+class MacpProxy:
+    """The MACP front door: route-class handlers over one `SessionRouter`."""
+
+    def __init__(
+        self,
+        *,
+        pods: PodSet,
+        locator: Locator,
+        store: LocationStore,
+        metrics: Metrics,
+        router_metadata: Sequence[tuple[str, str]] = (),
+        broadcast_timeout_s: float = 5.0,
+        scope: DiscoveryScope | None = None,
+    ) -> None:
+        self.pods = pods
+        self.locator = locator
+        self.metrics = metrics
+        self.routes = routes.build_routes()
+        self.backend = MacpBackend(pods, router_metadata, locator)
+        self.core = SessionRouter(locator, self.backend, unknown_causes=self.unknown_causes,
+                                  why_not_placeable=self._why_not_placeable)
+        self.sessions = SessionCalls(self.core, self.backend)
+        self.any = AnyCalls(self.backend)
+        self.fanout = FanOutCalls(pods, scope)
+        self.broadcasts = BroadcastCalls(
+            pods=pods, store=store, metrics=metrics, routes_by_path=self.routes,
+            router_metadata=router_metadata, broadcast_timeout_s=broadcast_timeout_s)
+        self.streams = StreamCalls(self)
+        self.first_answer_warn_s = FIRST_ANSWER_WARN_S
+        """A stream whose first envelope frame gets no answer this long is logged (pod named)."""
+        metrics.add_methods(route.method for route in self.routes.values())
+        self._handlers = {path: tracing.traced_handler(route.method, self._make_handler(route))
+                          for path, route in self.routes.items()}
+        self._active_streams: set[asyncio.Task[object]] = set()
+        self._closing = False
+
+    # -- what the app and the locator ask of the MACP adapter ---------------------------------
+    async def probe(self, pod_name: str, sid: str) -> str:
+        """The locator's probe: GetSession with the router's credentials."""
+        return await self.backend.probe(pod_name, sid)
+
+    async def answers(self, pod: Pod) -> bool:
+        """Does `pod` answer a MACP call at all? (its health beyond the health service)"""
+        return await self.backend.answers(pod)
+
+    async def replay_broadcasts(self, pod: Pod) -> None:
+        await self.broadcasts.replay_broadcasts(pod)
+
+    async def replay_deferred(self) -> None:
+        await self.broadcasts.replay_deferred()
+
+    def unknown_causes(self) -> dict[str, str]:
+        """Pods whose silence has a known cause: they reject the router's own credentials."""
+        return {pod.name: f"rejects the router's credentials ({pod.credentials_rejected}); "
+                          f"{FIX_HINT}"
+                for pod in self.pods if pod.credentials_rejected}
+
+    def _why_not_placeable(self) -> str:
+        reasons = [f"{pod.name}: {pod.not_placeable_reason}" for pod in self.pods
+                   if pod.not_placeable_reason]
+        return f" ({'; '.join(reasons)})" if reasons else ""
+
+    # -- grpc plumbing -----------------------------------------------------------------------
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        handlers = self._handlers
+
+        class _Handler(grpc.GenericRpcHandler):
+            def service(self, handler_call_details):  # type: ignore[no-untyped-def]
+                return handlers.get(handler_call_details.method)
+
+        return _Handler()
+
+    def unimplemented_handler(self) -> grpc.GenericRpcHandler:
+        """Last-resort handler: UNIMPLEMENTED naming the method (registered after all others).
+
+        grpc.aio gives the method name only to `service()`, so a handler is built per call; it
+        is stream-stream so it answers every call shape without reading a request.
+        """
+
+        def handler_for(method: str) -> grpc.RpcMethodHandler:
+            async def unimplemented(requests: AsyncIterator[bytes],
+                                    context: grpc.aio.ServicerContext) -> None:
+                await context.abort(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    f"method {method} is not implemented by macp-router "
+                    f"(it routes {routes.SERVICE} and router.v1.RouterAdmin)",
+                )
+
+            return grpc.stream_stream_rpc_method_handler(unimplemented)
+
+        class _Fallback(grpc.GenericRpcHandler):
+            def service(self, handler_call_details):  # type: ignore[no-untyped-def]
+                method = handler_call_details.method
+                if isinstance(method, bytes):
+                    method = method.decode("utf-8", "replace")
+                return handler_for(method)
+
+        return _Fallback()
+
+    def _make_handler(self, route: Route) -> grpc.RpcMethodHandler:
+        cls = route.route_class
+        if route.shape is Shape.UNARY:
+            if route.method == "Send":
+                body: UnaryBody = self.sessions.send
+            elif cls is RouteClass.SESSION:
+                body = self.sessions.session_unary
+            elif route.method == "ListSessions":
+                body = self.fanout.list_sessions
+            elif cls is RouteClass.BROADCAST:
+                body = self.broadcasts.broadcast
+            else:
+                body = self.any.unary
+            return grpc.unary_unary_rpc_method_handler(self._unary(route, body))
+        if route.shape is Shape.SERVER_STREAM:
+            stream: StreamBody = (self.fanout.merged if cls is RouteClass.FANOUT
+                                  else self.streams.session_server_stream
+                                  if cls is RouteClass.SESSION else self.any.server_stream)
+            return grpc.unary_stream_rpc_method_handler(self._server_stream(route, stream))
+        if route.shape is Shape.BIDI:
+            return grpc.stream_stream_rpc_method_handler(self._bidi(route))
+        return grpc.stream_unary_rpc_method_handler(
+            client_stream_handler(self.pods, route.path, route.method))
+
+    def _unary(self, route: Route, body: UnaryBody):  # type: ignore[no-untyped-def]
+        method, route_class, metrics = route.method, route.route_class, self.metrics
+        what = f"request is not a valid {route.request_class.DESCRIPTOR.name}"
+
+        async def behavior(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            call = Call(PROTOCOL, method, route_class, route, context)
+            try:
+                response = await body(call, request)
+            except grpc.aio.AbortError:
+                call.finish(metrics, "UNKNOWN")
+                raise
+            except Exception as exc:
+                abort = outcome_of(exc, PROTOCOL, method, what, metrics)
+                call.finish(metrics, abort.code.name)
+                await context.abort(abort.code, abort.details, abort.trailing)
+            call.finish(metrics)
+            return response
+
+        return behavior
+
+    def _server_stream(self, route: Route, body: StreamBody):  # type: ignore[no-untyped-def]
+        async def behavior(request: bytes, context: grpc.aio.ServicerContext) -> None:
+            call = Call(PROTOCOL, route.method, route.route_class, route, context)
+            await self._run_stream(call, "request", body(call, request))
+
+        return behavior
+
+    def _bidi(self, route: Route):  # type: ignore[no-untyped-def]
+        async def behavior(request_iterator: AsyncIterator[bytes],
+                           context: grpc.aio.ServicerContext) -> None:
+            call = Call(PROTOCOL, route.method, route.route_class, route, context)
+            await self._run_stream(call, "first frame", self.streams.bidi(call))
+
+        return behavior
+
+    async def _run_stream(self, call: Call, what: str, body: Awaitable[None]) -> None:
+        """One streaming call's bookkeeping: active-streams gauge, shutdown, status, metrics."""
+        context: grpc.aio.ServicerContext = call.context
+        gauge = self.metrics.active_streams.labels(PROTOCOL, call.method)
+        gauge.inc()
+        task = self._track_stream()
+        try:
+            await body
+        except asyncio.CancelledError:
+            call.code = "CANCELLED"
+            if not self._closing:
+                raise
+            call.code = "UNAVAILABLE"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS)
+        except grpc.aio.AbortError:
+            call.code = "UNKNOWN"
+            raise
+        except Exception as exc:
+            abort = outcome_of(
+                exc, PROTOCOL, call.method,
+                f"{what} is not a valid {call.route.request_class.DESCRIPTOR.name}", self.metrics)
+            call.code = abort.code.name
+            await context.abort(abort.code, abort.details, abort.trailing)
+        finally:
+            self._active_streams.discard(task)
+            gauge.dec()
+            call.finish(self.metrics)
+
+    def _track_stream(self) -> asyncio.Task[object]:
+        """Register the calling stream handler so `end_streams` can end it."""
+        task: asyncio.Task[object] = asyncio.current_task()  # type: ignore[assignment]
+        self._active_streams.add(task)
+        if self._closing:
+            task.cancel()  # started after end_streams: refused like the others
+        return task
+
+    def end_streams(self) -> int:
+        """Shutdown: end every open stream now with UNAVAILABLE (clients reconnect to another
+        replica) instead of holding it until the grace period ends and gRPC cuts it; streams
+        that start from now on are refused the same way. Unary calls are left to finish."""
+        self._closing = True
+        for task in list(self._active_streams):
+            task.cancel()
+        return len(self._active_streams)
