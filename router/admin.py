@@ -1,7 +1,8 @@
 """`router.v1.RouterAdmin`: the operator's view of the router, on the router's gRPC port.
 
 SessionStatus gives the answer the router routes by (ACP `session/status` semantics: live /
-not_found, and unknown when a pod is silent). ListPods shows the pod table. DrainPod and
+not_found, and unknown when a pod is silent). ListPods shows the pod table, the store and the
+router's background services (up, or down with the error that stopped them). DrainPod and
 UndrainPod stop and resume placements on a pod; its sessions keep routing either way.
 
 Invariant: nothing here changes where an existing session is routed.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 
 import grpc
 
@@ -22,6 +24,7 @@ from router.metrics import Metrics
 from router.pods import Pod, PodSet
 from router.scope import bearer_token
 from router.store import TERMINAL_STATES, LocationStore, StoreUnavailable
+from router.supervisor import Supervisor
 from router.v1 import router_pb2, router_pb2_grpc
 from router.watch import WatchFeed
 
@@ -39,8 +42,10 @@ class RouterAdmin(router_pb2_grpc.RouterAdminServicer):
         metrics: Metrics,
         admin_token: str | None = None,
         open_reads: bool = False,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._admin_token = admin_token
+        self.supervisor = supervisor
         self._open_reads = open_reads
         self.pods = pods
         self.locator = locator
@@ -126,7 +131,19 @@ class RouterAdmin(router_pb2_grpc.RouterAdminServicer):
             store_degraded=self.store.degraded,
             version=__version__,
             cached_sessions=len(self.locator.near),
+            services=self.service_statuses(),
         )
+
+    def service_statuses(self) -> list[router_pb2.ServiceStatus]:
+        if self.supervisor is None:
+            return []
+        now = time.monotonic()
+        return [
+            router_pb2.ServiceStatus(
+                name=state.name, up=state.up, starts=state.starts, crashes=state.crashes,
+                last_error=state.last_error, for_seconds=round(now - state.since, 1))
+            for state in sorted(self.supervisor.states(), key=lambda s: s.name)
+        ]
 
     async def _set_draining(
         self, request: router_pb2.DrainPodRequest, context: grpc.aio.ServicerContext,

@@ -168,7 +168,7 @@ class Router:
         self.admin = RouterAdmin(
             pods=self.pods, locator=self.locator, store=self.store, feeds=self.feeds,
             metrics=self.metrics, admin_token=config.admin_token,
-            open_reads=config.admin_open_reads,
+            open_reads=config.admin_open_reads, supervisor=self.supervisor,
         )
         self.server: grpc.aio.Server | None = None
         self.admin_server: grpc.aio.Server | None = None

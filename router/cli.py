@@ -439,6 +439,13 @@ def format_pod_table(reply) -> str:  # type: ignore[no-untyped-def]
                          "(its own sessions still route)")
     store = f"store: {reply.store}" + (" (DEGRADED)" if reply.store_degraded else "")
     lines.append(f"{store}; cached sessions: {reply.cached_sessions}; router {reply.version}")
+    down = [service for service in reply.services if not service.up]
+    if reply.services:
+        lines.append(f"background services: {len(reply.services) - len(down)} up, "
+                     f"{len(down)} down")
+    for service in down:
+        lines.append(f"service {service.name} DOWN for {service.for_seconds:.0f}s, restarting "
+                     f"(crashed {service.crashes} times; last: {service.last_error[:200]})")
     return "\n".join(lines)
 
 

@@ -7,6 +7,8 @@ script that waits while you type, with a `<noscript>` meta refresh). It shows:
 - the locate mix (hit / store / probe / not found / negative / unknown / stale) and the probe
   fan-outs with their latency;
 - the last placements (a bounded ring in `Metrics.recent_placements`);
+- the router's background services: up, or down with the error that stopped them, starts and
+  crashes (down ones first);
 - "where is session X" (`/?session=SID` or `/session?id=SID`): live / not_found / unknown,
   which pod and how the router knows.
 
@@ -214,6 +216,7 @@ class StatusPage:
             now=esc(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())),
             banner=banner,
             pod_rows=self._pod_rows(pods.pods),
+            service_rows=self._service_rows(pods.services),
             admin_note=self._admin_note(),
             sid=esc(sid),
             lookup=lookup,
@@ -221,6 +224,20 @@ class StatusPage:
             probes=self._probes_html(),
             placements=self._placements_html(),
         )
+
+    def _service_rows(self, services: Iterable[router_pb2.ServiceStatus]) -> str:
+        rows = []
+        for service in sorted(services, key=lambda s: (s.up, s.name)):
+            state = ("<td class=ok>up</td>" if service.up
+                     else "<td class=bad>DOWN: restarting</td>")
+            crashes = (f"<td class='num bad'>{service.crashes}</td>" if service.crashes
+                       else "<td class=num>0</td>")
+            rows.append(
+                f"<tr data-service=\"{esc(service.name)}\"><td class=name>{esc(service.name)}"
+                f"</td>{state}<td class=num>{service.for_seconds:.0f} s</td>"
+                f"<td class=num>{service.starts}</td>{crashes}"
+                f"<td class=err>{esc(service.last_error)}</td></tr>")
+        return "\n".join(rows) or "<tr><td colspan=6>none running</td></tr>"
 
     def _admin_note(self) -> str:
         if self.admin_token is None:
@@ -386,6 +403,12 @@ code{{background:#eef1f5;padding:0 .25em}} .detail{{color:#555}}
 {pod_rows}
 </table>
 <p class=meta>{admin_note}</p>
+<h2>Background services</h2>
+<table id=services>
+<tr><th>service</th><th>state</th><th>for</th><th>starts</th><th>crashes</th>
+<th>last crash</th></tr>
+{service_rows}
+</table>
 <h2>Where is session X?</h2>
 <form method=get action="/" id=lookup>
 <input name=session value="{sid}" placeholder="session id" size=40 autocomplete=off>

@@ -10,6 +10,8 @@ handling raises an exception type the feed does not expect (protobuf's `DecodeEr
 inside the router, which is neither ValueError nor RuntimeError). Either way the feed must be
 down everywhere an operator looks (`pod.feed_up`, `macp_router_watch_up`, `/readyz`) until it
 has resubscribed and reconciled, and then be up again with the pod's sessions learned.
+Last, any background service that crashed is shown down, with its error, in `/readyz`,
+`ListPods` (`macp-router pods`), the status page and the service metrics.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from macp.v1 import core_pb2, envelope_pb2
 
 from router.app import Router
+from router.cli import format_pod_table
 from router.config import RouterConfig
 from router.pods import PodSpec
+from router.supervisor import Backoff
+from router.v1 import router_pb2, router_pb2_grpc
 from tests.waiting import eventually
 
 SERVICE = "macp.v1.MACPRuntimeService"
@@ -215,3 +220,52 @@ async def test_an_unexpected_exception_in_a_feed_is_a_crash_reported_down_and_re
     state = router.supervisor.state("watch:p")
     assert state is not None and state.up and state.crashes == 1
     assert state.last_error.startswith("DecodeError: Error parsing message")
+
+
+async def test_a_crashed_service_is_down_in_readyz_the_pod_table_the_status_page_and_metrics(
+    scripted,
+):
+    """Any service, whatever it is: from its crash until it runs again it is shown down, with
+    its error, on every surface an operator reads."""
+    _pod, router = scripted
+
+    async def canary() -> None:
+        raise LookupError("canary broke")
+
+    state = router.supervisor.spawn("canary", canary, backoff=Backoff(base_s=60, max_s=60))
+    await eventually(lambda: state.crashes == 1, timeout=5, what="the canary crashed")
+
+    async def readyz_lists_it_down() -> dict[str, Any] | None:
+        answer = await asyncio.to_thread(readyz, router)
+        return answer if answer.get("services_down") == ["canary"] else None
+
+    answer = await eventually(readyz_lists_it_down, timeout=5, what="/readyz: canary down")
+    assert answer["services"]["canary"]["up"] is False
+    assert answer["services"]["canary"]["last_error"] == "LookupError: canary broke"
+    assert answer["services"]["watch:p"]["up"] is True
+    assert answer["services"]["store_writer:macp"]["up"] is True
+    assert answer["ready"] is True, "a crashed service is reported, readiness is the pods'"
+
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        reply = await router_pb2_grpc.RouterAdminStub(channel).ListPods(
+            router_pb2.ListPodsRequest(), timeout=5)
+    services = {service.name: service for service in reply.services}
+    assert {"watch:p", "store_writer:macp", "sweeper:macp", "status", "drain_sync",
+            "canary"} <= set(services)
+    assert not services["canary"].up and services["canary"].crashes == 1
+    assert all(s.up for name, s in services.items() if name != "canary")
+    table = format_pod_table(reply)
+    assert "service canary DOWN" in table and "LookupError: canary broke" in table
+
+    page = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{router.metrics_port}/",
+                                       timeout=5).read().decode())
+    assert 'data-service="canary"' in page and "DOWN: restarting" in page
+
+    registry = router.metrics.registry
+    assert registry.get_sample_value("macp_router_service_up", {"service": "canary"}) == 0
+    assert registry.get_sample_value("macp_router_service_up", {"service": "watch"}) == 1
+    assert registry.get_sample_value(
+        "macp_router_service_crashes_total", {"service": "canary"}) == 1
+    assert registry.get_sample_value(
+        "macp_router_service_crashes_total", {"service": "watch"}) == 0

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16router/v1/router.proto\x12\trouter.v1\"9\n\x14SessionStatusRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05probe\x18\x02 \x01(\x08\"\x8a\x01\n\x15SessionStatusResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x14\n\x0cunknown_pods\x18\x05 \x03(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x0f\n\x07\x61lso_on\x18\x07 \x03(\t\"\x11\n\x0fListPodsRequest\"\xf0\x01\n\tPodStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x0f\n\x07\x66\x65\x65\x64_up\x18\x05 \x01(\x08\x12\x15\n\ropen_sessions\x18\x06 \x01(\x03\x12\x17\n\x0f\x63\x61\x63hed_sessions\x18\x07 \x01(\x03\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12\x17\n\x0f\x66\x65\x65\x64_reconnects\x18\t \x01(\x03\x12\x1c\n\x14\x63redentials_rejected\x18\n \x01(\t\x12\x15\n\rnot_placeable\x18\x0b \x01(\t\"\x87\x01\n\x10ListPodsResponse\x12\"\n\x04pods\x18\x01 \x03(\x0b\x32\x14.router.v1.PodStatus\x12\r\n\x05store\x18\x02 \x01(\t\x12\x16\n\x0estore_degraded\x18\x03 \x01(\x08\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x17\n\x0f\x63\x61\x63hed_sessions\x18\x05 \x01(\x03\"\x1f\n\x0f\x44rainPodRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x10\x44rainPodResponse\x12!\n\x03pod\x18\x01 \x01(\x0b\x32\x14.router.v1.PodStatus2\xb2\x02\n\x0bRouterAdmin\x12R\n\rSessionStatus\x12\x1f.router.v1.SessionStatusRequest\x1a .router.v1.SessionStatusResponse\x12\x43\n\x08ListPods\x12\x1a.router.v1.ListPodsRequest\x1a\x1b.router.v1.ListPodsResponse\x12\x43\n\x08\x44rainPod\x12\x1a.router.v1.DrainPodRequest\x1a\x1b.router.v1.DrainPodResponse\x12\x45\n\nUndrainPod\x12\x1a.router.v1.DrainPodRequest\x1a\x1b.router.v1.DrainPodResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16router/v1/router.proto\x12\trouter.v1\"9\n\x14SessionStatusRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05probe\x18\x02 \x01(\x08\"\x8a\x01\n\x15SessionStatusResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x14\n\x0cunknown_pods\x18\x05 \x03(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x0f\n\x07\x61lso_on\x18\x07 \x03(\t\"\x11\n\x0fListPodsRequest\"\xf0\x01\n\tPodStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x0f\n\x07\x66\x65\x65\x64_up\x18\x05 \x01(\x08\x12\x15\n\ropen_sessions\x18\x06 \x01(\x03\x12\x17\n\x0f\x63\x61\x63hed_sessions\x18\x07 \x01(\x03\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12\x17\n\x0f\x66\x65\x65\x64_reconnects\x18\t \x01(\x03\x12\x1c\n\x14\x63redentials_rejected\x18\n \x01(\t\x12\x15\n\rnot_placeable\x18\x0b \x01(\t\"\xb3\x01\n\x10ListPodsResponse\x12\"\n\x04pods\x18\x01 \x03(\x0b\x32\x14.router.v1.PodStatus\x12\r\n\x05store\x18\x02 \x01(\t\x12\x16\n\x0estore_degraded\x18\x03 \x01(\x08\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x17\n\x0f\x63\x61\x63hed_sessions\x18\x05 \x01(\x03\x12*\n\x08services\x18\x06 \x03(\x0b\x32\x18.router.v1.ServiceStatus\"s\n\rServiceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02up\x18\x02 \x01(\x08\x12\x0e\n\x06starts\x18\x03 \x01(\x03\x12\x0f\n\x07\x63rashes\x18\x04 \x01(\x03\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12\x13\n\x0b\x66or_seconds\x18\x06 \x01(\x01\"\x1f\n\x0f\x44rainPodRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x10\x44rainPodResponse\x12!\n\x03pod\x18\x01 \x01(\x0b\x32\x14.router.v1.PodStatus2\xb2\x02\n\x0bRouterAdmin\x12R\n\rSessionStatus\x12\x1f.router.v1.SessionStatusRequest\x1a .router.v1.SessionStatusResponse\x12\x43\n\x08ListPods\x12\x1a.router.v1.ListPodsRequest\x1a\x1b.router.v1.ListPodsResponse\x12\x43\n\x08\x44rainPod\x12\x1a.router.v1.DrainPodRequest\x1a\x1b.router.v1.DrainPodResponse\x12\x45\n\nUndrainPod\x12\x1a.router.v1.DrainPodRequest\x1a\x1b.router.v1.DrainPodResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,11 +40,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PODSTATUS']._serialized_start=257
   _globals['_PODSTATUS']._serialized_end=497
   _globals['_LISTPODSRESPONSE']._serialized_start=500
-  _globals['_LISTPODSRESPONSE']._serialized_end=635
-  _globals['_DRAINPODREQUEST']._serialized_start=637
-  _globals['_DRAINPODREQUEST']._serialized_end=668
-  _globals['_DRAINPODRESPONSE']._serialized_start=670
-  _globals['_DRAINPODRESPONSE']._serialized_end=723
-  _globals['_ROUTERADMIN']._serialized_start=726
-  _globals['_ROUTERADMIN']._serialized_end=1032
+  _globals['_LISTPODSRESPONSE']._serialized_end=679
+  _globals['_SERVICESTATUS']._serialized_start=681
+  _globals['_SERVICESTATUS']._serialized_end=796
+  _globals['_DRAINPODREQUEST']._serialized_start=798
+  _globals['_DRAINPODREQUEST']._serialized_end=829
+  _globals['_DRAINPODRESPONSE']._serialized_start=831
+  _globals['_DRAINPODRESPONSE']._serialized_end=884
+  _globals['_ROUTERADMIN']._serialized_start=887
+  _globals['_ROUTERADMIN']._serialized_end=1193
 # @@protoc_insertion_point(module_scope)

@@ -63,18 +63,36 @@ class PodStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ..., feed_up: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., cached_sessions: _Optional[int] = ..., last_error: _Optional[str] = ..., feed_reconnects: _Optional[int] = ..., credentials_rejected: _Optional[str] = ..., not_placeable: _Optional[str] = ...) -> None: ...
 
 class ListPodsResponse(_message.Message):
-    __slots__ = ("pods", "store", "store_degraded", "version", "cached_sessions")
+    __slots__ = ("pods", "store", "store_degraded", "version", "cached_sessions", "services")
     PODS_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
     STORE_DEGRADED_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CACHED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
     pods: _containers.RepeatedCompositeFieldContainer[PodStatus]
     store: str
     store_degraded: bool
     version: str
     cached_sessions: int
-    def __init__(self, pods: _Optional[_Iterable[_Union[PodStatus, _Mapping]]] = ..., store: _Optional[str] = ..., store_degraded: _Optional[bool] = ..., version: _Optional[str] = ..., cached_sessions: _Optional[int] = ...) -> None: ...
+    services: _containers.RepeatedCompositeFieldContainer[ServiceStatus]
+    def __init__(self, pods: _Optional[_Iterable[_Union[PodStatus, _Mapping]]] = ..., store: _Optional[str] = ..., store_degraded: _Optional[bool] = ..., version: _Optional[str] = ..., cached_sessions: _Optional[int] = ..., services: _Optional[_Iterable[_Union[ServiceStatus, _Mapping]]] = ...) -> None: ...
+
+class ServiceStatus(_message.Message):
+    __slots__ = ("name", "up", "starts", "crashes", "last_error", "for_seconds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    UP_FIELD_NUMBER: _ClassVar[int]
+    STARTS_FIELD_NUMBER: _ClassVar[int]
+    CRASHES_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    FOR_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    up: bool
+    starts: int
+    crashes: int
+    last_error: str
+    for_seconds: float
+    def __init__(self, name: _Optional[str] = ..., up: _Optional[bool] = ..., starts: _Optional[int] = ..., crashes: _Optional[int] = ..., last_error: _Optional[str] = ..., for_seconds: _Optional[float] = ...) -> None: ...
 
 class DrainPodRequest(_message.Message):
     __slots__ = ("name",)

@@ -68,7 +68,8 @@ class RouterAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListPods(self, request, context):
-        """The pod table: health, feed, drain state and cached sessions per pod.
+        """The pod table: health, feed, drain state and cached sessions per pod; the store; the
+        router's background services.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
