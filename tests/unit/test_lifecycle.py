@@ -123,3 +123,26 @@ async def test_a_lifecycle_starts_once_per_stop() -> None:
 def test_stage_names_are_unique() -> None:
     with pytest.raises(ValueError, match="unique: store"):
         Lifecycle([Stage("store"), Stage("pods"), Stage("store")])
+
+
+def test_the_router_stops_accepting_calls_before_it_closes_what_calls_use() -> None:
+    """The router's own stage list: serving starts last and stops first; the feeds and pods
+    stop before the locator flushes to the store; every service still running stops last."""
+    from router.app import Router
+    from router.config import RouterConfig
+    from router.pods import PodSpec
+
+    router = Router(RouterConfig(listen="127.0.0.1:0", pods=(PodSpec("a", "127.0.0.1:9"),),
+                                 token="router"))  # built, never started: no socket
+    names = [stage.name for stage in router.lifecycle.stages]
+    stop_order = names[::-1]
+    assert names[0] == "background services" and stop_order[-1] == "background services"
+    assert stop_order[:2] == ["readiness and drain sync", "gRPC server"]
+    for earlier, later in [("gRPC server", "ACP front door"),
+                           ("ACP front door", "DNS discovery"),
+                           ("DNS discovery", "pods and their watch feeds"),
+                           ("pods and their watch feeds", "locator"),
+                           ("locator", "store"),
+                           ("store", "router token file watch")]:
+        assert stop_order.index(earlier) < stop_order.index(later), (earlier, later)
+    assert router.supervisor is not None and list(router.supervisor.states()) == []
