@@ -10,8 +10,8 @@ client's deadline is propagated, and the upstream's status, details and trailing
 come back unchanged. Plain grpc.aio on the default asyncio loop, one upstream channel.
 
 The router does strictly more per call (extract the session id, look it up, choose a channel),
-so its throughput over this proxy's is the router's routing overhead; DESIGN.md section 8
-asks for >= 0.85x.
+so its throughput over this proxy's is the router's routing overhead; the goal is >= 0.85x
+(`loadtest.report.quality_bars`).
 
 Run standalone: `python -m loadtest passthrough --listen 127.0.0.1:PORT --upstream HOST:PORT`
 (prints one line containing `ready`).

@@ -1,11 +1,11 @@
 """Output of a run: the terminal table, the quality bars, the JSON file and the HTML report.
 
-The bars are DESIGN.md section 8, each computed from figures measured in the same run:
-value, goal, and "PASS" / "MISS" / "n/a" (with the reason when a figure is missing, e.g. the
-router leg was skipped). DESIGN sets no goal for the ACP front door: its rows are "(info)",
-except that a clean run has no errors; `acp_table` puts the ACP figures side by side. The
-HTML report is one self-contained file (plots embedded as base64 PNG, matplotlib with the
-Agg backend).
+The bars are the router's performance goals (`quality_bars`), each computed from figures
+measured in the same run: value, goal, and "PASS" / "MISS" / "n/a" (with the reason when a
+figure is missing, e.g. the router leg was skipped). No goal is set for the ACP front door: its
+rows are "(info)", except that a clean run has no errors; `acp_table` puts the ACP figures side
+by side. The HTML report is one self-contained file (plots embedded as base64 PNG, matplotlib
+with the Agg backend).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _bar(name: str, value: Any, unit: str, goal: str, ok: Callable[[float], bool
 
 
 def quality_bars(results: dict[str, Any]) -> list[Bar]:
-    """DESIGN.md section 8 as measured in this run: the rows of the scenarios that ran."""
+    """The performance goals as measured in this run: the rows of the scenarios that ran."""
     r = results
     bars: list[Bar] = [
         _bar("hit: router/passthrough throughput", _get(r, "hit", "ratio_router_passthrough"),
@@ -48,7 +48,7 @@ def quality_bars(results: dict[str, Any]) -> list[Bar]:
         _bar("hit: router/direct throughput", _get(r, "hit", "ratio_router_direct"), "x",
              "(info)", None),
         _bar("hit: passthrough/direct throughput", _get(r, "hit", "ratio_passthrough_direct"),
-             "x", "(info; DESIGN: 0.25-0.33 on 2 cores)", None),
+             "x", "(info; a bare Python hop: 0.25-0.33 on 2 cores)", None),
         _bar("hit: p50 at c=1, router - passthrough",
              _get(r, "hit", "c1_p50_router_minus_passthrough_ms"), "ms", "<= 0.15",
              lambda v: v <= 0.15),
@@ -61,7 +61,7 @@ def quality_bars(results: dict[str, Any]) -> list[Bar]:
              None, "CPU-ms per request = CPU-s per 1k requests"),
         _bar("hit: passthrough CPU per 1k requests",
              _scale(_get(r, "hit", "cpu_ms_per_request", "passthrough"), 1.0), "s CPU",
-             "(info; DESIGN: ~0.5)", None),
+             "(info; a bare Python hop: ~0.5)", None),
         _bar("hit: Redis commands per hit", _get(r, "hit", "redis_commands_per_hit"), "",
              "~0 (< 0.001: background only)", lambda v: v < 0.001,
              "run with --redis embedded or --redis-url"
@@ -181,7 +181,7 @@ def acp_bars(r: dict[str, Any]) -> list[Bar]:
              _get(a, "status", "added_ms", "p50"), "ms", "(info)", None),
         _bar("acp: status miss p50 - one direct status RTT",
              _get(a, "miss", "miss_minus_direct_status_p50_ms"), "ms",
-             "(info; DESIGN's miss goal, <= 2, is stated for MACP)", None),
+             "(info; the miss goal, <= 2, is MACP's)", None),
         _bar("acp: status miss p99 - one direct status RTT",
              _get(a, "miss", "miss_minus_direct_status_p99_ms"), "ms", "(info)", None),
         _bar("acp: probes per miss", _get(a, "miss", "probes_per_miss"), "",

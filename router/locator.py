@@ -1,6 +1,6 @@
 """Where is session X? The near-cache, the store and the probe fan-out behind one facade.
 
-`Locator` answers in three steps (DESIGN §4):
+`Locator` answers in three steps:
 1. `try_cached(sid)`: the in-process near-cache, fed by the pods' watch feeds. No I/O.
 2. `lookup(sid)`: the shared `LocationStore` (Redis), then a parallel probe of every healthy
    pod through the protocol adapter's `probe(pod, sid) -> live | not_found | unknown`.

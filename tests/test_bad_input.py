@@ -1,4 +1,4 @@
-"""Bad input gets a clear status from the router and never reaches a pod (DESIGN §3).
+"""Bad input gets a clear status from the router and never reaches a pod.
 
 Every case checks the status code and that the details say what is wrong (the method, the
 missing field, the pods that did not answer). Raw bytes go through `channel.unary_unary(path)`

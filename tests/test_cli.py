@@ -1,4 +1,5 @@
-"""The `macp-router` command line (DESIGN §7): help, bad input, serve/pod lifecycle, admin.
+"""The `macp-router` command line (a contract for deploy files and tools): help, bad input,
+serve/pod lifecycle, admin.
 
 Every command runs as a real subprocess (`python -m router.cli ...`) with a timeout; servers are
 waited for by their "ready" log line and always ended (SIGTERM, then SIGKILL) by the test.

@@ -1,4 +1,4 @@
-"""Hostile and broken input: random, truncated, mutated and oversized frames (DESIGN §3, §9).
+"""Hostile and broken input: random, truncated, mutated and oversized frames.
 
 Raw bytes go to every route class through `channel.unary_unary(path)` / `unary_stream` /
 `stream_stream` without serializers, so the router sees exactly what a broken client sends.

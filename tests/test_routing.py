@@ -1,4 +1,4 @@
-"""Routing through an in-process router in front of simulated pods (DESIGN §3-§4).
+"""Routing through an in-process router in front of simulated pods.
 
 Real grpc.aio servers on loopback: raw `MACPRuntimeService` stubs with a deadline on every RPC.
 Pod counters (`SimPod.calls`) tell which pod saw what; a router probe is a `GetSession` with the

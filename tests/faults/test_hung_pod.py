@@ -1,4 +1,4 @@
-"""A pod that hangs: it accepts connections and never answers a MACP call (DESIGN §4).
+"""A pod that hangs: it accepts connections and never answers a MACP call.
 
 The router (a `macp-router serve` process) probes it on every miss; each probe must time out at
 the probe deadline, the pod must be marked unhealthy (left out of probes and placement until it

@@ -1,4 +1,4 @@
-"""A runtime pod SIGKILLed mid-run and restarted on the same name and port (DESIGN §4, §8).
+"""A runtime pod SIGKILLed mid-run and restarted on the same name and port.
 
 Pods and the router are real processes (`macp-router pod --state-file`, `macp-router serve`);
 traffic comes from concurrent raw grpc.aio clients. While the pod is down its sessions answer

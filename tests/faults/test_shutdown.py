@@ -1,6 +1,6 @@
 """SIGTERM to a `macp-router serve` process while streams are open and unary calls in flight.
 
-Expected (DESIGN §7): no new call is accepted, in-flight unary calls finish with their pod's
+Expected: no new call is accepted, in-flight unary calls finish with their pod's
 answer, every open stream (WatchSessions, StreamSession both ways) ends with a clean, retryable
 status the router chose (UNAVAILABLE saying it is shutting down) instead of being held until the
 grace period runs out, and the process exits 0 within `--shutdown-grace-s`.

@@ -1,4 +1,4 @@
-"""Faults of the shared store and of the routers themselves, under traffic (DESIGN §6, §8).
+"""Faults of the shared store and of the routers themselves, under traffic.
 
 Routers are `macp-router serve` processes sharing one real Redis; pods are in-process SimPods
 (their records are the ground truth). Traffic mixes Send/GetSession on known sessions, new

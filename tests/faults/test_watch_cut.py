@@ -1,4 +1,4 @@
-"""A pod's WatchSessions stream cut under traffic (DESIGN §5; STYLE: never trust the stream alone).
+"""A pod's WatchSessions stream cut under traffic: the router never trusts the stream alone.
 
 The pod ends the router's feed: either closing it (`SimPod.drop_watchers()`, a clean end) or
 dropping it as a slow consumer (RESOURCE_EXHAUSTED / STREAM_LAGGED, what the runtime does when a
