@@ -119,6 +119,7 @@ class Router:
         """Runs every background service of this router (see the module docstring)."""
         self.store = make_store(config, self.metrics)
         self.pods = PodSet(
+            supervisor=self.supervisor,
             credentials=pod_credentials(config),
             channels=config.channels_per_pod,
             max_channels=config.max_channels_per_pod,

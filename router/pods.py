@@ -10,20 +10,21 @@ ListSessions reply), and one health loop that checks `grpc.health.v1` and wakes 
 forward or probe fails.
 
 Invariants:
-- `healthy` is False from the first failed forward/probe/check until a health check answers
+- Health is `router.core.health.PodHealth`, the state machine MACP and ACP pods share.
+  `healthy` is False from the first failed forward/probe/check until a health check answers
   SERVING; a pod is offered for placement only when healthy, not draining, its feed up and
   its registry replayed (`placeable`, `not_placeable_reason`). A pod that did not
   answer at all within a deadline (`report_silent`: it accepts calls, never answers) stays
   unhealthy until it answers a call again (`answer_check`), not merely its health service.
 - Channel reconnect backoff is capped at about 1 s, so a restarted pod is reachable within
   seconds and its health flips back within one check interval.
-- Every background task is owned by its `Pod` and cancelled by `aclose()`.
+- A pod's health loop runs as the supervisor's service `health:<pod>` (`router.supervisor`):
+  a crash is logged, counted and the loop restarted; `aclose()` stops it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -33,8 +34,9 @@ from typing import Generic, Protocol, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from router.aio import wait_event
+from router.core.health import PodHealth
 from router.credentials import FIX_HINT
+from router.supervisor import Supervisor
 from router.validate import parse_named_targets
 
 log = logging.getLogger("macp_router.pods")
@@ -119,8 +121,8 @@ def parse_pod_list(text: str) -> list[PodSpec]:
             parse_named_targets(text, what="pod", form="NAME=HOST:PORT", check=_check_host_port)]
 
 
-class Pod:
-    """One runtime pod: channels, health, drain state, and per-method multicallables."""
+class Pod(PodHealth):
+    """One runtime pod: channels, health (`PodHealth`), and per-method multicallables."""
 
     def __init__(
         self,
@@ -135,8 +137,10 @@ class Pod:
         health_timeout_s: float = 1.0,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        super().__init__()
         self.name = spec.name
         self.address = spec.address
+        self.describe = f"pod {spec.name} ({spec.address})"
         self._credentials = credentials
         self._options: list[tuple[str, object]] = [*CHANNEL_OPTIONS, *channel_options]
         self.min_channels = max(1, channels)
@@ -163,23 +167,13 @@ class Pod:
         self._list_channel = self._make_channel(
             [*(o for o in self._options if o[0] != "grpc.max_receive_message_length"),
              ("grpc.max_receive_message_length", self.list_receive_bytes)])
-        self.healthy = False
-        self.draining = False
         self.feed_up = False
         self.registry_synced = False
         """The remembered registry calls were replayed to this incarnation of the pod."""
-        self.last_error = ""
         self._health_interval_s = health_interval_s
         self._health_timeout_s = health_timeout_s
-        self._wake = asyncio.Event()
-        self._health_task: asyncio.Task[None] | None = None
-        self._became_healthy = asyncio.Event()
-        self._checked = asyncio.Event()
-        self.on_health_change: Callable[[Pod], None] | None = None
-        self.silent = False
-        self.credentials_rejected = ""
-        """Why the pod rejects the router's own token ("" while it accepts it): set by the
-        feed, the reconcile, probes and replays (UNAUTHENTICATED / PERMISSION_DENIED)."""
+        self._supervisor: Supervisor | None = None
+        self._own_supervisor = False
         self.health_fallback = False
         """True once the pod answered Health/Check UNIMPLEMENTED (a runtime built before
         grpc.health.v1): it is checked with GetManifest, which needs no token, instead."""
@@ -275,10 +269,9 @@ class Pod:
     @property
     def not_placeable_reason(self) -> str:
         """Why the pod takes no new sessions ("" when it does)."""
-        if not self.healthy:
-            return f"unhealthy ({self.last_error or 'no health answer yet'})"
-        if self.draining:
-            return "draining"
+        reason = super().not_placeable_reason
+        if reason:
+            return reason
         if not self.feed_up:
             if self.credentials_rejected:
                 return f"rejects the router's credentials ({self.credentials_rejected})"
@@ -287,60 +280,17 @@ class Pod:
             return "registry replay pending"
         return ""
 
-    # -- health ------------------------------------------------------------------------------
-    def report_failure(self, reason: str) -> None:
-        """A forward, probe or feed failed in a way that says the pod is not answering."""
-        self.last_error = reason
-        if self.healthy:
-            log.warning("pod %s marked unhealthy: %s", self.name, reason)
-            self._set_healthy(False)
-        self._wake.set()
-
-    def report_silent(self, reason: str) -> None:
-        """A call got no answer at all within its deadline: unhealthy until it answers again."""
-        self.silent = True
-        self.report_failure(reason)
-
-    def report_success(self) -> None:
-        self.silent = False
-        if not self.healthy:
-            self._set_healthy(True)
-
-    def _set_healthy(self, healthy: bool) -> None:
-        self.healthy = healthy
-        if healthy:
-            log.info("pod %s (%s) is healthy", self.name, self.address)
-            self.last_error = ""
-            self._became_healthy.set()
-        else:
-            self._became_healthy.clear()
+    # -- health (the state machine is `PodHealth`) ---------------------------------------------
+    def _health_changed(self, healthy: bool) -> None:
+        if not healthy:
             self.registry_synced = False  # a restart empties the runtime's registries
-        if self.on_health_change is not None:
-            self.on_health_change(self)
 
-    async def wait_healthy(self, timeout: float) -> bool:
-        await wait_event(self._became_healthy, timeout)
-        return self.healthy
-
-    def report_credentials_rejected(self, call: str, code: grpc.StatusCode, details: str) -> None:
-        """The pod answered one of the router's own calls UNAUTHENTICATED / PERMISSION_DENIED:
-        a configuration error (the router's token), not silence. Logged once per episode."""
-        reason = f"{call} answered {code.name}: {details}".strip().rstrip(":")
-        first = not self.credentials_rejected
-        self.credentials_rejected = reason
-        if first:
-            log.error("pod %s rejects the router's credentials (%s): the router cannot watch, "
-                      "list or locate its sessions; %s", self.name, reason, FIX_HINT)
-            if self.on_health_change is not None:
-                self.on_health_change(self)
-
-    def report_credentials_accepted(self) -> None:
-        """One of the router's own calls was accepted (a feed came up, a probe answered)."""
-        if self.credentials_rejected:
-            self.credentials_rejected = ""
-            log.info("pod %s accepts the router's credentials now", self.name)
-            if self.on_health_change is not None:
-                self.on_health_change(self)
+    def report_credentials_rejected(  # type: ignore[override]
+        self, call: str, code: grpc.StatusCode, details: str
+    ) -> None:
+        """Set by the feed, the reconcile, probes and replays (UNAUTHENTICATED /
+        PERMISSION_DENIED): see `PodHealth.report_credentials_rejected`."""
+        super().report_credentials_rejected(call, code, details, FIX_HINT)
 
     async def _check_without_health_service(self) -> health_pb2.HealthCheckResponse:
         """An older runtime: any answer to GetManifest (no token needed) means serving."""
@@ -366,11 +316,8 @@ class Pod:
                                 "GetManifest instead", self.name)
                     reply = await self._check_without_health_service()
         except grpc.aio.AioRpcError as exc:
-            reason = f"health check failed: {exc.code().name} {exc.details() or ''}".strip()
-            if self.healthy:
-                self.report_failure(reason)
-            else:
-                self.last_error = reason
+            self.check_failed(
+                f"health check failed: {exc.code().name} {exc.details() or ''}".strip())
             return False
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -380,10 +327,6 @@ class Pod:
             return False  # its health service answers, its calls still do not
         self.report_success()
         return True
-
-    async def wait_checked(self, timeout: float) -> bool:
-        """Until the first health check has answered (either way) or `timeout`."""
-        return await wait_event(self._checked, timeout)
 
     async def _shrink_idle(self) -> None:
         """Close the newest added connection once it has carried nothing for `idle_close_s`.
@@ -414,25 +357,30 @@ class Pod:
     async def _health_loop(self) -> None:
         while True:
             await self.check_health()
-            self._checked.set()
+            self.checked()
             await self._shrink_idle()
-            interval = self._health_interval_s if self.healthy else self._health_interval_s / 4
-            self._wake.clear()
-            await wait_event(self._wake, interval)
+            await self.pause(self._health_interval_s)
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> None:
-        if self._health_task is None:
-            self._health_task = asyncio.create_task(
-                self._health_loop(), name=f"health:{self.name}"
-            )
+    @property
+    def service(self) -> str:
+        """The health loop's name in the supervisor."""
+        return f"health:{self.name}"
+
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        """Run the health loop as `supervisor`'s service (a private supervisor if none)."""
+        if self._supervisor is None:
+            self._own_supervisor = supervisor is None
+            self._supervisor = supervisor if supervisor is not None else Supervisor()
+            self._supervisor.spawn(self.service, self._health_loop)
 
     async def aclose(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
-            self._health_task = None
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            if self._own_supervisor:
+                await supervisor.aclose()
+            else:
+                await supervisor.stop(self.service)
         for channel in (*self._channels, self._health_channel, self._list_channel):
             await channel.close()
 
@@ -480,8 +428,10 @@ class NamedPods(Generic[P]):
 class PodSet(NamedPods[Pod]):
     """The MACP pods: gRPC channels, health loops, joins and leaves."""
 
-    def __init__(self, **pod_options: object) -> None:
+    def __init__(self, *, supervisor: Supervisor | None = None, **pod_options: object) -> None:
         super().__init__()
+        self.supervisor = supervisor
+        """Runs every pod's health loop (`health:<pod>`); each pod gets a private one if None."""
         self._pod_options = pod_options
         self.on_join: list[Callable[[Pod], None]] = []
         self.on_leave: list[Callable[[Pod], None]] = []
@@ -498,7 +448,7 @@ class PodSet(NamedPods[Pod]):
         pod = Pod(spec, **self._pod_options)  # type: ignore[arg-type]
         pod.on_health_change = self._health_changed
         self._pods[spec.name] = pod
-        pod.start()
+        pod.start(self.supervisor)
         for callback in self.on_join:
             callback(pod)
         return pod

@@ -15,13 +15,14 @@ Invariants:
   probe can tell. Reconnect backoff is capped at about 1 s.
 - A probe answers `live` / `not_found` only from a pod's own `session/status` result; an
   error (-32601 from a pod without the method), a timeout or no connection is `unknown`.
-- Every background task is owned by its `AcpPod` and cancelled by `aclose()`.
+- Health is `router.core.health.PodHealth`, the state machine MACP pods use too; each pod's
+  health loop runs as the supervisor's service `acp_health:<pod>` (a crash is logged, counted
+  and the loop restarted) and is stopped by `aclose()`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -35,8 +36,10 @@ from router.acp.config import WS, AcpPodSpec
 from router.acp.routes import STATUS_METHOD
 from router.acp.upstream import Upstream, UpstreamClosed
 from router.aio import wait_event
+from router.core.health import PodHealth
 from router.core.status import UNKNOWN, LocateStatus
 from router.pods import NamedPods
+from router.supervisor import Supervisor
 
 log = logging.getLogger("macp_router.acp.pods")
 
@@ -51,7 +54,9 @@ ROUTER_INIT_PARAMS: dict[str, Any] = {
 }
 
 
-class AcpPod:
+class AcpPod(PodHealth):
+    """One ACP agent pod: its control connection, probes and health (`PodHealth`)."""
+
     def __init__(
         self,
         spec: AcpPodSpec,
@@ -62,32 +67,26 @@ class AcpPod:
         health_interval_s: float = 1.0,
         health_timeout_s: float = 1.0,
     ) -> None:
+        super().__init__()
         self.name = spec.name
         self.url = spec.url
+        self.describe = f"ACP pod {spec.name} ({spec.url})"
         self.transport = transport
         self.http_client = http_client
         self.connect_timeout_s = connect_timeout_s
         self.health_interval_s = health_interval_s
         self.health_timeout_s = health_timeout_s
-        self.healthy = False
-        self.draining = False
         self.last_error = "not connected yet"
         self.init_result: dict[str, Any] = {}
         self.connects = 0
         self._control: Upstream | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
-        self._became_healthy = asyncio.Event()
+        self._supervisor: Supervisor | None = None
+        self._own_supervisor = False
         self._closing = False
-        self.on_health_change: Callable[[AcpPod], None] | None = None
         self.on_disconnect: Callable[[AcpPod], None] | None = None
 
     def __repr__(self) -> str:
         return f"AcpPod({self.name}@{self.url}, healthy={self.healthy})"
-
-    @property
-    def placeable(self) -> bool:
-        return self.healthy and not self.draining
 
     def upstream(self, **kwargs: Any) -> Upstream:
         """A new (unopened) upstream connection to this pod."""
@@ -110,30 +109,7 @@ class AcpPod:
         status = value.get("status") if isinstance(value, dict) else None
         return LocateStatus.of(status)
 
-    # -- health ------------------------------------------------------------------------------
-    def report_failure(self, reason: str) -> None:
-        self.last_error = reason
-        if self.healthy:
-            log.warning("ACP pod %s marked unhealthy: %s", self.name, reason)
-            self._set_healthy(False)
-        self._wake.set()
-
-    def _set_healthy(self, healthy: bool) -> None:
-        if healthy == self.healthy:
-            return
-        self.healthy = healthy
-        if healthy:
-            self.last_error = ""
-            self._became_healthy.set()
-        else:
-            self._became_healthy.clear()
-        if self.on_health_change is not None:
-            self.on_health_change(self)
-
-    async def wait_healthy(self, timeout: float) -> bool:
-        await wait_event(self._became_healthy, timeout)
-        return self.healthy
-
+    # -- health (the state machine is `PodHealth`) ---------------------------------------------
     def _control_closed(self, upstream: Upstream) -> None:
         if self._closing or upstream is not self._control:
             return
@@ -154,8 +130,7 @@ class AcpPod:
             return False
         self._control = control
         self.connects += 1
-        log.info("ACP pod %s (%s) is healthy", self.name, self.url)
-        self._set_healthy(True)
+        self.report_success()
         return True
 
     async def _ping(self) -> None:
@@ -172,7 +147,7 @@ class AcpPod:
         except UpstreamClosed:
             pass  # _control_closed already reported it
         else:
-            self._set_healthy(True)
+            self.report_success()
 
     async def _health_loop(self) -> None:
         backoff = 0.1
@@ -185,23 +160,33 @@ class AcpPod:
                 backoff = min(backoff * 2, 1.0)
             else:
                 await self._ping()
-                delay = self.health_interval_s if self.healthy else self.health_interval_s / 4
+                self.checked()
+                await self.pause(self.health_interval_s)
+                continue
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            await wait_event(self._wake, delay)
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._health_loop(), name=f"acp-health:{self.name}")
+    @property
+    def service(self) -> str:
+        """The health loop's name in the supervisor."""
+        return f"acp_health:{self.name}"
+
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        """Run the health loop as `supervisor`'s service (a private supervisor if none)."""
+        if self._supervisor is None:
+            self._own_supervisor = supervisor is None
+            self._supervisor = supervisor if supervisor is not None else Supervisor()
+            self._supervisor.spawn(self.service, self._health_loop)
 
     async def aclose(self) -> None:
         self._closing = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            if self._own_supervisor:
+                await supervisor.aclose()
+            else:
+                await supervisor.stop(self.service)
         control, self._control = self._control, None
         if control is not None:
             await control.aclose()
@@ -218,8 +203,11 @@ class AcpPodRoster(NamedPods[AcpPod]):
         connect_timeout_s: float = 2.0,
         health_interval_s: float = 1.0,
         health_timeout_s: float = 1.0,
+        supervisor: Supervisor | None = None,
     ) -> None:
         super().__init__()
+        self.supervisor = supervisor
+        """Runs every pod's health loop; each pod gets a private one if None."""
         # Each session stream of an http upstream holds one HTTP/1.1 connection: no pool cap.
         self.http_client = (
             httpx.AsyncClient(
@@ -262,7 +250,7 @@ class AcpPodRoster(NamedPods[AcpPod]):
 
     def start(self) -> None:
         for pod in self._pods.values():
-            pod.start()
+            pod.start(self.supervisor)
 
     async def aclose(self) -> None:
         for pod in self._pods.values():
