@@ -180,6 +180,7 @@ class Router:
         self._health_snapshot: dict[str, Any] = {"ready": False, "reason": "starting"}
         self._status_changed = asyncio.Event()
         self._grace_s = 0.0
+        self._shutting_down = False
         self.lifecycle = Lifecycle(self._stages())
         self.discovery: DnsDiscovery | None = None
         if config.pods_dns:
@@ -272,6 +273,8 @@ class Router:
                 reason = "no pods"
             if self.discovery is not None and self.discovery.last_error:
                 reason += f" ({self.discovery.last_error})"
+        if self._shutting_down:
+            ready, reason = False, "shutting down"
         self._health_snapshot = {
             "ready": ready,
             "reason": reason,
@@ -523,8 +526,8 @@ class Router:
         """No new calls; open streams end now (UNAVAILABLE); unary calls get the grace."""
         if self.server is None:
             return
-        self._health_snapshot = {**self._health_snapshot, "ready": False,
-                                 "reason": "shutting down"}
+        self._shutting_down = True
+        self._refresh_health()
         for service in ("", routes.SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.proxy.end_streams()

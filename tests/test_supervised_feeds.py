@@ -10,8 +10,9 @@ handling raises an exception type the feed does not expect (protobuf's `DecodeEr
 inside the router, which is neither ValueError nor RuntimeError). Either way the feed must be
 down everywhere an operator looks (`pod.feed_up`, `macp_router_watch_up`, `/readyz`) until it
 has resubscribed and reconciled, and then be up again with the pod's sessions learned.
-Last, any background service that crashed is shown down, with its error, in `/readyz`,
-`ListPods` (`macp-router pods`), the status page and the service metrics.
+Then: any background service that crashed is shown down, with its error, in `/readyz`,
+`ListPods` (`macp-router pods`), the status page and the service metrics; and while the router
+stops, `/readyz` says so and a call in flight still gets its answer.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import grpc
 import pytest
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from macp.v1 import core_pb2, envelope_pb2
+from macp.v1 import core_pb2, core_pb2_grpc, envelope_pb2
 
 from router.app import Router
 from router.cli import format_pod_table
@@ -57,6 +58,7 @@ class ScriptedPod:
         self.address = ""
         self.subscriptions = 0
         self.listings = 0
+        self.listing_waiters = 0
         self.sessions: list[str] = []
         self.listing_open = asyncio.Event()
         self.listing_open.set()
@@ -97,7 +99,9 @@ class ScriptedPod:
                 pod._watchers.remove(queue)
 
         async def list_sessions(_request: bytes, _context: grpc.aio.ServicerContext) -> bytes:
+            pod.listing_waiters += 1
             await pod.listing_open.wait()
+            pod.listing_waiters -= 1
             pod.listings += 1
             return core_pb2.ListSessionsResponse(sessions=[
                 core_pb2.SessionMetadata(session_id=sid, state=envelope_pb2.SESSION_STATE_OPEN)
@@ -269,3 +273,29 @@ async def test_a_crashed_service_is_down_in_readyz_the_pod_table_the_status_page
         "macp_router_service_crashes_total", {"service": "canary"}) == 1
     assert registry.get_sample_value(
         "macp_router_service_crashes_total", {"service": "watch"}) == 0
+
+
+async def test_while_stopping_readyz_says_shutting_down_and_in_flight_calls_finish(scripted):
+    pod, router = scripted
+    pod.listing_open.clear()  # the client's ListSessions will wait at the pod
+    listings = pod.listings
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        call = asyncio.ensure_future(core_pb2_grpc.MACPRuntimeServiceStub(channel).ListSessions(
+            core_pb2.ListSessionsRequest(), metadata=(("authorization", "Bearer client"),),
+            timeout=10))
+        await eventually(lambda: pod.listing_waiters > 0, timeout=5,
+                         what="the call reached the pod")
+        stopping = asyncio.ensure_future(router.stop(grace=5))
+
+        async def readyz_says_shutting_down() -> bool:
+            answer = await asyncio.to_thread(readyz, router)
+            return answer["ready"] is False and answer["reason"] == "shutting down"
+
+        await eventually(readyz_says_shutting_down, timeout=5, what="/readyz: shutting down")
+        assert not stopping.done(), "the in-flight call holds the stop within its grace"
+        pod.sessions = [SID]
+        pod.listing_open.set()
+        reply = await call
+        await asyncio.wait_for(stopping, 10)
+    assert [s.session_id for s in reply.sessions] == [SID]
+    assert pod.listings == listings + 1
