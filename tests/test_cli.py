@@ -248,6 +248,21 @@ def test_serve_from_env_logs_ready_and_exits_0_on_sigterm(tmp_path):
         pod.stop()
 
 
+def test_a_mistyped_variable_is_warned_about_once_naming_the_setting(tmp_path):
+    router = Server(tmp_path, "router", "serve", env=clean_env(
+        MACP_ROUTER_PODS="a=127.0.0.1:1", MACP_ROUTER_LISTEN=f"127.0.0.1:{free_port()}",
+        MACP_ROUTER_TOKEN="router", MACP_ROUTER_PROBE_TIMEOUT="100",
+    ))
+    try:
+        line = router.wait_for("is not a macp-router setting")
+        assert "MACP_ROUTER_PROBE_TIMEOUT " in line, line
+        assert "did you mean MACP_ROUTER_PROBE_TIMEOUT_MS?" in line, line
+        router.wait_for("ready")  # the router still starts; the warning came once, before
+        assert router.stderr.count("is not a macp-router setting") == 1, router.stderr
+    finally:
+        router.stop()
+
+
 def test_busy_listen_port_exits_nonzero_saying_cannot_listen():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
