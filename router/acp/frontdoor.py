@@ -51,16 +51,21 @@ from router import __version__
 from router.acp import jsonrpc as rpc
 from router.acp import routes
 from router.acp.asgi import AsgiServer
+from router.acp.backend import AcpBackend
 from router.acp.config import AcpConfig
 from router.acp.connection import ConnectionTable, VirtualConnection
 from router.acp.jsonrpc import Message
 from router.acp.pods import AcpPod, AcpPodRoster
 from router.acp.upstream import Upstream, UpstreamClosed, UpstreamRefused
+from router.core.call import Call
+from router.core.errors import Abort
+from router.core.session_router import NotLocated, SessionRouter, StartOutcome
 from router.core.status import LIVE, NOT_FOUND
-from router.locator import SOURCE_PROBE, Located, Locator, NoPlaceablePod
+from router.locator import SOURCE_PROBE, Located, Locator
 from router.metrics import Metrics
 from router.placement import make_policy
 from router.store import OPEN, LocationStore, MemoryStore
+from router.supervisor import Supervisor
 
 log = logging.getLogger("macp_router.acp")
 
@@ -120,8 +125,11 @@ class AcpFrontDoor:
         # A store of its own (a MemoryStore, or a RedisStore with its own prefix): ACP and MACP
         # pods may share names, and the store indexes sessions by pod name.
         self.store = store or MemoryStore(retention_s=config.retention_s)
+        self.supervisor = Supervisor()
+        """Runs the pods' health loops, the locator's loops and the idle-connection reaper."""
         self.roster = AcpPodRoster(
             config.pods,
+            supervisor=self.supervisor,
             transport=config.upstream_transport,
             connect_timeout_s=config.connect_timeout_s,
             health_interval_s=config.health_interval_ms / 1000,
@@ -138,6 +146,8 @@ class AcpFrontDoor:
             negative_ttl_s=config.negative_cache_ms / 1000,
             retention_s=config.retention_s,
         )
+        self.core = SessionRouter(self.locator, AcpBackend(self.roster))
+        """Locate, relocate, place and settle: the session flow MACP uses too."""
         self.connections = ConnectionTable()
         self._http = AsgiServer(
             AcpAsgiApp(self),  # type: ignore[arg-type]  # duck-typed AcpServer core
@@ -167,14 +177,14 @@ class AcpFrontDoor:
     async def start(self) -> None:
         """Start the store, locator and pod health loops, then listen. Raises OSError on bind."""
         await self.store.start()
-        await self.locator.start()
+        await self.locator.start(self.supervisor)
         self.roster.start()
         try:
             await self._http.start()
         except OSError:
             await self._shutdown_components()
             raise
-        self._spawn(self._reap_loop(), "acp-reaper")
+        self.supervisor.spawn("acp_reaper", self._reap_loop)
         self.started = True
 
     async def _reap_loop(self) -> None:
@@ -199,6 +209,7 @@ class AcpFrontDoor:
                 await task
         await self.locator.flush()
         await self.locator.aclose()
+        await self.supervisor.aclose()
         await self.store.aclose()
 
     async def __aenter__(self) -> AcpFrontDoor:
@@ -576,18 +587,22 @@ class AcpFrontDoor:
         if target is None:
             return False
         try:
-            status = await asyncio.wait_for(target.probe(sid), self.config.probe_timeout_s)
+            async with asyncio.timeout(self.config.probe_timeout_s):
+                status = await target.probe(sid)
         except TimeoutError:
             return False
         if status != NOT_FOUND:
             return False
-        await self.locator.invalidate(sid, pod)
-        located = await self.locator.lookup(sid, use_negative=False)
-        if located.status != LIVE or located.pod == pod:
-            await self._not_located(connection, request, sid, located, route, started)
+        try:
+            moved = await self.core.relocate(Call(PROTOCOL, request["method"], route), sid, pod)
+        except NotLocated as exc:
+            await self._not_located(connection, request, sid, exc.located, route, started)
             return True
-        assert located.pod is not None
-        await self._forward(connection, located.pod, request, route, started, sid=sid)
+        if moved is None:
+            await self._not_located(connection, request, sid,
+                                    Located(NOT_FOUND, None, SOURCE_PROBE), route, started)
+            return True
+        await self._forward(connection, moved, request, route, started, sid=sid)
         return True
 
     # -- route classes -------------------------------------------------------------------------
@@ -599,11 +614,24 @@ class AcpFrontDoor:
         pod = self.locator.try_cached(sid)
         if pod is not None:
             return pod, True
-        located = await self.locator.lookup(sid)
-        if located.status != LIVE:
-            await self._not_located(connection, request, sid, located, route, started)
+        located = await self._lookup(connection, request, sid, route, started)
+        if located is None or located.status != LIVE:
+            if located is not None:
+                await self._not_located(connection, request, sid, located, route, started)
             return None, False
         return located.pod, located.source != SOURCE_PROBE
+
+    async def _lookup(
+        self, connection: VirtualConnection, request: Message, sid: str, route: str,
+        started: float, *, use_negative: bool = True,
+    ) -> Located | None:
+        """The core's lookup (LIVE or NOT_FOUND); None after answering why it is unknown."""
+        try:
+            return await self.core.lookup(Call(PROTOCOL, request["method"], route), sid,
+                                          use_negative=use_negative)
+        except NotLocated as exc:
+            await self._not_located(connection, request, sid, exc.located, route, started)
+            return None
 
     async def _missing_sid(
         self, connection: VirtualConnection, request: Message, route: str, started: float
@@ -642,33 +670,31 @@ class AcpFrontDoor:
         # Register before the pod replays history: the client opens the session stream on the
         # first replayed message, before the load's answer (which carries no sessionId).
         connection.register(sid)
-        located = await self.locator.lookup(sid, use_negative=False)
+        located = await self._lookup(connection, request, sid, routes.LOAD, started,
+                                     use_negative=False)
+        if located is None:
+            return
         placed = False
-        if located.status == LIVE:
-            assert located.pod is not None
+        if located.pod is not None:
             pod = located.pod
-        elif located.status == NOT_FOUND:
+        else:  # not found on any pod: reserve it and load it there
             try:
-                pod, placed = await self.locator.place(sid)
-            except NoPlaceablePod as exc:
-                await self._answer(connection, request, rpc.unavailable(None, f"{exc} (retry)"),
+                pod, placed = await self.core.place(Call(PROTOCOL, request["method"],
+                                                         routes.LOAD), sid, request["method"])
+            except Abort as exc:
+                await self._answer(connection, request, rpc.unavailable(None, exc.details),
                                    routes.LOAD, None, started, sid)
                 return
-        else:
-            await self._not_located(connection, request, sid, located, routes.LOAD, started)
-            return
 
         async def on_reply(reply: Message) -> None:
-            if "result" in reply:
-                self.locator.observe(pod, sid, OPEN)
-            elif placed and rpc.error_code(reply) != rpc.ROUTER_UNAVAILABLE:
-                # The pod answered and refused: it provably did not take the session. (If the
-                # connection died instead, the pod may have it; the reservation stays.)
-                await self.locator.release(sid, pod)
+            outcome = self.core.backend.start_outcome(Call(PROTOCOL, "", routes.LOAD), reply)
+            if outcome is StartOutcome.ACCEPTED:
+                self.locator.observe(pod, sid, OPEN)  # the pod's own word: it holds it now
+            else:  # released only if the pod itself refused (the connection may have died)
+                await self.core.settle(sid, pod, placed, outcome)
 
         async def on_unsent() -> None:
-            if placed:
-                await self.locator.release(sid, pod)
+            await self.core.settle(sid, pod, placed, StartOutcome.REFUSED)  # never sent
 
         await self._forward(connection, pod, request, routes.LOAD, started, sid=sid,
                             on_reply=on_reply, on_unsent=on_unsent)

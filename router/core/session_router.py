@@ -47,7 +47,7 @@ class StartOutcome(enum.Enum):
 
 
 class Backend(Protocol):
-    """What a front door does for the core: talk to one pod in its own protocol."""
+    """What a front door does for the core: probe and check pods, read their answers."""
 
     async def probe(self, pod: str, sid: str) -> LocateStatus:
         """Does `pod` hold `sid`? UNKNOWN when it did not answer."""
@@ -57,16 +57,23 @@ class Backend(Protocol):
         """Does the pod answer a call at all (its health, beyond a health endpoint)?"""
         ...
 
-    async def forward(self, call: Call, pod: str, request: Any) -> Any:
-        """Send `request` to `pod`, return its answer; raise `Abort` with the pod's status."""
-        ...
-
     def not_here(self, call: Call, answer: Any) -> bool:
         """Does `answer` (a returned answer or a raised `Abort`) mean "no such session here"?"""
         ...
 
     def start_outcome(self, call: Call, answer: Any) -> StartOutcome:
         """What the pod's answer to a start says (may raise `Abort` for an unreadable one)."""
+        ...
+
+
+
+class ForwardingBackend(Backend, Protocol):
+    """A backend whose calls the core forwards itself, one awaited answer per request
+    (MACP). ACP relays answers asynchronously, so its front door forwards and asks the core
+    only to locate, relocate, place and settle."""
+
+    async def forward(self, call: Call, pod: str, request: Any) -> Any:
+        """Send `request` to `pod`, return its answer; raise `Abort` with the pod's status."""
         ...
 
     async def not_found(self, call: Call, sid: str, request: Any) -> Any:
@@ -89,7 +96,7 @@ class SessionRouter:
     def __init__(
         self,
         locator: Locator,
-        backend: Backend,
+        backend: ForwardingBackend | Backend,
         *,
         unknown_causes: Callable[[], Mapping[str, str]] = dict,
         why_not_placeable: Callable[[], str] = str,
@@ -112,7 +119,7 @@ class SessionRouter:
             return await self._miss(call, sid, request)
         self._cache_hits.inc()
         call.pod = pod
-        backend = self.backend
+        backend: ForwardingBackend = self.backend  # type: ignore[assignment]
         try:
             answer = await backend.forward(call, pod, request)
         except Abort as abort:
@@ -126,19 +133,27 @@ class SessionRouter:
     # -- slow paths --------------------------------------------------------------------------
     async def _miss(self, call: Call, sid: str, request: Any) -> Any:
         pod = await self.locate(call, sid)
+        backend: ForwardingBackend = self.backend  # type: ignore[assignment]
         if pod is None:
-            return await self.backend.not_found(call, sid, request)
-        return await self.backend.forward(call, pod, request)
+            return await backend.not_found(call, sid, request)
+        return await backend.forward(call, pod, request)
 
     async def locate(self, call: Call, sid: str, *, use_negative: bool = True) -> str | None:
         """The pod holding `sid` (set on `call`), None when no pod holds it; `NotLocated` when
         a pod did not answer."""
+        located = await self.lookup(call, sid, use_negative=use_negative)
+        return located.pod if located.status == LIVE else None
+
+    async def lookup(self, call: Call, sid: str, *, use_negative: bool = True) -> Located:
+        """`Locator.lookup` for a call: LIVE (pod set on `call`) or NOT_FOUND; `NotLocated`
+        (UNAVAILABLE naming the silent pods) for UNKNOWN."""
+        call.sid = sid
         located = await self.locator.lookup(sid, use_negative=use_negative)
         if located.status == LIVE:
             call.pod = located.pod
-            return located.pod
+            return located
         if located.status == NOT_FOUND:
-            return None
+            return located
         raise self.not_located(sid, located)
 
     def not_located(self, sid: str, located: Located) -> NotLocated:
@@ -165,7 +180,7 @@ class SessionRouter:
     async def _stale(self, call: Call, sid: str, pod: str, request: Any, answer: Any) -> Any:
         moved = await self.relocate(call, sid, pod)
         if moved is not None:
-            return await self.backend.forward(call, moved, request)
+            return await self.backend.forward(call, moved, request)  # type: ignore[union-attr]
         if isinstance(answer, Abort):
             raise answer
         return answer
@@ -196,7 +211,7 @@ class SessionRouter:
         """Place `sid`, forward the start to its pod, and settle the reservation."""
         call.sid = sid
         owner, won = await self.place(call, sid)
-        backend = self.backend
+        backend: ForwardingBackend = self.backend  # type: ignore[assignment]
         try:
             answer = await backend.forward(call, owner, request)
         except Abort as abort:
