@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +258,20 @@ def test_each_unknown_variable_gets_one_warning(caplog: pytest.LogCaptureFixture
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["MACP_ROUTER_NEGATIVE_CACHE is not a macp-router setting and is ignored: "
                      "did you mean MACP_ROUTER_NEGATIVE_CACHE_MS?"]
+
+
+def test_every_variable_the_repository_sets_or_reads_is_known() -> None:
+    """Deploy files, docs, load tests and the router itself never trigger the typo warning
+    (README and the CLI tests spell a typo on purpose, as an example)."""
+    repo = ROUTER.parent
+    files = [repo / "Dockerfile", *(repo / "k8s").rglob("*.yaml"), *(repo / "docs").rglob("*.md"),
+             *(repo / "loadtest").rglob("*.py"), *(repo / "loadtest").rglob("*.md"),
+             *ROUTER.rglob("*.py"), *(repo / "tests").glob("*.py")]
+    named = {(path.relative_to(repo).as_posix(), var) for path in files
+             if path.name != "test_cli.py"
+             for var in re.findall(r"\bMACP_ROUTER_[A-Z][A-Z0-9_]*[A-Z0-9]\b", path.read_text())}
+    assert len(named) > 20, "the scan found the deploy files' variables"
+    assert {(path, var) for path, var in named if var not in settings.known_variables()} == set()
 
 
 def test_variables_of_every_subcommand_are_known_to_all() -> None:
