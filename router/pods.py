@@ -172,8 +172,6 @@ class Pod(PodHealth):
         """The remembered registry calls were replayed to this incarnation of the pod."""
         self._health_interval_s = health_interval_s
         self._health_timeout_s = health_timeout_s
-        self._supervisor: Supervisor | None = None
-        self._own_supervisor = False
         self.health_fallback = False
         """True once the pod answered Health/Check UNIMPLEMENTED (a runtime built before
         grpc.health.v1): it is checked with GetManifest, which needs no token, instead."""
@@ -362,25 +360,8 @@ class Pod(PodHealth):
             await self.pause(self._health_interval_s)
 
     # -- lifecycle ---------------------------------------------------------------------------
-    @property
-    def service(self) -> str:
-        """The health loop's name in the supervisor."""
-        return f"health:{self.name}"
-
-    def start(self, supervisor: Supervisor | None = None) -> None:
-        """Run the health loop as `supervisor`'s service (a private supervisor if none)."""
-        if self._supervisor is None:
-            self._own_supervisor = supervisor is None
-            self._supervisor = supervisor if supervisor is not None else Supervisor()
-            self._supervisor.spawn(self.service, self._health_loop)
-
     async def aclose(self) -> None:
-        supervisor, self._supervisor = self._supervisor, None
-        if supervisor is not None:
-            if self._own_supervisor:
-                await supervisor.aclose()
-            else:
-                await supervisor.stop(self.service)
+        await self.stop_health_loop()
         for channel in (*self._channels, self._health_channel, self._list_channel):
             await channel.close()
 

@@ -80,8 +80,6 @@ class AcpPod(PodHealth):
         self.init_result: dict[str, Any] = {}
         self.connects = 0
         self._control: Upstream | None = None
-        self._supervisor: Supervisor | None = None
-        self._own_supervisor = False
         self._closing = False
         self.on_disconnect: Callable[[AcpPod], None] | None = None
 
@@ -167,26 +165,11 @@ class AcpPod(PodHealth):
             await wait_event(self._wake, delay)
 
     # -- lifecycle ---------------------------------------------------------------------------
-    @property
-    def service(self) -> str:
-        """The health loop's name in the supervisor."""
-        return f"acp_health:{self.name}"
-
-    def start(self, supervisor: Supervisor | None = None) -> None:
-        """Run the health loop as `supervisor`'s service (a private supervisor if none)."""
-        if self._supervisor is None:
-            self._own_supervisor = supervisor is None
-            self._supervisor = supervisor if supervisor is not None else Supervisor()
-            self._supervisor.spawn(self.service, self._health_loop)
+    service_kind = "acp_health"
 
     async def aclose(self) -> None:
         self._closing = True
-        supervisor, self._supervisor = self._supervisor, None
-        if supervisor is not None:
-            if self._own_supervisor:
-                await supervisor.aclose()
-            else:
-                await supervisor.stop(self.service)
+        await self.stop_health_loop()
         control, self._control = self._control, None
         if control is not None:
             await control.aclose()

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 from router.aio import wait_event
+from router.supervisor import Supervisor
 
 log = logging.getLogger("macp_router.pods")
 
@@ -69,6 +70,8 @@ class PodHealth:
         self._wake = asyncio.Event()
         self._became_healthy = asyncio.Event()
         self._checked = asyncio.Event()
+        self._supervisor: Supervisor | None = None
+        self._own_supervisor = False
 
     @property
     def health(self) -> HealthState:
@@ -163,6 +166,33 @@ class PodHealth:
             log.info("%s accepts the router's credentials now", self.describe)
             if self.on_health_change is not None:
                 self.on_health_change(self)
+
+    # -- the health loop, supervised -----------------------------------------------------------
+    service_kind = "health"
+    """The health loop's service kind (`<kind>:<pod>` in the supervisor)."""
+
+    @property
+    def service(self) -> str:
+        """The health loop's name in the supervisor."""
+        return f"{self.service_kind}:{self.name}"
+
+    async def _health_loop(self) -> None:
+        raise NotImplementedError  # each protocol's pod checks its own way
+
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        """Run the health loop as `supervisor`'s service (a private supervisor if none)."""
+        if self._supervisor is None:
+            self._own_supervisor = supervisor is None
+            self._supervisor = supervisor if supervisor is not None else Supervisor()
+            self._supervisor.spawn(self.service, self._health_loop)
+
+    async def stop_health_loop(self) -> None:
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            if self._own_supervisor:
+                await supervisor.aclose()
+            else:
+                await supervisor.stop(self.service)
 
     # -- waiting -----------------------------------------------------------------------------
     async def wait_healthy(self, timeout: float) -> bool:
