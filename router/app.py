@@ -39,11 +39,11 @@ from router.credentials import FIX_HINT, RouterCredentials
 from router.discovery import DnsDiscovery, Resolver
 from router.lifecycle import Lifecycle, Stage
 from router.locator import Locator
+from router.macp import MacpProxy
 from router.metrics import Metrics
 from router.opshttp import OpsHttpServer, ops_app
 from router.placement import make_policy
 from router.pods import Pod, PodSet
-from router.macp import MacpProxy
 from router.scope import DiscoveryScope
 from router.statuspage import StatusPage
 from router.store import LocationStore, MemoryStore, StoreUnavailable
@@ -235,7 +235,8 @@ class Router:
         """A service went up or down: its kind's gauge, and /readyz at its next refresh."""
         kind = state.kind
         self.metrics.set_service_up(kind, all(
-            other.up for other in self.supervisor.states() if other.kind == kind))
+            other.up or not other.starts  # not scheduled yet: starting, not down
+            for other in self.supervisor.states() if other.kind == kind))
         self._status_changed.set()
 
     def _services_snapshot(self) -> dict[str, dict[str, Any]]:

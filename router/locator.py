@@ -60,6 +60,13 @@ from router.supervisor import Supervisor
 
 log = logging.getLogger("macp_router.locator")
 
+
+def _log_failure(task: asyncio.Task[object]) -> None:
+    """A duplicate check of a lookup raised: say so with the traceback, never silently."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("locator background check %s failed", task.get_name(),
+                  exc_info=task.exception())
+
 SOURCE_CACHE = "cache"
 SOURCE_STORE = "store"
 SOURCE_PROBE = "probe"
@@ -293,6 +300,7 @@ class Locator:
         task.set_name(name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
 
     # -- 1. near-cache -------------------------------------------------------------------------
     def try_cached(self, sid: str) -> str | None:

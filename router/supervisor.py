@@ -16,8 +16,9 @@ Invariants:
 - A service is reported `up` only while its coroutine is running; from the instant it raises
   until its next start it is down, with the exception as `last_error`. Nothing a service forgets
   to do in its own error handling can leave it looking alive.
-- `down()` lists services that should be running and are not; a `once` service or job that
-  finished is done, not down, and leaves the table.
+- `down()` lists services that ran and are not running now; a service not yet scheduled is
+  starting, and a `once` service or job that finished is done: neither is down (a finished
+  one leaves the table).
 - Every task belongs to the supervisor that spawned it; `aclose()` leaves none running.
 - `asyncio.CancelledError` is never swallowed: cancelling a service stops it for good.
 - The supervisor knows no metrics library: crash counting and state changes go through the
@@ -143,8 +144,9 @@ class Supervisor:
         return iter(list(self._states.values()))
 
     def down(self) -> list[ServiceState]:
-        """Services that are not running right now (crashed and waiting, or finished)."""
-        return [state for state in self._states.values() if not state.up]
+        """Services that ran and are not running now (crashed and waiting for their restart,
+        or stopped by `aclose`); one spawned but not yet scheduled is starting, not down."""
+        return [state for state in self._states.values() if not state.up and state.starts]
 
     def cancel(self, name: str) -> asyncio.Task[None] | None:
         """Cancel one service now and forget its state (for synchronous callers: a pod

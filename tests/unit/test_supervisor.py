@@ -210,3 +210,15 @@ async def test_a_failing_state_callback_never_stops_a_service(caplog) -> None:
 def test_the_kind_of_a_service_is_its_name_before_the_instance() -> None:
     assert [ServiceState(n).kind for n in ("watch:pod-a", "replay:b#3", "status", "dns:x:53")] \
         == ["watch", "replay", "status", "dns"]
+
+
+async def test_a_service_not_yet_scheduled_is_starting_not_down() -> None:
+    async def body() -> None:
+        await asyncio.Event().wait()
+
+    supervisor = Supervisor()
+    state = supervisor.spawn("status", body)
+    assert not state.up and supervisor.down() == []  # spawned, its task not run yet
+    await eventually(lambda: state.up, timeout=2, what="running")
+    await supervisor.aclose()
+    assert supervisor.down() == [state]
