@@ -29,9 +29,10 @@ def build_router(serve_argv: list[str]) -> Any:
     """A `router.app.Router` configured from `macp-router serve` arguments."""
     from router import cli
     from router.app import Router
+    from router.config import config_from_options
 
     args = cli.build_parser().parse_args(serve_argv)
-    return Router(cli._config_from_args(args))
+    return Router(config_from_options(vars(args)))
 
 
 def preload(router: Any, n: int, seed: int = 1) -> float:

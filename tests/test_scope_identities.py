@@ -16,7 +16,8 @@ import pytest
 from macp.v1 import core_pb2, core_pb2_grpc, envelope_pb2
 
 from router.app import Router
-from router.cli import _config_from_args, build_parser
+from router.cli import build_parser
+from router.config import config_from_options
 from router.scope import DiscoveryScope
 from router.sim.auth import JwtHs256, router_entry
 
@@ -84,7 +85,7 @@ async def test_scoping_uses_the_runtimes_identities_for_static_tokens_and_jwts(
         "--auth-tokens-file", str(tokens_file),
         "--pods", ",".join(f"{pod.name}={pod.address}" for pod in pods),
     ])
-    router = Router(dataclasses.replace(_config_from_args(args), health_interval_ms=200))
+    router = Router(dataclasses.replace(config_from_options(vars(args)), health_interval_ms=200))
     await router.start()
     try:
         assert await router.wait_ready(10)
