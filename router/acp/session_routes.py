@@ -1,0 +1,231 @@
+"""ACP session routes: calls routed by a session id, and calls for any pod.
+
+One method per route class of `router.acp.routes`: `session` (a live session's pod, from the
+near-cache or the session core's lookup), `load` (where it is live, else reserved and placed:
+`SessionRouter.place` / `settle`), `new` and `fork` (placed, then learned from the pod's
+answer), `status` (the core's lookup, answered by the router), `session_or_any` and `any`.
+
+Invariants:
+- A session is never loaded where it might already be live: `session/load` / `session/resume`
+  go to the pod where it is live; only when every pod answered not_found is the sid reserved
+  (atomically, in the store) and placed; if any pod did not answer, the client gets a retryable
+  error naming those pods and nothing is loaded.
+- A load's reservation is released only on the pod's own refusal or when nothing was sent.
+"""
+
+from __future__ import annotations
+
+import time
+
+from router.acp import jsonrpc as rpc
+from router.acp import routes
+from router.acp.connection import VirtualConnection
+from router.acp.forwarding import PROTOCOL, AcpForwarding
+from router.acp.jsonrpc import Message
+from router.acp.upstream import UpstreamClosed
+from router.core.call import Call
+from router.core.errors import Abort
+from router.core.session_router import NotLocated, StartOutcome
+from router.core.status import LIVE, NOT_FOUND
+from router.locator import SOURCE_PROBE, Located
+from router.store import OPEN
+
+
+class AcpSessionRoutes(AcpForwarding):
+    """The session-scoped and any-pod routes of the ACP front door."""
+
+    # -- route classes -------------------------------------------------------------------------
+    async def _locate_live(
+        self, connection: VirtualConnection, request: Message, sid: str, route: str,
+        started: float,
+    ) -> tuple[str | None, bool]:
+        """(pod, from_cache) of a live session, or (None, _) after answering why not."""
+        pod = self.locator.try_cached(sid)
+        if pod is not None:
+            return pod, True
+        located = await self._lookup(connection, request, sid, route, started)
+        if located is None or located.status != LIVE:
+            if located is not None:
+                await self._not_located(connection, request, sid, located, route, started)
+            return None, False
+        return located.pod, located.source != SOURCE_PROBE
+
+    async def _lookup(
+        self, connection: VirtualConnection, request: Message, sid: str, route: str,
+        started: float, *, use_negative: bool = True,
+    ) -> Located | None:
+        """The core's lookup (LIVE or NOT_FOUND); None after answering why it is unknown."""
+        try:
+            return await self.core.lookup(Call(PROTOCOL, request["method"], route), sid,
+                                          use_negative=use_negative)
+        except NotLocated as exc:
+            await self._not_located(connection, request, sid, exc.located, route, started)
+            return None
+
+    async def _missing_sid(
+        self, connection: VirtualConnection, request: Message, route: str, started: float
+    ) -> None:
+        await self._reject(connection, request, rpc.INVALID_PARAMS,
+                           f"Invalid params: {request['method']} needs params.sessionId",
+                           route, started)
+
+    async def _route_session(
+        self, connection: VirtualConnection, request: Message, sid: str | None
+    ) -> None:
+        started = time.perf_counter()
+        if sid is None:
+            await self._missing_sid(connection, request, routes.SESSION, started)
+            return
+        connection.register(sid)
+        pod, cached = await self._locate_live(connection, request, sid, routes.SESSION, started)
+        if pod is None:
+            return
+        on_reply = None
+        if request["method"] in routes.ENDING:
+            async def on_reply(reply: Message, pod: str = pod, sid: str = sid) -> None:
+                if "result" in reply:
+                    await self.locator.invalidate(sid, pod)
+
+        await self._forward(connection, pod, request, routes.SESSION, started, sid=sid,
+                            on_reply=on_reply, check_stale=cached)
+
+    async def _route_load(
+        self, connection: VirtualConnection, request: Message, sid: str | None
+    ) -> None:
+        started = time.perf_counter()
+        if sid is None:
+            await self._missing_sid(connection, request, routes.LOAD, started)
+            return
+        # Register before the pod replays history: the client opens the session stream on the
+        # first replayed message, before the load's answer (which carries no sessionId).
+        connection.register(sid)
+        located = await self._lookup(connection, request, sid, routes.LOAD, started,
+                                     use_negative=False)
+        if located is None:
+            return
+        placed = False
+        if located.pod is not None:
+            pod = located.pod
+        else:  # not found on any pod: reserve it and load it there
+            try:
+                pod, placed = await self.core.place(Call(PROTOCOL, request["method"],
+                                                         routes.LOAD), sid, request["method"])
+            except Abort as exc:
+                await self._answer(connection, request, rpc.unavailable(None, exc.details),
+                                   routes.LOAD, None, started, sid)
+                return
+
+        async def on_reply(reply: Message) -> None:
+            outcome = self.core.backend.start_outcome(Call(PROTOCOL, "", routes.LOAD), reply)
+            if outcome is StartOutcome.ACCEPTED:
+                self.locator.observe(pod, sid, OPEN)  # the pod's own word: it holds it now
+            else:  # released only if the pod itself refused (the connection may have died)
+                await self.core.settle(sid, pod, placed, outcome)
+
+        async def on_unsent() -> None:
+            await self.core.settle(sid, pod, placed, StartOutcome.REFUSED)  # never sent
+
+        await self._forward(connection, pod, request, routes.LOAD, started, sid=sid,
+                            on_reply=on_reply, on_unsent=on_unsent)
+
+    async def _route_new(
+        self, connection: VirtualConnection, request: Message, sid: str | None
+    ) -> None:
+        started = time.perf_counter()
+        tried: list[str] = []
+        while True:
+            candidates = [p for p in self.roster.placeable_names() if p not in tried]
+            pod = self.locator.placement.select(candidates, self.locator.near.open_counts())
+            if pod is None:
+                detail = (f"pods {', '.join(tried)} are unreachable" if tried
+                          else "no pod is healthy and accepting sessions")
+                await self._answer(
+                    connection, request,
+                    rpc.unavailable(None, f"no pod can take a new session: {detail} (retry)"),
+                    routes.NEW, None, started,
+                )
+                return
+            try:
+                _, future = await self._send(connection, pod, request)
+            except UpstreamClosed:
+                tried.append(pod)  # nothing was created there: place it elsewhere
+                continue
+            break
+
+        async def on_reply(reply: Message, pod: str = pod) -> None:
+            result = reply.get("result")
+            new_sid = result.get("sessionId") if isinstance(result, dict) else None
+            if isinstance(new_sid, str):
+                connection.register(new_sid)
+                self.locator.observe(pod, new_sid, OPEN)
+                self.metrics.record_placement(PROTOCOL, pod, "placed")
+
+        if future is not None:
+            connection.spawn(
+                self._relay_reply(connection, pod, request, future, routes.NEW, started, None,
+                                  on_reply, False),
+                name="acp-reply:session/new",
+            )
+
+    async def _route_fork(
+        self, connection: VirtualConnection, request: Message, sid: str | None
+    ) -> None:
+        started = time.perf_counter()
+        if sid is None:
+            await self._missing_sid(connection, request, routes.FORK, started)
+            return
+        pod, _ = await self._locate_live(connection, request, sid, routes.FORK, started)
+        if pod is None:
+            return
+
+        async def on_reply(reply: Message, pod: str = pod) -> None:
+            result = reply.get("result")
+            new_sid = result.get("sessionId") if isinstance(result, dict) else None
+            if isinstance(new_sid, str):
+                connection.register(new_sid)
+                self.locator.observe(pod, new_sid, OPEN)
+
+        await self._forward(connection, pod, request, routes.FORK, started, on_reply=on_reply)
+
+    async def _route_status(
+        self, connection: VirtualConnection, request: Message, sid: str | None
+    ) -> None:
+        started = time.perf_counter()
+        if sid is None:
+            await self._missing_sid(connection, request, routes.STATUS, started)
+            return
+        located = await self.locator.lookup(sid)
+        if located.status in (LIVE, NOT_FOUND):
+            reply = rpc.result(None, {"status": located.status})
+            await self._answer(connection, request, reply, routes.STATUS, located.pod, started)
+        else:
+            await self._not_located(connection, request, sid, located, routes.STATUS, started)
+
+    async def _route_session_or_any(
+        self, connection: VirtualConnection, request: Message, sid: str | None
+    ) -> None:
+        started = time.perf_counter()
+        if sid is not None:
+            located = await self.locator.lookup(sid)
+            if located.status == LIVE:
+                assert located.pod is not None
+                await self._forward(connection, located.pod, request, routes.SESSION_OR_ANY,
+                                    started, sid=sid)
+                return
+            if located.status != NOT_FOUND:
+                await self._not_located(connection, request, sid, located,
+                                        routes.SESSION_OR_ANY, started)
+                return
+        await self._route_any(connection, request, sid)
+
+    async def _route_any(
+        self, connection: VirtualConnection, request: Message, sid: str | None
+    ) -> None:
+        started = time.perf_counter()
+        pod = self.roster.any_healthy()
+        if pod is None:
+            await self._answer(connection, request,
+                               rpc.unavailable(None, "no ACP pod is healthy (retry)"),
+                               routes.ANY, None, started)
+            return
+        await self._forward(connection, pod.name, request, routes.ANY, started)
