@@ -70,6 +70,11 @@ def test_a_name_appears_once_per_subcommand(command: str) -> None:
     assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
 
 
+def test_every_subcommand_the_table_names_has_a_parser() -> None:
+    subcommands = build_parser({})._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert {command for row in SETTINGS for command in row.commands} == set(subcommands)
+
+
 def test_every_row_without_a_flag_says_why_and_only_serve_rows_are_config() -> None:
     for row in SETTINGS:
         if row.cli != FLAG:
