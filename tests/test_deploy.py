@@ -63,6 +63,8 @@ ROUTER_METRICS = frozenset(
         "macp_router_healthy_pods",
         "macp_router_store_degraded",
         "macp_router_redis_command_duration_seconds",
+        "macp_router_service_crashes_total",
+        "macp_router_service_up",
     }
 )
 REQUIRED_ALERTS = {
@@ -72,6 +74,7 @@ REQUIRED_ALERTS = {
     "MacpRouterStoreDegraded": "macp_router_store_degraded == 1",
     "MacpRouterUnknownLocates": 'rate(macp_router_locate_total{result="unknown"}[5m])) > 0.1',
     "MacpRouterHighLatencyP99": "histogram_quantile(0.99,",
+    "MacpRouterServiceCrashed": "increase(macp_router_service_crashes_total[10m]) > 0",
 }
 TEST_ONLY_PACKAGES = {"pytest", "pytest-asyncio", "pytest-timeout", "hypothesis", "ruff"}
 
