@@ -24,10 +24,15 @@ class FakeResolver:
     def __init__(self) -> None:
         self.pods: list[SimPod] = []
         self.fail = False
+        self.surprise: Exception | None = None
+        """Raised once by the next resolution: a resolver bug, not a DNS failure."""
         self.calls = 0
 
     async def resolve(self, host: str, port: int) -> list[PodSpec]:
         self.calls += 1
+        if self.surprise is not None:
+            surprise, self.surprise = self.surprise, None
+            raise surprise
         if self.fail:
             raise OSError(f"[Errno -2] Name or service not known: {host!r}")
         return [PodSpec(pod.name, pod.address) for pod in self.pods]
@@ -68,6 +73,29 @@ async def test_unresolvable_name_at_start_is_not_ready_and_keeps_retrying(sim_po
         await eventually(lambda: len(router.pods) == 2 and all(p.feed_up for p in router.pods),
                          what="pods discovered")
         await eventually(lambda: readyz(router)[0] == 200, what="ready")
+    finally:
+        await router.stop(grace=0)
+
+
+async def test_a_discovery_crash_is_counted_shown_and_discovery_goes_on(sim_pods):
+    """An exception DNS discovery does not expect (before: it ended discovery for good, with
+    no log line and no trace in /readyz) is a crash of the `dns` service: logged, counted,
+    in /readyz, and discovery restarts and finds the pods."""
+    resolver = FakeResolver()
+    resolver.pods = await sim_pods(1)
+    router = await start_router(resolver)
+    try:
+        await eventually(lambda: len(router.pods) == 1, what="the first pod discovered")
+        resolver.surprise = TypeError("resolver returned None")
+        resolver.pods += await sim_pods(1)
+        await eventually(lambda: len(router.pods) == 2, what="discovery went on after a crash")
+        state = router.supervisor.state("dns")
+        assert state is not None and state.up and state.crashes == 1
+        assert state.last_error == "TypeError: resolver returned None"
+        assert router.metrics.registry.get_sample_value(
+            "macp_router_service_crashes_total", {"service": "dns"}) == 1
+        _status, detail = await asyncio.to_thread(readyz, router)
+        assert detail["services"]["dns"]["crashes"] == 1, detail["services"]
     finally:
         await router.stop(grace=0)
 
