@@ -192,6 +192,19 @@ async def test_a_silent_pod_makes_the_answer_unknown_is_reported_and_nothing_is_
     assert (await locator.lookup(SID)).source == "probe", "unknown is never negative-cached"
 
 
+async def test_an_unknown_answer_names_each_pods_known_cause_and_the_silent_ones(make) -> None:
+    probe = Probe()
+    probe.silent.update({"b", "c"})
+    located = await make(Roster("a", "b", "c"), probe).lookup(SID)
+    causes = {"b": "rejects the router's credentials"}
+    text = located.describe_unknown(SID, 0.25, causes)
+    assert text == (f"session {SID} not located: pods c did not answer within 250 ms (retry); "
+                    "pod b rejects the router's credentials")
+    only_known = located.describe_unknown(SID, 0.25, {**causes, "c": "is draining"})
+    assert only_known == (f"session {SID} not located: pod b rejects the router's credentials; "
+                          "pod c is draining")
+
+
 async def test_an_unhealthy_pod_is_unknown_without_being_probed(make) -> None:
     probe = Probe()
     roster = Roster("a", "b")
