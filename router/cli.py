@@ -114,6 +114,22 @@ examples:
   macp-router serve
 """
 
+POD_EXAMPLES = """\
+examples:
+  # a dev-mode pod (any bearer token is an identity), then a router in front of it
+  macp-router pod --listen 127.0.0.1:50061 --name a --allow-insecure
+  macp-router serve --listen 127.0.0.1:50051 --pods a=127.0.0.1:50061 --token router
+"""
+
+ACP_POD_EXAMPLES = """\
+examples:
+  # two ACP pods sharing one history directory, and a router's ACP front door before them
+  macp-router acp-pod --listen 127.0.0.1:8801 --name a --sessions-dir /tmp/acp-sessions
+  macp-router acp-pod --listen 127.0.0.1:8802 --name b --sessions-dir /tmp/acp-sessions
+  macp-router serve ... --acp-listen 127.0.0.1:8765 \\
+      --acp-pods a=http://127.0.0.1:8801/acp,b=http://127.0.0.1:8802/acp
+"""
+
 
 def _serve_epilog() -> str:
     lines = [SERVE_EXAMPLES, "set only in the environment:"]
@@ -148,11 +164,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "Run the router in front of runtime pods. Logs one line when ready; SIGTERM stops "
         "accepting calls, drains in-flight ones and exits.", epilog=_serve_epilog())
     pod = command(POD, "run a simulated MACP runtime pod (tests, demo, load tests)",
-                  "A faithful in-memory MACP runtime pod for tests and demos.")
+                  "A faithful in-memory MACP runtime pod for tests and demos.", epilog=POD_EXAMPLES)
     acp_pod = command(
         ACP_POD, "run a simulated ACP agent pod (tests, demo)",
         "A simulated ACP agent served over ACP's Streamable HTTP transport (acp.http.AcpServer); "
-        "session history in --sessions-dir, which pods may share.")
+        "session history in --sessions-dir, which pods may share.", epilog=ACP_POD_EXAMPLES)
     demo = command(
         DEMO, "3 simulated pods + a router + the macp_sdk client, end to end",
         "Start 3 simulated pods and a router on free loopback ports (in-memory store), drive a "
