@@ -299,7 +299,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     register_secrets(config.token, config.admin_token, config.redis_password,
                      *config.observer_tokens, *(token for token, _ in config.token_identities))
     _setup_logging(config.log_level, args)
-    warn_unknown_variables()
+    if not config.reuse_port:  # the supervisor of --workers warns; its workers do not repeat it
+        warn_unknown_variables()
     if config.workers > 1 and not config.redis_url:
         logging.getLogger("macp_router").warning(
             "--workers %d without --redis-url: each worker keeps its own store, so two workers "
