@@ -294,10 +294,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"macp-router serve: error: {exc} (see macp-router serve --help)", file=sys.stderr)
         return EXIT_USAGE
+    from router.config import secret_values
     from router.logs import register_secrets
 
-    register_secrets(config.token, config.admin_token, config.redis_password,
-                     *config.observer_tokens, *(token for token, _ in config.token_identities))
+    register_secrets(*secret_values(config))
     _setup_logging(config.log_level, args)
     if not config.reuse_port:  # the supervisor of --workers warns; its workers do not repeat it
         warn_unknown_variables()

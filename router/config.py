@@ -27,7 +27,8 @@ from router.pods import PodSpec
 from router.settings import CONFIG_SETTINGS, ENV_ONLY, FLAG, WORKER_ENV, Setting
 from router.validate import parse_host_port
 
-__all__ = ["AcpConfig", "PodSpec", "RouterConfig", "config_from_options", "parse_host_port"]
+__all__ = ["AcpConfig", "PodSpec", "RouterConfig", "config_from_options", "parse_host_port",
+           "secret_values"]
 
 
 class _RouterConfigBehaviour:
@@ -139,6 +140,23 @@ def config_from_options(options: Mapping[str, Any],
     if not values.get("token_file"):
         values["token_file"] = None
     return RouterConfig(**values)
+
+
+def secret_values(config: Any) -> list[str]:
+    """Every value of the table's secret settings (tokens, passwords), for the log redactor.
+
+    A pair (token, sender) contributes its token only: senders are names, not secrets.
+    """
+    found: list[str] = []
+    for name, row in CONFIG_SETTINGS.items():
+        value = getattr(config, name)
+        if not row.secret or not value:
+            continue
+        if isinstance(value, str):
+            found.append(value)
+        else:
+            found.extend(item[0] if isinstance(item, tuple) else item for item in value)
+    return found
 
 
 def read_token_identities(path: str | None) -> tuple[tuple[tuple[str, str], ...], set[str]]:

@@ -94,7 +94,7 @@ class Setting:
     config: bool = True
     """A field of RouterConfig (else the subcommand reads the parsed value itself)."""
     secret: bool = False
-    """Kept out of reprs and logs."""
+    """Kept out of RouterConfig's repr; `serve` registers its value with the log redactor."""
     required: bool = False
 
     @property

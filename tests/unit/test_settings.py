@@ -22,7 +22,7 @@ import pytest
 from router import settings
 from router.acp.config import SHARED_SETTINGS, AcpConfig, AcpPodSpec
 from router.cli import build_parser, warn_unknown_variables
-from router.config import RouterConfig, config_from_options
+from router.config import RouterConfig, config_from_options, secret_values
 from router.pods import PodSpec
 from router.settings import (
     CONFIG_SETTINGS,
@@ -96,6 +96,14 @@ def test_secrets_never_show_in_the_config_repr() -> None:
     config = RouterConfig(pods=PODS, token="tok-s3cret", admin_token="adm-s3cret",
                           redis_password="pw-s3cret", observer_tokens=frozenset({"obs-s3cret"}))
     assert "s3cret" not in repr(config)
+
+
+def test_every_secret_value_goes_to_the_log_redactor_and_no_sender_does() -> None:
+    config = RouterConfig(pods=PODS, token="tok", admin_token="adm", redis_password="pw",
+                          observer_tokens=frozenset({"obs"}),
+                          token_identities=(("t-agent", "agent-1"),))
+    assert sorted(secret_values(config)) == ["adm", "obs", "pw", "t-agent", "tok"]
+    assert secret_values(RouterConfig(pods=PODS)) == []
 
 
 def test_validators_and_the_acp_config_import_no_router_module_that_imports_them_back() -> None:
