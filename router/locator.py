@@ -7,6 +7,9 @@
 3. `place(sid)`: a `PlacementPolicy` picks a pod; the store reserves it atomically and the
    winner (ours, or the one another caller/router recorded first) is returned.
 
+What the pods' own feeds teach (observe, reconcile, sessions two pods report) is
+`router.ownership.SessionOwnership`, mixed into `Locator`.
+
 The locator is protocol-neutral: it knows pod names, session ids, a store and a probe function.
 MACP gRPC (probe = GetSession) and ACP (probe = session/status) plug into the same class.
 
@@ -39,13 +42,14 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from router import tracing
 from router.core.status import LIVE, NOT_FOUND, UNKNOWN, LocateStatus
 from router.metrics import Metrics
+from router.ownership import SessionOwnership
 from router.placement import PlacementPolicy, rendezvous
 from router.store import (
     OPEN,
@@ -226,7 +230,7 @@ class NearCache:
         return self._open_counts
 
 
-class Locator:
+class Locator(SessionOwnership):
     def __init__(
         self,
         *,
@@ -441,73 +445,6 @@ class Locator:
         self.metrics.record_probe(self.protocol, pod, answer)
         return answer
 
-    async def _watch_for_duplicates(
-        self,
-        sid: str,
-        winner: str,
-        pending: set[asyncio.Future[str]],
-        names: Mapping[asyncio.Future[str], str],
-    ) -> None:
-        done, _ = await asyncio.wait(pending)
-        extra = [names[task] for task in done if not task.cancelled() and task.result() == LIVE]
-        if extra:
-            self._report_duplicate(sid, [winner, *extra])
-
-    def _report_duplicate(self, sid: str, pods: Sequence[str]) -> None:
-        others = self.also_on.setdefault(sid, {})
-        for pod in pods[1:]:
-            others.setdefault(pod, OPEN)
-        self.metrics.duplicate_sessions.labels(self.protocol).inc()
-        log.warning(
-            "session %s is live on more than one pod (%s); routing to %s. Two runtimes must "
-            "never share one storage: check the pods' data directories / Redis settings",
-            sid, ", ".join(pods), pods[0],
-        )
-
-    def duplicates(self, sid: str) -> list[str]:
-        """Other pods that reported `sid` while it is routed to its owner (sorted)."""
-        return sorted(self.also_on.get(sid, ()))
-
-    def _second_holder(self, sid: str, owner: str, other: str, state: str) -> None:
-        others = self.also_on.get(sid)
-        if others is not None and other in others:
-            others[other] = state  # already reported: just keep its latest state
-            return
-        self._report_duplicate(sid, [owner, other])
-        self.also_on[sid][other] = state
-        self._spawn(self._check_owner(sid, owner), f"dup-check:{sid}")
-
-    async def _check_owner(self, sid: str, owner: str) -> None:
-        """Probe the owner and the other holders of `sid`; move it only if the owner lost it."""
-        others = list(self.also_on.get(sid, ()))
-        answers = await asyncio.gather(*(self._probe_one(pod, sid) for pod in [owner, *others]))
-        owner_answer, rest = answers[0], dict(zip(others, answers[1:], strict=True))
-        for pod, answer in rest.items():
-            if answer == NOT_FOUND:
-                self.also_on.get(sid, {}).pop(pod, None)
-        if owner_answer == NOT_FOUND:
-            await self.owner_lost(sid, owner, "it answered not_found to a probe")
-        elif owner_answer == LIVE and any(answer == LIVE for answer in rest.values()):
-            log.warning("session %s: owner %s and %s both answer live; keep routing to %s",
-                        sid, owner, ", ".join(p for p, a in rest.items() if a == LIVE), owner)
-        if not self.also_on.get(sid):
-            self.also_on.pop(sid, None)
-
-    async def owner_lost(self, sid: str, owner: str, evidence: str) -> bool:
-        """`owner` no longer holds `sid`: route it to a pod that reported it, if any."""
-        others = self.also_on.pop(sid, None)
-        entry = self.near.entry(sid)
-        if not others or entry is None or entry[0] != owner:
-            return False
-        pod, state = next(iter(others.items()))
-        log.warning("session %s moves from pod %s to pod %s: %s", sid, owner, pod, evidence)
-        ttl = self.retention_s if state in TERMINAL_STATES else 0.0
-        self.near.set(sid, pod, state, ttl)
-        self._enqueue_write(sid, Location(pod, state, "", now_ms()))
-        if len(others) > 1:
-            self.also_on[sid] = {p: s for p, s in others.items() if p != pod}
-        return True
-
     # -- placement -----------------------------------------------------------------------------
     async def place(self, sid: str) -> tuple[str, bool]:
         """Reserve `sid` on a chosen pod. Returns (owner, won): the owner is final.
@@ -575,69 +512,6 @@ class Locator:
         self.metrics.record_locate(self.protocol, "stale")
         with contextlib.suppress(StoreUnavailable):
             await self.store.delete(sid, pod)
-
-    # -- what the feeds teach -------------------------------------------------------------------
-    def observe(self, pod: str, sid: str, state: str, incarnation: str = "") -> None:
-        """A pod's own feed reported `sid` in `state`: the authoritative write.
-
-        Except for a session live on another pod: a second pod reporting it (two pods wrongly
-        sharing storage, a split brain) never moves it. It is counted and logged, both pods are
-        probed, and only evidence that the owner no longer holds it moves the entry.
-        """
-        current = self.near.entry(sid)
-        if (current is not None and current[0] != pod and current[1] not in TERMINAL_STATES
-                and current[1] != RESERVED):
-            self._second_holder(sid, current[0], pod, state)
-            return
-        self._negative.pop(sid, None)
-        self._recent_placements.pop(sid, None)
-        if current == (pod, state):
-            # Nothing new: every reconnect's snapshot repeats every session the pod holds
-            # (terminal ones too, for the runtime's whole retention): no write for it.
-            return
-        ttl = self.retention_s if state in TERMINAL_STATES else 0.0
-        self.near.set(sid, pod, state, ttl)
-        self._enqueue_write(sid, Location(pod, state, incarnation, now_ms()))
-
-    async def reconcile(self, pod: str, present: set[str], since: float) -> int:
-        """After a feed reconnect: drop entries for `pod` that the pod no longer lists.
-
-        `since` is when the reconcile listing started; reservations made after it (or within
-        the reservation grace) are kept, since the pod may not have created them yet.
-        """
-        grace_start = since - self.reservation_grace_s
-        keep = set(present)
-        for sid, placed_at in list(self._recent_placements.items()):
-            if placed_at >= grace_start:
-                keep.add(sid)
-            else:
-                del self._recent_placements[sid]
-        dropped = 0
-        for sid, state in self.near.sessions_of(pod):
-            if sid in keep or state in TERMINAL_STATES:
-                continue
-            if await self.owner_lost(sid, pod, "its owner's reconcile no longer lists it"):
-                continue
-            self.near.discard(sid, pod)
-            dropped += 1
-        for sid in [sid for sid, others in self.also_on.items()
-                    if pod in others and sid not in keep]:
-            self.also_on[sid].pop(pod, None)
-            if not self.also_on[sid]:
-                del self.also_on[sid]
-        with contextlib.suppress(StoreUnavailable):
-            await self.store.drop_pod_sessions(pod, keep)
-        if dropped:
-            self.metrics.reconcile_dropped.labels(self.metrics.pod_label(pod)).inc(dropped)
-            log.info("pod %s: reconcile dropped %d stale entries", pod, dropped)
-        return dropped
-
-    async def forget_pod(self, pod: str) -> None:
-        """A pod left the set for good: drop its entries everywhere."""
-        for sid, _state in self.near.sessions_of(pod):
-            self.near.discard(sid, pod)
-        with contextlib.suppress(StoreUnavailable):
-            await self.store.drop_pod_sessions(pod, set())
 
     # -- store write-behind --------------------------------------------------------------------
     def _cache(self, sid: str, pod: str, state: str) -> None:
