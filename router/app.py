@@ -23,9 +23,8 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -33,9 +32,8 @@ from grpc_reflection.v1alpha import reflection
 
 from router import routes
 from router.admin import RouterAdmin
-from router.aio import wait_event
 from router.config import RouterConfig, parse_host_port
-from router.credentials import FIX_HINT, RouterCredentials
+from router.credentials import RouterCredentials
 from router.discovery import DnsDiscovery, Resolver
 from router.lifecycle import Lifecycle, Stage
 from router.locator import Locator
@@ -44,6 +42,7 @@ from router.metrics import Metrics
 from router.opshttp import OpsHttpServer, ops_app
 from router.placement import make_policy
 from router.pods import Pod, PodSet
+from router.readiness import Readiness
 from router.scope import DiscoveryScope
 from router.statuspage import StatusPage
 from router.store import LocationStore, MemoryStore, StoreUnavailable
@@ -177,10 +176,12 @@ class Router:
         self.port = 0
         self._http: OpsHttpServer | None = None
         self.metrics_port = 0
-        self._health_snapshot: dict[str, Any] = {"ready": False, "reason": "starting"}
-        self._status_changed = asyncio.Event()
+        self.readiness = Readiness(
+            pods=self.pods, store=self.store, locator=self.locator, supervisor=self.supervisor,
+            metrics=self.metrics, health_servicer=self.health, drain_sync_s=config.drain_sync_s,
+        )
+        self.readiness.acp = self.acp
         self._grace_s = 0.0
-        self._shutting_down = False
         self.lifecycle = Lifecycle(self._stages())
         self.discovery: DnsDiscovery | None = None
         if config.pods_dns:
@@ -188,6 +189,7 @@ class Router:
                 config.pods_dns, self.pods, supervisor=self.supervisor, resolver=resolver,
                 interval_s=config.dns_interval_s, on_forget=self.locator.forget_pod,
             )
+            self.readiness.discovery = self.discovery
         self.pods.on_join.append(self._pod_joined)
         self.pods.on_leave.append(self._pod_left)
         self.pods.on_health_change.append(self._pod_health_changed)
@@ -220,7 +222,7 @@ class Router:
             await asyncio.wait({feed}, timeout=STOP_STEP_S)
         if self.pods.get(name) is None:  # not re-added meanwhile
             self.metrics.remove_pod(name)
-        self._refresh_health()
+        self.readiness.refresh()
 
     def _job(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
         """A one-shot background job under the supervisor (none once the router is stopping)."""
@@ -237,16 +239,7 @@ class Router:
         self.metrics.set_service_up(kind, all(
             other.up or not other.starts  # not scheduled yet: starting, not down
             for other in self.supervisor.states() if other.kind == kind))
-        self._status_changed.set()
-
-    def _services_snapshot(self) -> dict[str, dict[str, Any]]:
-        now = time.monotonic()
-        return {
-            state.name: {"up": state.up, "starts": state.starts, "crashes": state.crashes,
-                         "last_error": state.last_error,
-                         "for_s": round(now - state.since, 1)}
-            for state in self.supervisor.states()
-        }
+        self.readiness.changed.set()
 
     def _pod_health_changed(self, pod: Pod) -> None:
         self.metrics.set_pod_health(pod.name, pod.healthy, pod.draining)
@@ -255,91 +248,7 @@ class Router:
             # Unhealthy and back without its feed dropping (a blip, or a call it missed):
             # replay what it lacks now, since no feed reconnect will.
             self._job(f"replay:{pod.name}", functools.partial(self.proxy.replay_broadcasts, pod))
-        self._refresh_health()
-
-    def _refresh_health(self) -> None:
-        healthy = [pod.name for pod in self.pods if pod.healthy]
-        feeds_up = [pod.name for pod in self.pods if pod.feed_up]
-        rejecting = [pod.name for pod in self.pods if pod.credentials_rejected]
-        # A healthy pod that rejects the router's token cannot be watched or probed: the
-        # router is not ready while no healthy pod accepts it.
-        ready = any(name not in rejecting for name in healthy)
-        reason = ""
-        if healthy and not ready:
-            reason = (f"every healthy pod rejects the router's credentials ({', '.join(rejecting)}"
-                      f"): {FIX_HINT}")
-        elif not ready:
-            reason = "no healthy pod"
-            if not len(self.pods):
-                reason = "no pods"
-            if self.discovery is not None and self.discovery.last_error:
-                reason += f" ({self.discovery.last_error})"
-        if self._shutting_down:
-            ready, reason = False, "shutting down"
-        self._health_snapshot = {
-            "ready": ready,
-            "reason": reason,
-            "pods": {
-                pod.name: {
-                    "address": pod.address, "healthy": pod.healthy, "draining": pod.draining,
-                    "feed_up": pod.feed_up, "last_error": pod.last_error,
-                    "credentials_rejected": pod.credentials_rejected,
-                    "placeable": pod.placeable, "not_placeable": pod.not_placeable_reason,
-                }
-                for pod in self.pods
-            },
-            "healthy_pods": len(healthy),
-            "feeds_up": len(feeds_up),
-            "store": {"kind": self.store.name, "degraded": self.store.degraded},
-            "cached_sessions": len(self.locator.near),
-            "services": self._services_snapshot(),
-            "services_down": sorted(state.name for state in self.supervisor.down()),
-            "discovery": (
-                {"dns": f"{self.discovery.host}:{self.discovery.port}",
-                 "last_error": self.discovery.last_error,
-                 "resolutions": self.discovery.resolutions}
-                if self.discovery is not None else None
-            ),
-        }
-        self.metrics.store_degraded.set(1 if self.store.degraded else 0)
-        self.metrics.set_pod_counts("macp", len(self.pods), len(healthy))
-        if self.acp is not None:  # ACP pods' health changes reach here within a second
-            self.metrics.set_pod_counts("acp", len(self.acp.roster), len(self.acp.roster.healthy()))
-        self._status_changed.set()
-
-    async def _status_loop(self) -> None:
-        """Keeps grpc.health.v1 and /readyz in step with pods, feeds and the store."""
-        serving: bool | None = None
-        while True:
-            self._status_changed.clear()
-            self._refresh_health()
-            self._status_changed.clear()
-            ready = bool(self._health_snapshot["ready"])
-            if ready != serving:
-                serving = ready
-                status = (health_pb2.HealthCheckResponse.SERVING if ready
-                          else health_pb2.HealthCheckResponse.NOT_SERVING)
-                for service in ("", routes.SERVICE):
-                    await self.health.set(service, status)
-            await wait_event(self._status_changed, 1.0)
-
-    async def _sync_draining(self) -> None:
-        """Adopt the drain flags other routers set through the shared store."""
-        try:
-            drained = await self.store.draining_pods()
-        except StoreUnavailable:
-            return  # keep what we have; the store's health loop reports the outage
-        for pod in self.pods:
-            if pod.draining != (pod.name in drained):
-                pod.draining = pod.name in drained
-                log.info("pod %s %s through the shared store", pod.name,
-                         "drained" if pod.draining else "undrained")
-                self.metrics.set_pod_health(pod.name, pod.healthy, pod.draining)
-
-    async def _drain_sync_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.drain_sync_s)
-            await self._sync_draining()
+        self.readiness.refresh()
 
     # -- HTTP: /metrics, /healthz, /readyz, status page (router.opshttp) -------------------------
     def _start_http(self) -> None:
@@ -347,10 +256,10 @@ class Router:
             return
         host, port = parse_host_port(self.config.metrics_listen, "--metrics-listen")
         page = StatusPage(
-            admin=self.admin, metrics=self.metrics, health_snapshot=lambda: self._health_snapshot,
+            admin=self.admin, metrics=self.metrics, health_snapshot=lambda: self.readiness.snapshot,
             loop=asyncio.get_running_loop(), admin_token=self.config.admin_token,
         )
-        app = ops_app(self.metrics.registry, lambda: self._health_snapshot, page)
+        app = ops_app(self.metrics.registry, lambda: self.readiness.snapshot, page)
         try:
             self._http = OpsHttpServer(host, port, app)
         except OSError as exc:
@@ -502,8 +411,8 @@ class Router:
             feed.wait_for(lambda f: (f.reconciles > 0 or not f.pod.healthy
                                    or bool(f.pod.credentials_rejected)), FEED_START_WAIT_S)
             for feed in list(self.feeds.values())))
-        await self._sync_draining()
-        self._refresh_health()
+        await self.readiness.sync_draining()
+        self.readiness.refresh()
 
     async def _start_acp(self) -> None:
         if self.acp is None:
@@ -527,8 +436,8 @@ class Router:
         """No new calls; open streams end now (UNAVAILABLE); unary calls get the grace."""
         if self.server is None:
             return
-        self._shutting_down = True
-        self._refresh_health()
+        self.readiness.shutting_down = True
+        self.readiness.refresh()
         for service in ("", routes.SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.proxy.end_streams()
@@ -536,8 +445,8 @@ class Router:
         self.server = None
 
     async def _start_status_services(self) -> None:
-        self.supervisor.spawn("status", self._status_loop)
-        self.supervisor.spawn("drain_sync", self._drain_sync_loop)
+        self.supervisor.spawn("status", self.readiness.status_loop)
+        self.supervisor.spawn("drain_sync", self.readiness.drain_sync_loop)
 
     async def _stop_status_services(self) -> None:
         await self.supervisor.stop("status")

@@ -141,9 +141,9 @@ async def test_a_pod_whose_feed_is_not_reconciled_takes_no_new_sessions_but_rout
         on_b = await start(direct)
     await eventually(lambda: router.locator.try_cached(on_b) == "b", what="b's feed reports it")
     await router.feeds["b"].aclose()  # b is healthy, but the router no longer follows it
-    router._refresh_health()
-    assert router._health_snapshot["pods"]["b"]["placeable"] is False
-    assert "feed" in router._health_snapshot["pods"]["b"]["not_placeable"]
+    router.readiness.refresh()
+    assert router.readiness.snapshot["pods"]["b"]["placeable"] is False
+    assert "feed" in router.readiness.snapshot["pods"]["b"]["not_placeable"]
     assert router.pods.get("b").healthy
 
     async with grpc.aio.insecure_channel(router.address) as channel:
