@@ -3,7 +3,6 @@
 A `Locator` is built with a fake roster (pod names, health, draining), the real in-process
 `MemoryStore` and a fake probe function that answers from a dict of which pod holds which
 session and records every probe. No sockets: what reached the "pods" is exactly `probe.calls`.
-Statuses are compared as their wire strings ("live", "not_found", "unknown").
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from router.core.status import LIVE, NOT_FOUND, UNKNOWN, LocateStatus
 from router.locator import Locator, NoPlaceablePod
 from router.metrics import Metrics
 from router.placement import RoundRobin, rendezvous
@@ -53,14 +53,14 @@ class Probe:
         self.gate = asyncio.Event()
         self.gate.set()
 
-    async def __call__(self, pod: str, sid: str) -> str:
+    async def __call__(self, pod: str, sid: str) -> LocateStatus:
         self.calls.append((pod, sid))
         await self.gate.wait()
         if pod in self.broken:
             raise RuntimeError("adapter bug")
         if pod in self.silent:
             await asyncio.Event().wait()
-        return "live" if sid in self.holds.get(pod, set()) else "not_found"
+        return LIVE if sid in self.holds.get(pod, set()) else NOT_FOUND
 
 
 class FailingStore(MemoryStore):
@@ -104,7 +104,7 @@ async def test_a_session_its_feed_reported_is_a_hit_with_no_store_read_and_no_pr
     locator.observe("b", SID, OPEN)
     assert locator.try_cached(SID) == "b"
     located = await locator.lookup(SID)
-    assert (located.status, located.pod, located.source) == ("live", "b", "cache")
+    assert (located.status, located.pod, located.source) == (LIVE, "b", "cache")
     assert probe.calls == []
 
 
@@ -114,7 +114,7 @@ async def test_a_miss_probes_every_healthy_pod_once_then_hits_the_cache(make) ->
     locator = make(Roster("a", "b", "c"), probe, store=store)
     assert locator.try_cached(SID) is None
     located = await locator.lookup(SID)
-    assert (located.status, located.pod, located.source) == ("live", "b", "probe")
+    assert (located.status, located.pod, located.source) == (LIVE, "b", "probe")
     probed = [pod for pod, _ in probe.calls]
     assert "b" in probed and len(probed) == len(set(probed)) and set(probed) <= {"a", "b", "c"}
     assert locator.try_cached(SID) == "b"
@@ -131,7 +131,7 @@ async def test_a_miss_the_store_answers_sends_no_probe(make) -> None:
     probe = Probe()
     locator = make(Roster("a", "b", "c"), probe, store=store)
     located = await locator.lookup(SID)
-    assert (located.status, located.pod, located.source) == ("live", "c", "store")
+    assert (located.status, located.pod, located.source) == (LIVE, "c", "store")
     assert probe.calls == []
 
 
@@ -143,7 +143,7 @@ async def test_concurrent_misses_for_one_session_probe_each_pod_once(make) -> No
     await eventually(lambda: len(probe.calls) == 3, timeout=2, what="one fan-out started")
     probe.gate.set()
     results = await asyncio.gather(*lookups)
-    assert {(r.status, r.pod) for r in results} == {("live", "c")}
+    assert {(r.status, r.pod) for r in results} == {(LIVE, "c")}
     assert sorted(probe.calls) == [("a", SID), ("b", SID), ("c", SID)]
 
 
@@ -151,13 +151,13 @@ async def test_concurrent_misses_for_one_session_probe_each_pod_once(make) -> No
 async def test_no_holder_is_not_found_and_remembered_for_the_negative_ttl(make) -> None:
     probe = Probe()
     locator = make(Roster("a", "b"), probe, negative_ttl_s=60)
-    assert (await locator.lookup(SID)).status == "not_found"
+    assert (await locator.lookup(SID)).status == NOT_FOUND
     assert len(probe.calls) == 2
     again = await locator.lookup(SID)
-    assert (again.status, again.source) == ("not_found", "negative_cache")
+    assert (again.status, again.source) == (NOT_FOUND, "negative_cache")
     assert len(probe.calls) == 2
     fresh = await locator.lookup(SID, use_negative=False)
-    assert fresh.status == "not_found" and len(probe.calls) == 4
+    assert fresh.status == NOT_FOUND and len(probe.calls) == 4
 
 
 async def test_an_expired_negative_entry_probes_again(make) -> None:
@@ -170,10 +170,10 @@ async def test_an_expired_negative_entry_probes_again(make) -> None:
 
 async def test_a_created_event_clears_the_negative_cache(make) -> None:
     locator = make(Roster("a", "b"), Probe(), negative_ttl_s=60)
-    assert (await locator.lookup(SID)).status == "not_found"
+    assert (await locator.lookup(SID)).status == NOT_FOUND
     locator.observe("a", SID, OPEN)
     located = await locator.lookup(SID)
-    assert (located.status, located.pod, located.source) == ("live", "a", "cache")
+    assert (located.status, located.pod, located.source) == (LIVE, "a", "cache")
 
 
 async def test_a_silent_pod_makes_the_answer_unknown_is_reported_and_nothing_is_cached(
@@ -185,7 +185,7 @@ async def test_a_silent_pod_makes_the_answer_unknown_is_reported_and_nothing_is_
     locator = make(Roster("a", "b", "c"), probe, negative_ttl_s=60,
                    on_silent=lambda pod, why: silent.append((pod, why)))
     located = await locator.lookup(SID)
-    assert (located.status, located.pod, located.unknown_pods) == ("unknown", None, ("c",))
+    assert (located.status, located.pod, located.unknown_pods) == (UNKNOWN, None, ("c",))
     assert [pod for pod, _ in silent] == ["c"] and "50 ms" in silent[0][1]
     assert "did not answer within 50 ms" in located.describe_unknown(SID, 0.05)
     assert locator.try_cached(SID) is None
@@ -210,7 +210,7 @@ async def test_an_unhealthy_pod_is_unknown_without_being_probed(make) -> None:
     roster = Roster("a", "b")
     roster.unhealthy.add("b")
     located = await make(roster, probe).lookup(SID)
-    assert (located.status, located.unknown_pods) == ("unknown", ("b",))
+    assert (located.status, located.unknown_pods) == (UNKNOWN, ("b",))
     assert probe.calls == [("a", SID)]
 
 
@@ -218,14 +218,14 @@ async def test_a_probe_that_raises_is_unknown_never_not_found(make) -> None:
     probe = Probe()
     probe.broken.add("a")
     located = await make(Roster("a", "b"), probe).lookup(SID)
-    assert (located.status, located.unknown_pods) == ("unknown", ("a",))
+    assert (located.status, located.unknown_pods) == (UNKNOWN, ("a",))
 
 
 async def test_a_live_answer_wins_while_another_pod_is_still_silent(make) -> None:
     probe = Probe(a={SID})
     probe.silent.add("b")
     located = await make(Roster("a", "b"), probe, probe_timeout_s=30).lookup(SID)
-    assert (located.status, located.pod) == ("live", "a")
+    assert (located.status, located.pod) == (LIVE, "a")
 
 
 async def test_an_unknown_session_is_never_placed(make) -> None:
@@ -233,7 +233,7 @@ async def test_an_unknown_session_is_never_placed(make) -> None:
     probe = Probe()
     probe.silent.add("b")
     locator = make(Roster("a", "b"), probe, store=store)
-    assert (await locator.lookup(SID)).status == "unknown"
+    assert (await locator.lookup(SID)).status == UNKNOWN
     await locator.flush()
     assert await store.get(SID) is None
     assert locator.near.open_counts() == {}
@@ -241,7 +241,7 @@ async def test_an_unknown_session_is_never_placed(make) -> None:
 
 async def test_a_store_outage_degrades_a_lookup_to_probes(make) -> None:
     located = await make(Roster("a", "b"), Probe(b={SID}), store=FailingStore()).lookup(SID)
-    assert (located.status, located.pod) == ("live", "b")
+    assert (located.status, located.pod) == (LIVE, "b")
 
 
 # -- stale routes ------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ async def test_a_stale_route_is_invalidated_and_the_next_lookup_finds_the_holder
     assert locator.try_cached(SID) is None
     assert await store.get(SID) is None
     located = await locator.lookup(SID)
-    assert (located.status, located.pod, located.source) == ("live", "b", "probe")
+    assert (located.status, located.pod, located.source) == (LIVE, "b", "probe")
 
 
 async def test_invalidating_a_pod_the_entry_does_not_name_changes_nothing(make) -> None:
@@ -328,7 +328,7 @@ async def test_no_placeable_pod_is_an_error_naming_the_pods(make) -> None:
 
 async def test_placement_clears_the_negative_cache(make) -> None:
     locator = make(Roster("a"), Probe(), negative_ttl_s=60)
-    assert (await locator.lookup(SID)).status == "not_found"
+    assert (await locator.lookup(SID)).status == NOT_FOUND
     owner, _ = await locator.place(SID)
     assert (await locator.lookup(SID)).pod == owner
 
