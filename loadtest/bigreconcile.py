@@ -36,6 +36,7 @@ import uuid
 import grpc
 from macp.v1 import core_pb2, envelope_pb2
 
+from loadtest.ports import free_port
 from router.app import Router
 from router.config import RouterConfig
 from router.pods import PodSpec
@@ -86,14 +87,6 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def _list_reply_bytes(address: str) -> int:
@@ -173,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bigreconcile-") as tmp:
         state = os.path.join(tmp, "pod-a.json")
         synthetic_state(state, "a", args.sessions, args.terminal)
-        port = _free_port()
+        port = free_port()
         pod = subprocess.Popen(
             [sys.executable, "-m", "loadtest.podproc", "--listen", f"127.0.0.1:{port}",
              "--name", "a", "--state-file", state],

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -22,13 +21,6 @@ from pathlib import Path
 import psutil
 
 LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A currently free TCP port on loopback (bind to 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
 
 
 def check_loopback(address: str) -> str:

