@@ -597,6 +597,23 @@ def router_env(docs: list[dict]) -> dict[str, str]:
     return env
 
 
+@pytest.mark.parametrize("docs", ["base_docs", "example_docs"])
+def test_the_router_environment_is_a_valid_config_with_no_unknown_variable(
+    request, docs, tmp_path
+):
+    from router.cli import build_parser
+    from router.config import config_from_options
+    from router.settings import unknown_variables
+
+    env = router_env(request.getfixturevalue(docs))
+    assert unknown_variables(env) == []
+    ca = tmp_path / "ca.crt"  # mounted from a Secret in the pod; a stand-in file here
+    ca.write_text("stand-in")
+    env["MACP_ROUTER_POD_CA"] = str(ca)
+    config = config_from_options(vars(build_parser(env).parse_args(["serve"])), env)
+    assert config.pods_dns and config.token and config.redis_url and config.pod_ca == str(ca)
+
+
 def test_router_listens_where_the_service_and_probes_point(base_docs):
     env = router_env(base_docs)
     assert env["MACP_ROUTER_LISTEN"].endswith(f":{GRPC_PORT}")
