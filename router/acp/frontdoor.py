@@ -62,6 +62,7 @@ from router.acp.forwarding import PROTOCOL
 from router.acp.jsonrpc import Message
 from router.acp.pods import AcpPod, AcpPodRoster
 from router.acp.session_routes import AcpSessionRoutes
+from router.core.errors import outcome_of
 from router.core.session_router import SessionRouter
 from router.locator import Locator
 from router.metrics import Metrics
@@ -443,10 +444,10 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
             return
         try:
             await self._handlers[route](connection, message, sid)
-        except Exception as exc:
-            log.exception("ACP %s failed in the router", method)
-            await self._reject(connection, message, rpc.INTERNAL_ERROR, "Internal error",
-                               route, started, {"details": repr(exc)})
+        except Exception as exc:  # one mapping for both front doors: logged and counted
+            abort = outcome_of(exc, PROTOCOL, method, "params do not parse", self.metrics)
+            await self._reject(connection, message, rpc.code_for_status(abort.code.name),
+                               abort.details, route, started, {"details": repr(exc)})
 
     async def _initialize_in_band(self, connection: VirtualConnection, message: Message) -> None:
         """`initialize` as the first WebSocket message (HTTP clients initialize by POST)."""

@@ -43,6 +43,16 @@ _CODE_LABELS = {
 }
 
 
+_FROM_STATUS = {"INVALID_ARGUMENT": INVALID_PARAMS, "UNIMPLEMENTED": METHOD_NOT_FOUND,
+                "UNAUTHENTICATED": AUTH_REQUIRED, "NOT_FOUND": RESOURCE_NOT_FOUND,
+                "CANCELLED": REQUEST_CANCELLED, "UNAVAILABLE": ROUTER_UNAVAILABLE}
+
+
+def code_for_status(status_name: str) -> int:
+    """The JSON-RPC error code for a router status (a gRPC code name); INTERNAL_ERROR else."""
+    return _FROM_STATUS.get(status_name, INTERNAL_ERROR)
+
+
 def is_request(message: Message) -> bool:
     return "method" in message and "id" in message
 

@@ -40,3 +40,12 @@ def test_only_resource_not_found_means_not_here() -> None:
 async def test_a_pod_without_a_control_connection_is_probed_unknown() -> None:
     assert await backend().probe("a", "s1") == "unknown"
     assert await backend().probe("nope", "s1") == "unknown"
+
+
+def test_router_statuses_map_to_json_rpc_codes_and_back() -> None:
+    for code in (rpc.INVALID_PARAMS, rpc.METHOD_NOT_FOUND, rpc.AUTH_REQUIRED,
+                 rpc.RESOURCE_NOT_FOUND, rpc.REQUEST_CANCELLED, rpc.ROUTER_UNAVAILABLE,
+                 rpc.INTERNAL_ERROR):
+        label = rpc.code_label(rpc.error(1, code, "x"))
+        assert rpc.code_for_status(label) == code, label
+    assert rpc.code_for_status("DATA_LOSS") == rpc.INTERNAL_ERROR
