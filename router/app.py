@@ -27,8 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from router import routes
 from router.admin import RouterAdmin
@@ -36,18 +35,16 @@ from router.config import RouterConfig, parse_host_port
 from router.credentials import RouterCredentials
 from router.discovery import DnsDiscovery, Resolver
 from router.lifecycle import Lifecycle, Stage
+from router.listeners import ListenError, Listeners
 from router.locator import Locator
 from router.macp import MacpProxy
 from router.metrics import Metrics
-from router.opshttp import OpsHttpServer, ops_app
 from router.placement import make_policy
 from router.pods import Pod, PodSet
 from router.readiness import Readiness
 from router.scope import DiscoveryScope
-from router.statuspage import StatusPage
 from router.store import LocationStore, MemoryStore, StoreUnavailable
 from router.supervisor import ServiceState, Supervisor, service_kind
-from router.v1 import router_pb2_grpc
 from router.watch import WatchFeed
 
 if TYPE_CHECKING:
@@ -62,21 +59,6 @@ STOP_STEP_S = 5.0
 """How long one shutdown stage may take (the servers: the shutdown grace plus this)."""
 
 
-class ListenError(RuntimeError):
-    """The listen address cannot be bound."""
-
-
-def server_credentials(config: RouterConfig) -> grpc.ServerCredentials | None:
-    if not config.tls_cert:
-        return None
-    client_ca = config.read_file(config.tls_client_ca)
-    return grpc.ssl_server_credentials(
-        [(config.read_file(config.tls_key), config.read_file(config.tls_cert))],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
-    )
-
-
 def pod_credentials(config: RouterConfig) -> grpc.ChannelCredentials | None:
     if not config.pod_ca:
         return None
@@ -84,6 +66,21 @@ def pod_credentials(config: RouterConfig) -> grpc.ChannelCredentials | None:
         root_certificates=config.read_file(config.pod_ca),
         private_key=config.read_file(config.pod_key),
         certificate_chain=config.read_file(config.pod_cert),
+    )
+
+
+def make_pods(config: RouterConfig, supervisor: Supervisor) -> PodSet:
+    return PodSet(
+        supervisor=supervisor,
+        credentials=pod_credentials(config),
+        channels=config.channels_per_pod,
+        max_channels=config.max_channels_per_pod,
+        list_receive_bytes=config.max_list_bytes,
+        health_interval_s=config.health_interval_ms / 1000,
+        channel_options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ],
     )
 
 
@@ -117,18 +114,7 @@ class Router:
                                      on_state=self._service_changed)
         """Runs every background service of this router (see the module docstring)."""
         self.store = make_store(config, self.metrics)
-        self.pods = PodSet(
-            supervisor=self.supervisor,
-            credentials=pod_credentials(config),
-            channels=config.channels_per_pod,
-            max_channels=config.max_channels_per_pod,
-            list_receive_bytes=config.max_list_bytes,
-            health_interval_s=config.health_interval_ms / 1000,
-            channel_options=[
-                ("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.max_send_message_length", config.max_message_bytes),
-            ],
-        )
+        self.pods = make_pods(config, self.supervisor)
         self.locator = Locator(
             roster=self.pods,
             store=self.store,
@@ -154,15 +140,7 @@ class Router:
             method for method, route_class in routes.ROUTE_CLASSES.items()
             if route_class is routes.RouteClass.BROADCAST
         )
-        self.acp: AcpFrontDoor | None = None
-        if config.acp is not None:
-            from router.acp.frontdoor import AcpFrontDoor
-
-            acp_store = make_store(
-                dataclasses.replace(config, redis_prefix=config.redis_prefix + "acp:"),
-                self.metrics,
-            )
-            self.acp = AcpFrontDoor(config.acp, metrics=self.metrics, store=acp_store)
+        self.acp = self._make_acp()
         self.feeds: dict[str, WatchFeed] = {}
         self.health = health.aio.HealthServicer()
         self.admin = RouterAdmin(
@@ -170,29 +148,38 @@ class Router:
             metrics=self.metrics, admin_token=config.admin_token,
             open_reads=config.admin_open_reads, supervisor=self.supervisor,
         )
-        self.server: grpc.aio.Server | None = None
-        self.admin_server: grpc.aio.Server | None = None
-        self.admin_port = 0
-        self.port = 0
-        self._http: OpsHttpServer | None = None
-        self.metrics_port = 0
+        self.listeners = Listeners(config, admin=self.admin, health_servicer=self.health,
+                                   metrics=self.metrics, snapshot=lambda: self.readiness.snapshot)
         self.readiness = Readiness(
             pods=self.pods, store=self.store, locator=self.locator, supervisor=self.supervisor,
             metrics=self.metrics, health_servicer=self.health, drain_sync_s=config.drain_sync_s,
         )
         self.readiness.acp = self.acp
+        self.discovery = self.readiness.discovery = self._make_discovery(resolver)
         self._grace_s = 0.0
         self.lifecycle = Lifecycle(self._stages())
-        self.discovery: DnsDiscovery | None = None
-        if config.pods_dns:
-            self.discovery = DnsDiscovery(
-                config.pods_dns, self.pods, supervisor=self.supervisor, resolver=resolver,
-                interval_s=config.dns_interval_s, on_forget=self.locator.forget_pod,
-            )
-            self.readiness.discovery = self.discovery
         self.pods.on_join.append(self._pod_joined)
         self.pods.on_leave.append(self._pod_left)
         self.pods.on_health_change.append(self._pod_health_changed)
+
+    def _make_acp(self) -> AcpFrontDoor | None:
+        if self.config.acp is None:
+            return None
+        from router.acp.frontdoor import AcpFrontDoor
+
+        acp_store = make_store(
+            dataclasses.replace(self.config, redis_prefix=self.config.redis_prefix + "acp:"),
+            self.metrics,
+        )
+        return AcpFrontDoor(self.config.acp, metrics=self.metrics, store=acp_store)
+
+    def _make_discovery(self, resolver: Resolver | None) -> DnsDiscovery | None:
+        if not self.config.pods_dns:
+            return None
+        return DnsDiscovery(
+            self.config.pods_dns, self.pods, supervisor=self.supervisor, resolver=resolver,
+            interval_s=self.config.dns_interval_s, on_forget=self.locator.forget_pod,
+        )
 
     async def _probe(self, pod: str, sid: str) -> str:
         return await self.proxy.probe(pod, sid)
@@ -250,62 +237,18 @@ class Router:
             self._job(f"replay:{pod.name}", functools.partial(self.proxy.replay_broadcasts, pod))
         self.readiness.refresh()
 
-    # -- HTTP: /metrics, /healthz, /readyz, status page (router.opshttp) -------------------------
-    def _start_http(self) -> None:
-        if not self.config.metrics_listen:
-            return
-        host, port = parse_host_port(self.config.metrics_listen, "--metrics-listen")
-        page = StatusPage(
-            admin=self.admin, metrics=self.metrics, health_snapshot=lambda: self.readiness.snapshot,
-            loop=asyncio.get_running_loop(), admin_token=self.config.admin_token,
-        )
-        app = ops_app(self.metrics.registry, lambda: self.readiness.snapshot, page)
-        try:
-            self._http = OpsHttpServer(host, port, app)
-        except OSError as exc:
-            raise ListenError(
-                f"cannot listen on --metrics-listen {self.config.metrics_listen}: {exc.strerror}"
-            ) from None
-        self.metrics_port = self._http.port
-
     # -- lifecycle -------------------------------------------------------------------------------
-    def _server_options(self) -> list[tuple[str, int]]:
-        return [
-            ("grpc.so_reuseport", 1 if self.config.reuse_port else 0),
-            ("grpc.max_receive_message_length", self.config.max_message_bytes),
-            ("grpc.max_send_message_length", self.config.max_message_bytes),
-            ("grpc.max_concurrent_streams", self.config.max_concurrent_streams),
-        ]
+    @property
+    def port(self) -> int:
+        return self.listeners.port
 
-    def _bind(self, server: grpc.aio.Server, address: str, flag: str,
-              credentials: grpc.ServerCredentials | None) -> int:
-        try:
-            if credentials is None:
-                port = server.add_insecure_port(address)
-            else:
-                port = server.add_secure_port(address, credentials)
-        except RuntimeError as exc:
-            port, detail = 0, str(exc)
-        else:
-            detail = "port unavailable"
-        if not port:
-            raise ListenError(
-                f"cannot listen on {flag} {address}: {detail} (is another process using it?)"
-            )
-        return port
+    @property
+    def admin_port(self) -> int:
+        return self.listeners.admin_port
 
-    async def _start_admin_server(self) -> None:
-        """Admin API on its own (loopback by default) port when the client port can't have it."""
-        address = self.config.admin_listen
-        if address is None and not self.config.admin_on_main_port:
-            address = "127.0.0.1:50052"
-        if address is None:
-            return
-        server = grpc.aio.server(options=self._server_options())
-        router_pb2_grpc.add_RouterAdminServicer_to_server(self.admin, server)
-        self.admin_port = self._bind(server, address, "--admin-listen", None)
-        await server.start()
-        self.admin_server = server
+    @property
+    def metrics_port(self) -> int:
+        return self.listeners.metrics_port
 
     def _stages(self) -> list[Stage]:
         """The router's parts in start order; `stop()` runs them in reverse."""
@@ -317,13 +260,14 @@ class Router:
             Stage("store", self.store.start, self.store.aclose),
             Stage("locator", self._start_locator, self._stop_locator,
                   stop_timeout_s=2 * STOP_STEP_S),
-            Stage("listeners", self._bind_listeners, self._close_listeners),
+            Stage("listeners", self._bind_listeners, self.listeners.close),
             Stage("pods and their watch feeds", self._add_pods, self._close_pods,
                   stop_timeout_s=2 * STOP_STEP_S),
             Stage("DNS discovery", self._start_discovery, self._stop_discovery),
             Stage("first health checks and feed reconciles", self._wait_for_pods),
             Stage("ACP front door", self._start_acp, self._stop_acp, stop_timeout_s=serving_s),
-            Stage("gRPC server", self._serve, self._stop_serving, stop_timeout_s=serving_s),
+            Stage("gRPC server", self.listeners.serve, self._stop_serving,
+                  stop_timeout_s=serving_s),
             Stage("readiness and drain sync", self._start_status_services,
                   self._stop_status_services),
         ]
@@ -352,34 +296,8 @@ class Router:
         await self.locator.aclose()
 
     async def _bind_listeners(self) -> None:
-        """Bind the gRPC port (serving starts last), start the admin and HTTP endpoints."""
-        server = grpc.aio.server(options=self._server_options())
-        if self.config.admin_on_main_port:
-            router_pb2_grpc.add_RouterAdminServicer_to_server(self.admin, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (routes.SERVICE, "router.v1.RouterAdmin", health.SERVICE_NAME,
-             reflection.SERVICE_NAME),
-            server,
-        )
-        server.add_generic_rpc_handlers((self.proxy.generic_handler(),))
-        server.add_generic_rpc_handlers((self.proxy.unimplemented_handler(),))
-        credentials = server_credentials(self.config)
-        self.port = self._bind(server, self.config.listen, "--listen", credentials)
-        self.server = server
-        await self._start_admin_server()
-        self._start_http()
-
-    async def _close_listeners(self) -> None:
-        if self.server is not None:  # bound but never served: a start that failed
-            await self.server.stop(0)
-            self.server = None
-        if self.admin_server is not None:
-            await self.admin_server.stop(0)
-            self.admin_server = None
-        if self._http is not None:
-            self._http.close()
-            self._http = None
+        await self.listeners.bind((self.proxy.generic_handler(),
+                                   self.proxy.unimplemented_handler()))
 
     async def _add_pods(self) -> None:
         for spec in self.config.pods:
@@ -428,21 +346,16 @@ class Router:
         if self.acp is not None and self.acp.started:
             await self.acp.aclose()
 
-    async def _serve(self) -> None:
-        assert self.server is not None
-        await self.server.start()
-
     async def _stop_serving(self) -> None:
         """No new calls; open streams end now (UNAVAILABLE); unary calls get the grace."""
-        if self.server is None:
+        if self.listeners.server is None:
             return
         self.readiness.shutting_down = True
         self.readiness.refresh()
         for service in ("", routes.SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.proxy.end_streams()
-        await self.server.stop(self._grace_s)
-        self.server = None
+        await self.listeners.stop_serving(self._grace_s)
 
     async def _start_status_services(self) -> None:
         self.supervisor.spawn("status", self.readiness.status_loop)
