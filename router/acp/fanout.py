@@ -10,7 +10,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from router.acp import jsonrpc as rpc
@@ -28,15 +27,13 @@ class AcpFanOutRoutes(AcpForwarding):
         self, connection: VirtualConnection, request: Message, sid: str | None
     ) -> None:
         """authenticate: every upstream the client has (one if none); replayed on later ones."""
-        started = time.perf_counter()
+        call = self._call(connection, request, routes.BROADCAST)
         targets = sorted(connection.upstreams)
         if not targets:
             pod = self.roster.any_healthy()
             targets = [pod.name] if pod is not None else []
         if not targets:
-            await self._answer(connection, request,
-                               rpc.unavailable(None, "no ACP pod is healthy (retry)"),
-                               routes.BROADCAST, None, started)
+            await self._answer(call, rpc.unavailable(None, "no ACP pod is healthy (retry)"))
             return
         params = request.get("params")
 
@@ -53,8 +50,7 @@ class AcpFanOutRoutes(AcpForwarding):
             errors = [reply for reply in replies if "error" in reply]
             if len(errors) < len(replies) and isinstance(params, dict):
                 connection.auth_params = params
-            await self._answer(connection, request, errors[0] if errors else replies[0],
-                               routes.BROADCAST, None, started)
+            await self._answer(call, errors[0] if errors else replies[0])
 
         connection.spawn(run(), name="acp-broadcast")
 
@@ -62,7 +58,7 @@ class AcpFanOutRoutes(AcpForwarding):
         self, connection: VirtualConnection, request: Message, sid: str | None
     ) -> None:
         """session/list on every healthy pod, all pages; merged, de-duplicated by sessionId."""
-        started = time.perf_counter()
+        call = self._call(connection, request, routes.LIST)
         params = dict(rpc.params_of(request))
         params.pop("cursor", None)  # the router answers with one merged page
         timeout = self.config.fanout_timeout_ms / 1000
@@ -112,6 +108,6 @@ class AcpFanOutRoutes(AcpForwarding):
                 if failed:
                     result["_meta"] = {"macpRouter": {"unavailablePods": sorted(failed)}}
                 reply = rpc.result(None, result)
-            await self._answer(connection, request, reply, routes.LIST, None, started)
+            await self._answer(call, reply)
 
         connection.spawn(run(), name="acp-list")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -52,38 +51,34 @@ class AcpForwarding:
     locator: Locator
     core: SessionRouter
 
-    # -- answering -----------------------------------------------------------------------------
-    def _record(
-        self, method: str, route: str, pod: str | None, reply: Message, started: float
-    ) -> None:
+    # -- one Call per client call -----------------------------------------------------------
+    def _call(self, connection: VirtualConnection, request: Message, route: str) -> Call:
+        """The `Call` of one client message: metric labels, timing, the chosen pod."""
+        method = request["method"]
         label = method if method in routes.ROUTES else (
             "_extension" if method.startswith("_") else method
         )
-        self.metrics.record_request(PROTOCOL, label, route, pod, rpc.code_label(reply),
-                                    time.perf_counter() - started)
+        call = Call(PROTOCOL, label, route, context=connection)
+        call.request = request
+        return call
 
+    # -- answering -----------------------------------------------------------------------------
     async def _answer(
-        self, connection: VirtualConnection, request: Message, reply: Message, route: str,
-        pod: str | None, started: float, sid: str | None = None,
+        self, call: Call, reply: Message, *, pod: str | None = None, sid: str | None = None
     ) -> None:
         """Give the client `reply` under its own request id, on the stream it reads for sid."""
-        self._record(request["method"], route, pod, reply, started)
+        call.pod = pod
+        call.finish(self.metrics, rpc.code_label(reply))
+        request = call.request
         if "id" not in request:
             return
         scoped = sid if method_requires_session_header(request["method"]) else None
-        await connection.deliver(rpc.reply_to(request["id"], reply), scoped)
+        await call.context.deliver(rpc.reply_to(request["id"], reply), scoped)
 
-    async def _reject(
-        self, connection: VirtualConnection, request: Message, code: int, message: str,
-        route: str, started: float, data: Any = None,
-    ) -> None:
-        await self._answer(connection, request, rpc.error(None, code, message, data), route,
-                           None, started)
+    async def _reject(self, call: Call, code: int, message: str, data: Any = None) -> None:
+        await self._answer(call, rpc.error(None, code, message, data))
 
-    async def _not_located(
-        self, connection: VirtualConnection, request: Message, sid: str, located: Located,
-        route: str, started: float,
-    ) -> None:
+    async def _not_located(self, call: Call, sid: str, located: Located) -> None:
         if located.status == NOT_FOUND:
             reply = rpc.error(
                 None, rpc.RESOURCE_NOT_FOUND,
@@ -95,10 +90,10 @@ class AcpForwarding:
                 None, located.describe_unknown(sid, self.config.probe_timeout_s),
                 sessionId=sid, unknownPods=list(located.unknown_pods),
             )
-        if "id" not in request:
-            log.info("ACP %s for %s dropped: %s", request["method"], sid,
+        if "id" not in call.request:
+            log.info("ACP %s for %s dropped: %s", call.request["method"], sid,
                      reply["error"]["message"])
-        await self._answer(connection, request, reply, route, None, started, sid)
+        await self._answer(call, reply, sid=sid)
 
     # -- forwarding ----------------------------------------------------------------------------
     async def _send(
@@ -125,18 +120,17 @@ class AcpForwarding:
         raise AssertionError("unreachable")
 
     async def _forward(
-        self, connection: VirtualConnection, pod: str, request: Message, route: str,
-        started: float, *, sid: str | None = None, on_reply: OnReply | None = None,
+        self, call: Call, pod: str, *, sid: str | None = None, on_reply: OnReply | None = None,
         on_unsent: Callable[[], Awaitable[None]] | None = None, check_stale: bool = False,
     ) -> None:
         try:
-            _, future = await self._send(connection, pod, request)
+            _, future = await self._send(call.context, pod, call.request)
         except UpstreamClosed as exc:
             if on_unsent is not None:
                 await on_unsent()
             reply = rpc.unavailable(None, f"pod {pod} is unreachable: {exc.reason} (retry)",
                                     pod=pod)
-            await self._answer(connection, request, reply, route, pod, started, sid)
+            await self._answer(call, reply, pod=pod, sid=sid)
             return
         except UpstreamRefused as exc:
             reply = rpc.error(
@@ -145,20 +139,24 @@ class AcpForwarding:
                 "created on the same connection (not loaded ones); use --acp-upstream ws",
                 {"pod": pod, "httpStatus": exc.status},
             )
-            await self._answer(connection, request, reply, route, pod, started, sid)
+            await self._answer(call, reply, pod=pod, sid=sid)
             return
         if future is None:
-            self._record(request["method"], route, pod, {"result": None}, started)
+            call.pod = pod
+            call.finish(self.metrics, "OK")
             return
-        connection.spawn(
-            self._relay_reply(connection, pod, request, future, route, started, sid, on_reply,
-                              check_stale),
-            name=f"acp-reply:{request['method']}",
-        )
+        self._relay(call, pod, future, sid, on_reply, check_stale)
+
+    def _relay(
+        self, call: Call, pod: str, future: asyncio.Future[Message], sid: str | None,
+        on_reply: OnReply | None, check_stale: bool,
+    ) -> None:
+        """Relay the pod's answer by a task: the client's next message never waits for it."""
+        call.context.spawn(self._relay_reply(call, pod, future, sid, on_reply, check_stale),
+                           name=f"acp-reply:{call.request['method']}")
 
     async def _relay_reply(
-        self, connection: VirtualConnection, pod: str, request: Message,
-        future: asyncio.Future[Message], route: str, started: float, sid: str | None,
+        self, call: Call, pod: str, future: asyncio.Future[Message], sid: str | None,
         on_reply: OnReply | None, check_stale: bool,
     ) -> None:
         try:
@@ -169,16 +167,13 @@ class AcpForwarding:
                 pod=pod,
             )
         if check_stale and sid is not None and "error" in reply:
-            if await self._reroute_if_stale(connection, pod, request, sid, route, started):
+            if await self._reroute_if_stale(call, pod, sid):
                 return
         if on_reply is not None:
             reply = await on_reply(reply) or reply
-        await self._answer(connection, request, reply, route, pod, started, sid)
+        await self._answer(call, reply, pod=pod, sid=sid)
 
-    async def _reroute_if_stale(
-        self, connection: VirtualConnection, pod: str, request: Message, sid: str, route: str,
-        started: float,
-    ) -> bool:
+    async def _reroute_if_stale(self, call: Call, pod: str, sid: str) -> bool:
         """The pod erred on a cached route: if it says the session is not there, re-route once."""
         target = self.roster.get(pod)
         if target is None:
@@ -191,13 +186,12 @@ class AcpForwarding:
         if status != NOT_FOUND:
             return False
         try:
-            moved = await self.core.relocate(Call(PROTOCOL, request["method"], route), sid, pod)
+            moved = await self.core.relocate(call, sid, pod)
         except NotLocated as exc:
-            await self._not_located(connection, request, sid, exc.located, route, started)
+            await self._not_located(call, sid, exc.located)
             return True
         if moved is None:
-            await self._not_located(connection, request, sid,
-                                    Located(NOT_FOUND, None, SOURCE_PROBE), route, started)
+            await self._not_located(call, sid, Located(NOT_FOUND, None, SOURCE_PROBE))
             return True
-        await self._forward(connection, moved, request, route, started, sid=sid)
+        await self._forward(call, moved, sid=sid)
         return True

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -62,6 +61,7 @@ from router.acp.forwarding import PROTOCOL
 from router.acp.jsonrpc import Message
 from router.acp.pods import AcpPod, AcpPodRoster
 from router.acp.session_routes import AcpSessionRoutes
+from router.core.call import Call
 from router.core.errors import outcome_of
 from router.core.session_router import SessionRouter
 from router.locator import Locator
@@ -364,9 +364,9 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
         )
 
     async def _initialize_post(self, message: Message) -> PostResult:
-        started = time.perf_counter()
+        call = Call(PROTOCOL, "initialize", routes.INITIALIZE)
         answer = await self._initialize_answer(message)
-        self._record("initialize", routes.INITIALIZE, None, answer, started)
+        call.finish(self.metrics, rpc.code_label(answer))
         if "error" in answer:
             return PostResult(503, {"error": answer["error"]["message"]})
         connection = self._new_connection(rpc.params_of(message))
@@ -430,31 +430,31 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
             return
         sid = rpc.session_id_param(message)
         route = routes.route_of(method, sid is not None)
-        started = time.perf_counter()
         if route is None or route == routes.INITIALIZE:
-            await self._reject(connection, message, rpc.METHOD_NOT_FOUND, "Method not found",
-                               "unknown", started, {"method": method})
+            await self._reject(self._call(connection, message, "unknown"), rpc.METHOD_NOT_FOUND,
+                               "Method not found", {"method": method})
             return
+        call = self._call(connection, message, route)
         if header_sid is not None and sid is not None and header_sid != sid:
             await self._reject(
-                connection, message, rpc.INVALID_PARAMS,
+                call, rpc.INVALID_PARAMS,
                 f"Invalid params: {SESSION_ID_HEADER} {header_sid} does not "
-                f"match params.sessionId {sid}", route, started,
+                f"match params.sessionId {sid}",
             )
             return
         try:
             await self._handlers[route](connection, message, sid)
         except Exception as exc:  # one mapping for both front doors: logged and counted
             abort = outcome_of(exc, PROTOCOL, method, "params do not parse", self.metrics)
-            await self._reject(connection, message, rpc.code_for_status(abort.code.name),
-                               abort.details, route, started, {"details": repr(exc)})
+            await self._reject(call, rpc.code_for_status(abort.code.name), abort.details,
+                               {"details": repr(exc)})
 
     async def _initialize_in_band(self, connection: VirtualConnection, message: Message) -> None:
         """`initialize` as the first WebSocket message (HTTP clients initialize by POST)."""
-        started = time.perf_counter()
+        call = Call(PROTOCOL, "initialize", routes.INITIALIZE)
         answer = await self._initialize_answer(message)
         if "error" not in answer and not connection.initialized:
             connection.init_params = rpc.params_of(message) or {"protocolVersion": 1}
-        self._record("initialize", routes.INITIALIZE, None, answer, started)
+        call.finish(self.metrics, rpc.code_label(answer))
         if "id" in message:
             await connection.deliver(answer)

@@ -15,8 +15,6 @@ Invariants:
 
 from __future__ import annotations
 
-import time
-
 from router.acp import jsonrpc as rpc
 from router.acp import routes
 from router.acp.connection import VirtualConnection
@@ -35,49 +33,39 @@ class AcpSessionRoutes(AcpForwarding):
     """The session-scoped and any-pod routes of the ACP front door."""
 
     # -- route classes -------------------------------------------------------------------------
-    async def _locate_live(
-        self, connection: VirtualConnection, request: Message, sid: str, route: str,
-        started: float,
-    ) -> tuple[str | None, bool]:
+    async def _locate_live(self, call: Call, sid: str) -> tuple[str | None, bool]:
         """(pod, from_cache) of a live session, or (None, _) after answering why not."""
         pod = self.locator.try_cached(sid)
         if pod is not None:
             return pod, True
-        located = await self._lookup(connection, request, sid, route, started)
+        located = await self._lookup(call, sid)
         if located is None or located.status != LIVE:
             if located is not None:
-                await self._not_located(connection, request, sid, located, route, started)
+                await self._not_located(call, sid, located)
             return None, False
         return located.pod, located.source != SOURCE_PROBE
 
-    async def _lookup(
-        self, connection: VirtualConnection, request: Message, sid: str, route: str,
-        started: float, *, use_negative: bool = True,
-    ) -> Located | None:
+    async def _lookup(self, call: Call, sid: str, *, use_negative: bool = True) -> Located | None:
         """The core's lookup (LIVE or NOT_FOUND); None after answering why it is unknown."""
         try:
-            return await self.core.lookup(Call(PROTOCOL, request["method"], route), sid,
-                                          use_negative=use_negative)
+            return await self.core.lookup(call, sid, use_negative=use_negative)
         except NotLocated as exc:
-            await self._not_located(connection, request, sid, exc.located, route, started)
+            await self._not_located(call, sid, exc.located)
             return None
 
-    async def _missing_sid(
-        self, connection: VirtualConnection, request: Message, route: str, started: float
-    ) -> None:
-        await self._reject(connection, request, rpc.INVALID_PARAMS,
-                           f"Invalid params: {request['method']} needs params.sessionId",
-                           route, started)
+    async def _missing_sid(self, call: Call) -> None:
+        await self._reject(call, rpc.INVALID_PARAMS,
+                           f"Invalid params: {call.request['method']} needs params.sessionId")
 
     async def _route_session(
         self, connection: VirtualConnection, request: Message, sid: str | None
     ) -> None:
-        started = time.perf_counter()
+        call = self._call(connection, request, routes.SESSION)
         if sid is None:
-            await self._missing_sid(connection, request, routes.SESSION, started)
+            await self._missing_sid(call)
             return
         connection.register(sid)
-        pod, cached = await self._locate_live(connection, request, sid, routes.SESSION, started)
+        pod, cached = await self._locate_live(call, sid)
         if pod is None:
             return
         on_reply = None
@@ -86,21 +74,19 @@ class AcpSessionRoutes(AcpForwarding):
                 if "result" in reply:
                     await self.locator.invalidate(sid, pod)
 
-        await self._forward(connection, pod, request, routes.SESSION, started, sid=sid,
-                            on_reply=on_reply, check_stale=cached)
+        await self._forward(call, pod, sid=sid, on_reply=on_reply, check_stale=cached)
 
     async def _route_load(
         self, connection: VirtualConnection, request: Message, sid: str | None
     ) -> None:
-        started = time.perf_counter()
+        call = self._call(connection, request, routes.LOAD)
         if sid is None:
-            await self._missing_sid(connection, request, routes.LOAD, started)
+            await self._missing_sid(call)
             return
         # Register before the pod replays history: the client opens the session stream on the
         # first replayed message, before the load's answer (which carries no sessionId).
         connection.register(sid)
-        located = await self._lookup(connection, request, sid, routes.LOAD, started,
-                                     use_negative=False)
+        located = await self._lookup(call, sid, use_negative=False)
         if located is None:
             return
         placed = False
@@ -108,15 +94,13 @@ class AcpSessionRoutes(AcpForwarding):
             pod = located.pod
         else:  # not found on any pod: reserve it and load it there
             try:
-                pod, placed = await self.core.place(Call(PROTOCOL, request["method"],
-                                                         routes.LOAD), sid, request["method"])
+                pod, placed = await self.core.place(call, sid, request["method"])
             except Abort as exc:
-                await self._answer(connection, request, rpc.unavailable(None, exc.details),
-                                   routes.LOAD, None, started, sid)
+                await self._answer(call, rpc.unavailable(None, exc.details), sid=sid)
                 return
 
         async def on_reply(reply: Message) -> None:
-            outcome = self.core.backend.start_outcome(Call(PROTOCOL, "", routes.LOAD), reply)
+            outcome = self.core.backend.start_outcome(call, reply)
             if outcome is StartOutcome.ACCEPTED:
                 self.locator.observe(pod, sid, OPEN)  # the pod's own word: it holds it now
             else:  # released only if the pod itself refused (the connection may have died)
@@ -125,13 +109,12 @@ class AcpSessionRoutes(AcpForwarding):
         async def on_unsent() -> None:
             await self.core.settle(sid, pod, placed, StartOutcome.REFUSED)  # never sent
 
-        await self._forward(connection, pod, request, routes.LOAD, started, sid=sid,
-                            on_reply=on_reply, on_unsent=on_unsent)
+        await self._forward(call, pod, sid=sid, on_reply=on_reply, on_unsent=on_unsent)
 
     async def _route_new(
         self, connection: VirtualConnection, request: Message, sid: str | None
     ) -> None:
-        started = time.perf_counter()
+        call = self._call(connection, request, routes.NEW)
         tried: list[str] = []
         while True:
             candidates = [p for p in self.roster.placeable_names() if p not in tried]
@@ -139,11 +122,8 @@ class AcpSessionRoutes(AcpForwarding):
             if pod is None:
                 detail = (f"pods {', '.join(tried)} are unreachable" if tried
                           else "no pod is healthy and accepting sessions")
-                await self._answer(
-                    connection, request,
-                    rpc.unavailable(None, f"no pod can take a new session: {detail} (retry)"),
-                    routes.NEW, None, started,
-                )
+                await self._answer(call, rpc.unavailable(
+                    None, f"no pod can take a new session: {detail} (retry)"))
                 return
             try:
                 _, future = await self._send(connection, pod, request)
@@ -161,20 +141,16 @@ class AcpSessionRoutes(AcpForwarding):
                 self.metrics.record_placement(PROTOCOL, pod, "placed")
 
         if future is not None:
-            connection.spawn(
-                self._relay_reply(connection, pod, request, future, routes.NEW, started, None,
-                                  on_reply, False),
-                name="acp-reply:session/new",
-            )
+            self._relay(call, pod, future, None, on_reply, False)
 
     async def _route_fork(
         self, connection: VirtualConnection, request: Message, sid: str | None
     ) -> None:
-        started = time.perf_counter()
+        call = self._call(connection, request, routes.FORK)
         if sid is None:
-            await self._missing_sid(connection, request, routes.FORK, started)
+            await self._missing_sid(call)
             return
-        pod, _ = await self._locate_live(connection, request, sid, routes.FORK, started)
+        pod, _ = await self._locate_live(call, sid)
         if pod is None:
             return
 
@@ -185,47 +161,43 @@ class AcpSessionRoutes(AcpForwarding):
                 connection.register(new_sid)
                 self.locator.observe(pod, new_sid, OPEN)
 
-        await self._forward(connection, pod, request, routes.FORK, started, on_reply=on_reply)
+        await self._forward(call, pod, on_reply=on_reply)
 
     async def _route_status(
         self, connection: VirtualConnection, request: Message, sid: str | None
     ) -> None:
-        started = time.perf_counter()
+        call = self._call(connection, request, routes.STATUS)
         if sid is None:
-            await self._missing_sid(connection, request, routes.STATUS, started)
+            await self._missing_sid(call)
             return
         located = await self.locator.lookup(sid)
         if located.status in (LIVE, NOT_FOUND):
-            reply = rpc.result(None, {"status": located.status})
-            await self._answer(connection, request, reply, routes.STATUS, located.pod, started)
+            await self._answer(call, rpc.result(None, {"status": located.status}),
+                               pod=located.pod)
         else:
-            await self._not_located(connection, request, sid, located, routes.STATUS, started)
+            await self._not_located(call, sid, located)
 
     async def _route_session_or_any(
         self, connection: VirtualConnection, request: Message, sid: str | None
     ) -> None:
-        started = time.perf_counter()
         if sid is not None:
+            call = self._call(connection, request, routes.SESSION_OR_ANY)
             located = await self.locator.lookup(sid)
             if located.status == LIVE:
                 assert located.pod is not None
-                await self._forward(connection, located.pod, request, routes.SESSION_OR_ANY,
-                                    started, sid=sid)
+                await self._forward(call, located.pod, sid=sid)
                 return
             if located.status != NOT_FOUND:
-                await self._not_located(connection, request, sid, located,
-                                        routes.SESSION_OR_ANY, started)
+                await self._not_located(call, sid, located)
                 return
         await self._route_any(connection, request, sid)
 
     async def _route_any(
         self, connection: VirtualConnection, request: Message, sid: str | None
     ) -> None:
-        started = time.perf_counter()
+        call = self._call(connection, request, routes.ANY)
         pod = self.roster.any_healthy()
         if pod is None:
-            await self._answer(connection, request,
-                               rpc.unavailable(None, "no ACP pod is healthy (retry)"),
-                               routes.ANY, None, started)
+            await self._answer(call, rpc.unavailable(None, "no ACP pod is healthy (retry)"))
             return
-        await self._forward(connection, pod.name, request, routes.ANY, started)
+        await self._forward(call, pod.name)

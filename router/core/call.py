@@ -25,8 +25,8 @@ class _RequestRecorder(Protocol):
 class Call:
     """One client call: see the module docstring."""
 
-    __slots__ = ("code", "context", "finished", "method", "pod", "protocol", "route",
-                 "route_class", "sid", "started")
+    __slots__ = ("code", "context", "finished", "method", "pod", "protocol", "request",
+                 "route", "route_class", "sid", "started")
 
     def __init__(
         self, protocol: str, method: str, route_class: str, route: Any = None,
@@ -40,6 +40,9 @@ class Call:
         """The front door's own route descriptor (a MACP `Route`; unused by the core)."""
         self.context = context
         """The front door's per-call context (a gRPC `ServicerContext`; unused by the core)."""
+        self.request: Any = None
+        """The client's request when the front door keeps it parsed (ACP: the JSON-RPC
+        message); MACP relays bytes and keeps none."""
         self.sid = ""
         """The session the call routes on ("" until parsed, or for calls on no session)."""
         self.pod: str | None = None
