@@ -1,7 +1,7 @@
 """One running router: builds every component from a `RouterConfig` and owns their lifetimes.
 
 `Router` is the only place that creates background work, and all of it runs under one
-`Supervisor` (`router.supervisor`, `router.supervisor` on the instance): the pods' health loops,
+`Supervisor` (`Router.supervisor`, module `router.supervisor`): the pods' health loops,
 the watch feeds, the locator's store writer and sweeper, the store's health loop, DNS discovery,
 the token-file watch, the readiness and drain-sync loops, and one-shot jobs (registry replays,
 the clean-up after a pod left). A service that crashes is logged with its traceback, counted in
@@ -14,6 +14,9 @@ readiness loop, then stops accepting calls (health NOT_SERVING, open streams end
 UNAVAILABLE at once, in-flight unary calls finish within the grace period), then the ACP front
 door, DNS discovery, the feeds and pods, the listeners, the locator (write-behind flushed), the
 store, the token watch, and last every service still running.
+
+Not here: readiness (`router.readiness`), the ports (`router.listeners`), routing
+(`router.macp`, `router.core`).
 """
 
 from __future__ import annotations
@@ -100,6 +103,8 @@ def make_store(config: RouterConfig, metrics: Metrics) -> LocationStore:
 
 
 class Router:
+    """One router process's parts, wired together; `start()` / `stop()` run its stages."""
+
     def __init__(
         self,
         config: RouterConfig,
