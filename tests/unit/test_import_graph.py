@@ -10,6 +10,7 @@ used.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 ROUTER = Path(__file__).resolve().parents[2] / "router"
@@ -20,6 +21,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@functools.cache
 def import_graph(*, type_checking: bool = False) -> dict[str, set[str]]:
     modules = {module_name(p): p for p in ROUTER.rglob("*.py") if "v1" not in p.parts}
     graph: dict[str, set[str]] = {name: set() for name in modules}
