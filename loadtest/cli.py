@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--no-router", action="store_true", help="direct + passthrough only")
     router.add_argument("--require-router", action="store_true",
                         help="fail instead of skipping the router leg when it is unavailable")
+    run.add_argument("--no-nginx", action="store_true",
+                     help="leave out the nginx grpc_pass leg (run by default when nginx is "
+                          "installed: apt-get install nginx-light)")
     run.add_argument("--out", type=Path, default=Path("loadtest/out"), help="output directory")
     run.add_argument("--quick", action="store_true",
                      help="smoke settings: 1 s phases, 2 pods, few sessions")
@@ -143,6 +146,7 @@ def settings_from(args: argparse.Namespace) -> Any:
         s.redis = args.redis_url or "embedded"
     s.router = not args.no_router
     s.require_router = args.require_router
+    s.nginx = not args.no_nginx
     s.quiet = args.quiet
     s.out = args.out
     if s.duration <= 0 or s.duration > 600 or s.concurrency < 1 or s.concurrency > 4096:
@@ -195,7 +199,14 @@ async def _run(settings: Any, max_wall: float) -> tuple[Any, str | None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from loadtest.hist import LatencyHistogram
-    from loadtest.report import acp_table, bars_table, phase_table, quality_bars, write_outputs
+    from loadtest.report import (
+        acp_table,
+        bars_table,
+        hop_table,
+        phase_table,
+        quality_bars,
+        write_outputs,
+    )
 
     settings = settings_from(args)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -217,6 +228,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     report["bars"] = quality_bars(run.results)
     paths = write_outputs(report, settings.out)
     print(phase_table(phases))
+    hops = hop_table(run.results)
+    if hops:
+        print()
+        print(hops)
     acp = acp_table(run.results)
     if acp:
         print()

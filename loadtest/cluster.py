@@ -30,7 +30,8 @@ import grpc
 import grpc.aio
 
 from loadtest import payloads
-from loadtest.procs import LOOPBACK, Proc, ProcSet, check_loopback, free_port, python_argv
+from loadtest.ports import free_port
+from loadtest.procs import LOOPBACK, Proc, ProcSet, check_loopback, python_argv
 
 CALL_TIMEOUT_S = 5.0
 CHANNEL_OPTIONS = (
@@ -243,6 +244,8 @@ class Cluster:
     pods: list[Pod] = field(default_factory=list)
     passthrough: Proc | None = None
     passthrough_client: Client | None = None
+    nginx: Proc | None = None
+    nginx_client: Client | None = None
     routers: list[Router] = field(default_factory=list)
     redis: Redis | None = None
     acp_pods: list[AcpPod] = field(default_factory=list)
@@ -361,6 +364,23 @@ class Cluster:
         self.passthrough_client = self.client(address)
         return self.passthrough_client
 
+    # ── nginx ───────────────────────────────────────────────────────────
+    async def start_nginx(self, upstream: Pod) -> Client:
+        """nginx `grpc_pass` to `upstream` (one worker, upstream keepalive): `loadtest.nginx`.
+        Raises RuntimeError with the reason when nginx cannot run here."""
+        from loadtest.nginx import READY_LINE, nginx_config, nginx_support
+
+        exe, why = nginx_support()
+        if exe is None:
+            raise RuntimeError(why)
+        address = f"{LOOPBACK}:{free_port()}"
+        conf = nginx_config(self.log_dir.resolve() / "nginx", address, upstream.address)
+        self.nginx = await self.procs.start(
+            "nginx", [exe, "-c", str(conf), "-p", str(conf.parent), "-e", "stderr"], address,
+            ready=READY_LINE)
+        self.nginx_client = self.client(address)
+        return self.nginx_client
+
     # ── routers ─────────────────────────────────────────────────────────
     async def start_router(
         self,
@@ -446,6 +466,8 @@ def cpu_snapshot(cluster: Cluster) -> dict[str, float]:
         out[f"router:{router.proc.name}"] = router.proc.cpu_seconds()
     if cluster.passthrough is not None:
         out["passthrough"] = cluster.passthrough.cpu_seconds()
+    if cluster.nginx is not None:
+        out["nginx"] = cluster.nginx.cpu_seconds()  # master + worker(s)
     out["pods"] = sum(p.proc.cpu_seconds() for p in cluster.pods if p.proc is not None)
     if cluster.acp_pods:
         out["acp_pods"] = sum(p.proc.cpu_seconds() for p in cluster.acp_pods)

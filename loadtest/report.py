@@ -62,6 +62,13 @@ def quality_bars(results: dict[str, Any]) -> list[Bar]:
         _bar("hit: passthrough CPU per 1k requests",
              _scale(_get(r, "hit", "cpu_ms_per_request", "passthrough"), 1.0), "s CPU",
              "(info; a bare Python hop: ~0.5)", None),
+        _bar("hit: nginx CPU per 1k requests",
+             _get(r, "hit", "cpu_ms_per_request", "nginx"), "s CPU",
+             "(info; nginx grpc_pass, one worker)", None,
+             _get(r, "hit", "not_run", "nginx") or ""),
+        _bar("hit: router/nginx CPU per call",
+             _ratio(_get(r, "hit", "cpu_ms_per_request", "router"),
+                    _get(r, "hit", "cpu_ms_per_request", "nginx")), "x", "(info)", None),
         _bar("hit: Redis commands per hit", _get(r, "hit", "redis_commands_per_hit"), "",
              "~0 (< 0.001: background only)", lambda v: v < 0.001,
              "run with --redis embedded or --redis-url"
@@ -246,6 +253,12 @@ def acp_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + f"\n({a.get('note', '')})"
 
 
+def _ratio(a: Any, b: Any) -> Any:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+        return round(a / b, 3)
+    return None
+
+
 def _scale(v: Any, k: float) -> Any:
     return round(v * k, 4) if isinstance(v, (int, float)) else v
 
@@ -274,6 +287,37 @@ def phase_table(phases: list[dict[str, Any]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines) + "\n(latency in ms; rps = OK calls per second)"
+
+
+def hop_table(results: dict[str, Any]) -> str:
+    """`hit`: router / bare hop / nginx / direct side by side (throughput, CPU per call of
+    each hop process and of the generator, p50 at c=1); legs not run are named with why."""
+    hit = results.get("hit")
+    if not isinstance(hit, dict) or "throughput_rps" not in hit:
+        return ""
+    rps, cpu = hit["throughput_rps"], hit.get("cpu_ms_per_request", {})
+    gen, c1 = hit.get("generator_cpu_ms_per_request", {}), hit.get("c1_p50_ms", {})
+    split = hit.get("cpu_split", {})
+    rows = [("leg", "rps", "hop CPU ms/call", "hop CPU % core", "generator CPU ms/call",
+             "p50 @ c=1 ms")]
+    for leg in ("router", "passthrough", "nginx", "direct"):
+        if leg not in rps:
+            why = hit.get("not_run", {}).get(leg)
+            if why:
+                rows.append((leg, why, "", "", "", ""))
+            continue
+        hop = cpu.get(leg) if leg != "direct" else None
+        wall = _get(split, leg, "wall_s") or 0.0
+        group = "router" if leg == "router" else leg
+        share = (_get(split, leg, group) or 0.0) / wall * 100 if wall and hop is not None else None
+        rows.append((leg, f"{rps[leg]:.0f}", "-" if hop is None else f"{hop:.3f}",
+                     "-" if share is None else f"{share:.0f} %",
+                     _fmt(gen.get(leg)), _fmt(c1.get(leg))))
+    widths = [max(len(r[i]) for r in rows if len(r[1]) < 40 or i != 1) for i in range(6)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "hit: hops side by side (saturation, --concurrency in flight)\n" + "\n".join(lines)
 
 
 def bars_table(bars: list[Bar]) -> str:

@@ -85,6 +85,7 @@ class Settings:
     store_topology: str | None = None  # `store`: standalone | cluster | sentinel
     router: bool = True
     require_router: bool = False
+    nginx: bool = True  # the nginx grpc_pass leg, when nginx is installed (loadtest.nginx)
     quick: bool = False
     quiet: bool = False
     out: Path = Path("loadtest/out")
@@ -236,6 +237,8 @@ class Run:
         legs: dict[str, Client] = {"direct": self._client(self.pod0)}
         if self.cluster.passthrough_client is not None:
             legs["passthrough"] = self.cluster.passthrough_client
+        if self.cluster.nginx_client is not None:
+            legs["nginx"] = self.cluster.nginx_client
         if self.router is not None and self.router.client is not None:
             legs["router"] = self.router.client
         return legs
@@ -339,6 +342,7 @@ class Run:
         await cluster.start_passthrough(self.pod0)
         assert cluster.passthrough_client is not None
         await cluster.passthrough_client.ready()
+        await self.start_nginx()
         if s.router:
             support = router_support()
             if support.available:
@@ -364,6 +368,18 @@ class Run:
                 log(f"router leg skipped: {support.reason}")
         else:
             self.skipped["router"] = "--no-router"
+
+    async def start_nginx(self) -> None:
+        """The nginx leg (grpc_pass to pod0), or the reason it is not run in `skipped`."""
+        if not self.settings.nginx:
+            self.skipped["nginx"] = "not run: --no-nginx"
+            return
+        try:
+            client = await self.cluster.start_nginx(self.pod0)
+            await client.ready()
+        except RuntimeError as exc:
+            self.skipped["nginx"] = f"not run: {exc}".splitlines()[0]
+            log(f"nginx leg {self.skipped['nginx']}")
 
     async def create_sessions(self, pods: Sequence[Pod], *, resolve: bool = False,
                               concurrency: int = 32) -> list[str]:
@@ -456,6 +472,16 @@ class Run:
             summary["ratio_router_passthrough"] = round(
                 sat["router"].throughput / sat["passthrough"].throughput, 4)
         summary["cpu_ms_per_request"] = cpu_per_request(sat)
+        summary["generator_cpu_ms_per_request"] = {
+            t: round(r.cpu_s.get("generator", 0.0) * 1000.0 / r.ok, 4)
+            for t, r in sat.items() if r.ok}
+        if "nginx" not in sat and "nginx" in self.skipped:
+            summary["not_run"] = {"nginx": self.skipped["nginx"]}
+        if "nginx" in sat and sat["nginx"].throughput:
+            for t in ("router", "passthrough"):
+                if t in sat:
+                    summary[f"ratio_{t}_nginx"] = round(
+                        sat[t].throughput / sat["nginx"].throughput, 4)
         summary["cpu_split"] = {t: cpu_split(r) for t, r in sat.items()}
         if "router" in sat and self.cluster.redis is not None:
             summary["redis_commands"] = redis_calls
@@ -906,8 +932,8 @@ def cpu_per_request(phases: dict[str, PhaseResult]) -> dict[str, float]:
         if target.startswith("router"):
             cpu = sum(v for k, v in r.cpu_s.items() if k.startswith("router:"))
             name = target
-        elif target == "passthrough":
-            cpu, name = r.cpu_s.get("passthrough", 0.0), target
+        elif target in ("passthrough", "nginx"):
+            cpu, name = r.cpu_s.get(target, 0.0), target
         else:
             cpu, name = r.cpu_s.get("pods", 0.0), "pods(direct)"
         out[name] = round(cpu * 1000.0 / r.ok, 4)

@@ -8,6 +8,7 @@ by `--max-wall` and a `timeout` on the wait; the whole file stays well under a m
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from macp.v1 import core_pb2
 from loadtest import payloads
 from loadtest.benchcache import bench_memory, bench_near_cache
 from loadtest.hist import LatencyHistogram
+from loadtest.nginx import nginx_support
 from loadtest.passthrough import Passthrough
 from router.sim import SimPod
 from tests.pod_auth import pod_options
@@ -28,12 +30,14 @@ from tests.pod_auth import pod_options
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_loadtest(tmp_path: Path, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+def run_loadtest(tmp_path: Path, *args: str, timeout: float = 120.0,
+                 env: dict[str, str] | None = None) -> dict[str, Any]:
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "loadtest", "run", "--quick", "--quiet", "--out", str(out),
          "--max-wall", str(timeout - 10), *args],
         cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
+        env={**os.environ, **(env or {})},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "quality bar" in proc.stdout
@@ -127,6 +131,30 @@ def test_direct_and_passthrough_legs(tmp_path: Path) -> None:
     assert report["meta"]["skipped"]["router"] == "--no-router"
     targets = {(p["target"], p["phase"]) for p in report["phases"]}
     assert {("direct", "sat"), ("passthrough", "c1"), ("passthrough", "rate")} <= targets
+
+
+@pytest.mark.skipif(nginx_support()[0] is None, reason=nginx_support()[1])
+def test_nginx_leg_reports_its_cpu_per_call_beside_the_bare_hop(tmp_path: Path) -> None:
+    report = run_loadtest(tmp_path, "--scenario", "hit", "--no-router", "--duration", "0.5")
+    hit = report["results"]["hit"]
+    assert hit["throughput_rps"]["nginx"] > 0 and not hit["errors"]
+    assert hit["cpu_ms_per_request"]["nginx"] > 0  # master + worker CPU over OK calls
+    assert hit["generator_cpu_ms_per_request"]["nginx"] > 0
+    assert hit["c1_p50_ms"]["nginx"] > 0 and "nginx" in hit["added_ms"]
+    assert "nginx" not in report["meta"]["skipped"]
+    bars = {b["name"]: b for b in report["bars"]}
+    assert bars["hit: nginx CPU per 1k requests"]["value"] == hit["cpu_ms_per_request"]["nginx"]
+
+
+def test_nginx_leg_that_cannot_run_is_reported_not_dropped(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-nginx-here")
+    report = run_loadtest(tmp_path, "--scenario", "hit", "--no-router", "--duration", "0.3",
+                          env={"LOADTEST_NGINX": missing})
+    hit = report["results"]["hit"]
+    why = "not run: nginx not installed (apt-get install nginx-light)"
+    assert hit["not_run"]["nginx"].startswith(why)
+    assert report["meta"]["skipped"]["nginx"].startswith(why)
+    assert "nginx" not in hit["throughput_rps"] and hit["throughput_rps"]["passthrough"] > 0
 
 
 def test_router_scenarios(tmp_path: Path) -> None:
