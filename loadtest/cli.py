@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 SCENARIO_HELP = ("hit, stream, miss, start, mixed, pod-kill, scale, workers, memory, acp, store, "
-                 "or all")
+                 "overload, or all")
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -86,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--no-router", action="store_true", help="direct + passthrough only")
     router.add_argument("--require-router", action="store_true",
                         help="fail instead of skipping the router leg when it is unavailable")
+    run.add_argument("--router-args", default="",
+                     help='extra flags for the router, one shell-quoted string (e.g. '
+                          '"--max-in-flight 256"): compare runs with and without them')
+    run.add_argument("--step-seconds", type=float,
+                     help="overload: seconds per 1x/2x/4x step and leg (10; quick 1)")
+    run.add_argument("--overload-steps", type=lambda t: tuple(float(x) for x in t.split(",")),
+                     help="overload: multipliers of the saturation rate (1,2,4)")
+    run.add_argument("--max-in-flight", type=int,
+                     help="open loop: the generator's bound on calls in flight (1024); "
+                          "arrivals past it are counted SKIPPED_OVERLOAD, not sent")
     run.add_argument("--no-nginx", action="store_true",
                      help="leave out the nginx grpc_pass leg (run by default when nginx is "
                           "installed: apt-get install nginx-light)")
@@ -147,6 +157,15 @@ def settings_from(args: argparse.Namespace) -> Any:
     s.router = not args.no_router
     s.require_router = args.require_router
     s.nginx = not args.no_nginx
+    s.router_args = shlex.split(args.router_args)
+    for flag in ("step_seconds", "overload_steps", "max_in_flight"):
+        if getattr(args, flag) is not None:
+            setattr(s, flag, getattr(args, flag))
+    if not 0 < s.step_seconds <= 600 or not 1 <= s.max_in_flight <= 100_000:
+        raise SystemExit("--step-seconds must be in (0, 600] and --max-in-flight in "
+                         "[1, 100000]")
+    if not s.overload_steps or any(not 0 < m <= 16 for m in s.overload_steps):
+        raise SystemExit("--overload-steps: multipliers in (0, 16], e.g. 1,2,4")
     s.quiet = args.quiet
     s.out = args.out
     if s.duration <= 0 or s.duration > 600 or s.concurrency < 1 or s.concurrency > 4096:
@@ -199,6 +218,7 @@ async def _run(settings: Any, max_wall: float) -> tuple[Any, str | None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from loadtest.hist import LatencyHistogram
+    from loadtest.overload import overload_table
     from loadtest.report import (
         acp_table,
         bars_table,
@@ -232,6 +252,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if hops:
         print()
         print(hops)
+    over = overload_table(run.results)
+    if over:
+        print()
+        print(over)
     acp = acp_table(run.results)
     if acp:
         print()

@@ -11,7 +11,12 @@ progress line per second to stderr.
 - Open loop: ops are *scheduled* at `rate` per second regardless of completions, and latency is
   measured from the scheduled start (no coordinated omission: a stall shows up as latency of
   every op that should have started during it). In-flight ops are capped (`max_in_flight`);
-  ops beyond the cap are counted as `SKIPPED_OVERLOAD`, not silently dropped.
+  ops beyond the cap are counted as `SKIPPED_OVERLOAD`, not silently dropped. So the
+  generator's own memory stays flat however slow the target gets. It also reports how far
+  behind its schedule it fell (`schedule_lag_ms`: the delay between an op's scheduled start
+  and the moment the generator actually started it) and how often the cap was hit
+  (`in_flight_bound_hits`): a generator that cannot keep up says so instead of quietly
+  offering less load than asked.
 """
 
 from __future__ import annotations
@@ -221,6 +226,8 @@ async def run_open(
 
     ticker = asyncio.create_task(progress.run())
     i = 0
+    lag_max = lag_sum = 0.0
+    bound_hits = peak = 0
     try:
         while True:
             now = perf()
@@ -229,12 +236,17 @@ async def run_open(
             due = min(int((now - start) * rate) + 1, int(duration * rate))
             while i < due:
                 scheduled = start + i / rate
+                lag = now - scheduled
+                lag_sum += lag
+                lag_max = max(lag_max, lag)
                 if progress.in_flight >= max_in_flight:
+                    bound_hits += 1
                     progress.err(now, "SKIPPED_OVERLOAD")
                 else:
                     task = asyncio.create_task(one(i, scheduled))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
+                    peak = max(peak, progress.in_flight + 1)
                 i += 1
             await asyncio.sleep(max(0.0, start + i / rate - perf()))
         if tasks:
@@ -248,6 +260,14 @@ async def run_open(
         for task in tasks:
             task.cancel()
     result.duration_s = duration
+    result.extra.update({
+        "scheduled": i,
+        "schedule_lag_ms": {"max": round(lag_max * 1000.0, 3),
+                            "mean": round(lag_sum * 1000.0 / max(1, i), 3)},
+        "in_flight_bound": max_in_flight,
+        "in_flight_bound_hits": bound_hits,
+        "in_flight_peak": peak,
+    })
     return result
 
 
@@ -269,6 +289,15 @@ def merge(parts: list[PhaseResult]) -> PhaseResult:
         for key, value in part.cpu_s.items():
             out.cpu_s[key] = out.cpu_s.get(key, 0.0) + value
     out.extra.update(first.extra)
+    if "scheduled" in first.extra:  # open loop: the generator's own figures over all chunks
+        n = sum(p.extra.get("scheduled", 0) for p in parts)
+        out.extra["scheduled"] = n
+        out.extra["schedule_lag_ms"] = {
+            "max": max(p.extra["schedule_lag_ms"]["max"] for p in parts),
+            "mean": round(sum(p.extra["schedule_lag_ms"]["mean"] * p.extra["scheduled"]
+                              for p in parts) / max(1, n), 3)}
+        out.extra["in_flight_bound_hits"] = sum(p.extra["in_flight_bound_hits"] for p in parts)
+        out.extra["in_flight_peak"] = max(p.extra["in_flight_peak"] for p in parts)
     out.extra.pop("first_error_at_s", None)
     out.extra.pop("last_error_at_s", None)
     out.extra["rounds"] = len(parts)

@@ -413,6 +413,12 @@ def write_html(report: dict[str, Any], path: Path) -> None:
     meta = report["meta"]
     acp = acp_table(report["results"])
     acp_html = f"<h2>ACP: direct vs router</h2><pre>{html.escape(acp)}</pre>" if acp else ""
+    from loadtest.overload import overload_table
+
+    for title, text in (("Hops side by side", hop_table(report["results"])),
+                        ("Overload", overload_table(report["results"]))):
+        if text:
+            acp_html += f"<h2>{title}</h2><pre>{html.escape(text)}</pre>"
     body = (
         "<!doctype html><meta charset='utf-8'><title>macp-router load test</title>"
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"

@@ -44,7 +44,7 @@ from loadtest.cluster import (
 from loadtest.gen import Op, PhaseResult, merge, run_closed, run_open
 
 SCENARIOS = ("hit", "stream", "miss", "start", "mixed", "pod-kill", "scale", "workers", "memory",
-             "acp", "store")
+             "acp", "store", "overload")
 # Scenarios that bring their own pods and router: they need one MACP pod (for `serve --pods`)
 # and none of the MACP sessions, passthrough or router of the others. (`store` starts its own
 # Redis topology, pods and router: `loadtest.storebench`.)
@@ -86,6 +86,10 @@ class Settings:
     router: bool = True
     require_router: bool = False
     nginx: bool = True  # the nginx grpc_pass leg, when nginx is installed (loadtest.nginx)
+    router_args: list[str] = field(default_factory=list)  # extra `serve` flags (--router-args)
+    step_seconds: float = 10.0  # `overload`: seconds per step (per leg)
+    overload_steps: tuple[float, ...] = (1.0, 2.0, 4.0)  # `overload`: multipliers of saturation
+    max_in_flight: int = 1024  # open loop: the generator's own bound on calls in flight
     quick: bool = False
     quiet: bool = False
     out: Path = Path("loadtest/out")
@@ -96,7 +100,7 @@ class Settings:
             scenarios=scenarios, duration=1.0, concurrency=8, pods=2, sessions=40,
             miss_sessions=40, mem_sessions=300, stream_messages=3, scale_pods=4,
             cache_sizes=(1_000, 100_000), kill_rate=150.0, rounds=1, quick=True,
-            acp_pods=2, acp_connections=4, acp_miss_sessions=40,
+            acp_pods=2, acp_connections=4, acp_miss_sessions=40, step_seconds=1.0,
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
@@ -264,13 +268,15 @@ class Run:
         max_ops: int | None = None,
         bin_s: float = 1.0,
         record: bool = True,
+        max_in_flight: int | None = None,
     ) -> PhaseResult:
         """Run one closed-loop (`concurrency`) or open-loop (`rate`) phase with CPU accounting."""
         duration = duration if duration is not None else self.settings.duration
         cpu0 = cpu_snapshot(self.cluster)
         if rate is not None:
             result = await run_open(target, phase, op, rate=rate, duration=duration,
-                                    bin_s=bin_s, quiet=self.settings.quiet)
+                                    bin_s=bin_s, quiet=self.settings.quiet,
+                                    max_in_flight=max_in_flight or self.settings.max_in_flight)
         else:
             result = await run_closed(target, phase, op, concurrency=concurrency or 1,
                                       duration=duration, max_ops=max_ops,
@@ -353,6 +359,7 @@ class Run:
                     # a short retention makes it forget them again, so they are true misses
                     # (near-cache and store empty for them) by the time `miss` runs.
                     extra = ["--retention-s", str(MISS_RETENTION_S)]
+                extra += s.router_args
                 self.router = await cluster.start_router(
                     workers=1, redis_url=cluster.redis.url if cluster.redis else None,
                     extra_args=extra,
@@ -854,6 +861,12 @@ class Run:
         summary["machine_cpus"] = _cpus()
         summary["note"] = ("generator, pods and router share one machine; the speedup is "
                            "bounded by the cores left over for the router")
+
+    async def scenario_overload(self) -> None:
+        """1x / 2x / 4x the router's saturation rate, open loop (`loadtest.overload`)."""
+        from loadtest.overload import scenario_overload
+
+        await scenario_overload(self)
 
     async def scenario_store(self) -> None:
         """The location store on one Redis topology (`loadtest.storebench`)."""

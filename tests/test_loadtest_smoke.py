@@ -230,3 +230,76 @@ def test_acp_scenario(tmp_path: Path) -> None:
         (t, ph) for t in ("direct", "router") for ph in ("sat", "c1", "status")
     } | {("router", "miss")}
     assert "ACP: direct vs router" in (tmp_path / "out" / "latest.html").read_text()
+
+
+async def test_overload_counts_a_refusal_with_pushback_as_refused_and_others_as_errors() -> None:
+    """A real gRPC server that refuses: with a `grpc-retry-pushback-ms` trailer the call is
+    `REFUSED`; the same status without it is an error (raised to the generator)."""
+    from loadtest.cluster import Client
+    from loadtest.overload import REFUSED, refusable_send_op
+
+    async def send(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if request == b"pushback":
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", "50"),))
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")
+        return b""
+
+    server = grpc.aio.server()
+    handler = grpc.method_handlers_generic_handler(
+        "macp.v1.MACPRuntimeService", {"Send": grpc.unary_unary_rpc_method_handler(send)})
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = Client(f"127.0.0.1:{port}")
+    try:
+        details: dict[str, str] = {}
+        assert await refusable_send_op(client, [b"pushback"], 5.0, details)(0) == REFUSED
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await refusable_send_op(client, [b"plain"], 5.0, details)(0)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert details == {"RESOURCE_EXHAUSTED": "busy"}
+    finally:
+        await client.close()
+        await server.stop(None)
+
+
+async def test_open_loop_generator_keeps_its_bound_and_reports_falling_behind() -> None:
+    """Against ops that never finish in time, in-flight stays at the bound, the arrivals past
+    it are counted (not sent), and the report says the bound was hit."""
+    import asyncio
+
+    from loadtest.gen import run_open
+
+    async def stuck(i: int) -> str | None:
+        await asyncio.sleep(0.5)
+        return None
+
+    r = await run_open("t", "bound", stuck, rate=400.0, duration=0.5, max_in_flight=20,
+                       drain_timeout=2.0, quiet=True)
+    assert r.extra["in_flight_peak"] == 20
+    assert r.extra["in_flight_bound_hits"] == r.errors["SKIPPED_OVERLOAD"] > 100
+    assert r.extra["scheduled"] == r.ok + r.error_count == 200
+    assert r.extra["schedule_lag_ms"]["max"] < 200  # the generator itself kept its schedule
+
+
+def test_overload_steps_against_router_bare_hop_and_direct(tmp_path: Path) -> None:
+    report = run_loadtest(tmp_path, "--require-router", "--scenario", "overload",
+                          "--step-seconds", "0.5", "--overload-steps", "1,2")
+    o = report["results"]["overload"]
+    assert o["saturation_target"] == "router" and o["saturation_rps"] > 0
+    assert set(o["steps"]) == {"router", "passthrough", "direct"}
+    for leg, rows in o["steps"].items():
+        assert [r["multiplier"] for r in rows] == [1.0, 2.0]
+        for r in rows:
+            assert r["offered_rps"] > 0 and r["goodput_rps"] > 0, (leg, r)
+            assert 0 < r["ok_p50_ms"] <= r["ok_p99_ms"]
+            assert r["generator_cpu_pct_core"] > 0
+            assert r["schedule_lag_ms"]["max"] >= 0
+    router_rows = o["steps"]["router"]
+    assert all(r["router_rss_start_mib"] > 0 and r["router_rss_end_mib"] > 0
+               for r in router_rows)
+    assert "router_rss_start_mib" not in o["steps"]["direct"][0]
+    names = [g["name"] for g in o["goals"]]
+    assert names[:2] == ["goodput at 2x >= 90% of 1x", "admitted p99 at 2x within 3x of 1x"]
+    assert names[2].startswith("router RSS flat")
+    assert "overload" in (tmp_path / "out" / "latest.html").read_text()

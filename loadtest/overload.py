@@ -1,0 +1,204 @@
+"""The `overload` scenario: open-loop arrivals at 1x, 2x and 4x the router's saturation rate.
+
+What it measures (per leg: router, bare hop `passthrough`, `direct`; legs interleaved in
+rounds like every compared phase):
+
+1. the router's saturation rate: a short closed loop (`--concurrency` in flight) of cache-hit
+   Sends (without a router: the bare hop's);
+2. for each multiplier (`--overload-steps`, default 1,2,4) an open-loop step of
+   `--step-seconds` (10) at multiplier x saturation against every leg, reporting offered rate,
+   goodput (OK calls/s), refused calls/s, other errors, p50/p99 of OK calls (from each call's
+   scheduled start: queueing in the client counts), the router's RSS at the start and end of
+   the step, the generator's CPU and how far it fell behind its schedule.
+
+"Refused" is a call answered RESOURCE_EXHAUSTED or UNAVAILABLE *with* a
+`grpc-retry-pushback-ms` trailer (admission control saying "not now, retry in N ms"); every
+other failure is an error. Arrivals the generator did not send because its own in-flight bound
+(`--max-in-flight`) was reached are counted as `SKIPPED_OVERLOAD` (and `in_flight_bound_hits`):
+the generator's memory stays flat, and the report says so when it was the limit.
+
+The goal check (issue: hold up under overload) is printed as PASS/MISS lines: goodput at 2x and
+4x >= 90 % of 1x, admitted p99 within 3x of its 1x value, router RSS flat over the steps.
+`--router-args "..."` passes extra flags to the router, so the same command compares runs with
+and without admission-control flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from loadtest import payloads
+from loadtest.cluster import Client
+from loadtest.gen import Op, PhaseResult
+
+REFUSED = "REFUSED"
+PUSHBACK = "grpc-retry-pushback-ms"
+REFUSAL_CODES = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+GOODPUT_FLOOR = 0.90  # goodput at 2x / 4x vs 1x
+P99_CEILING = 3.0  # admitted p99 at 2x / 4x vs 1x
+RSS_FLAT_BYTES = 16 * 2**20  # "flat": grows by less than this over all steps ...
+RSS_FLAT_FRACTION = 0.10  # ... or by less than this fraction of the start
+
+
+def refusable_send_op(client: Client, requests: list[bytes], timeout: float,
+                      details: dict[str, str] | None = None) -> Op:
+    """Unary Send of pre-serialized requests; a refusal with a pushback hint -> `REFUSED`.
+    The first status details per error code go to `details` (what the error said)."""
+    send, n = client.send, len(requests)
+
+    async def op(i: int) -> str | None:
+        try:
+            return payloads.ack_error(await send(requests[i % n], metadata=payloads.METADATA,
+                                                 timeout=timeout))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in REFUSAL_CODES and any(
+                    k == PUSHBACK for k, _ in (exc.trailing_metadata() or ())):
+                return REFUSED
+            if details is not None:
+                details.setdefault(exc.code().name, str(exc.details())[:200])
+            raise
+
+    return op
+
+
+def step_row(mult: float, r: PhaseResult, rss: tuple[int, int] | None) -> dict[str, Any]:
+    """One step of one leg as reported."""
+    d = r.duration_s or 1.0
+    refused = r.errors.get(REFUSED, 0)
+    skipped = r.errors.get("SKIPPED_OVERLOAD", 0)
+    errors = {k: v for k, v in r.errors.items() if k not in (REFUSED, "SKIPPED_OVERLOAD")}
+    lat = r.hist.summary()
+    row: dict[str, Any] = {
+        "multiplier": mult,
+        "offered_rps": round(r.extra.get("scheduled", 0) / d, 1),
+        "goodput_rps": round(r.ok / d, 1),
+        "refused_rps": round(refused / d, 1),
+        "errors_rps": round(sum(errors.values()) / d, 1),
+        "errors": errors,
+        "ok_p50_ms": lat["p50_ms"],
+        "ok_p99_ms": lat["p99_ms"],
+        "generator_cpu_pct_core": round(r.cpu_s.get("generator", 0.0) / d * 100.0, 1),
+        "generator_skipped": skipped,
+        "in_flight_bound_hits": r.extra.get("in_flight_bound_hits", 0),
+        "in_flight_peak": r.extra.get("in_flight_peak", 0),
+        "schedule_lag_ms": r.extra.get("schedule_lag_ms"),
+    }
+    if rss is not None:
+        row["router_rss_start_mib"] = round(rss[0] / 2**20, 1)
+        row["router_rss_end_mib"] = round(rss[1] / 2**20, 1)
+    return row
+
+
+def goal_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """PASS/MISS of the overload goals on the router leg's steps (first step = 1x)."""
+    if not rows:
+        return []
+    base = rows[0]
+    checks: list[dict[str, Any]] = []
+    for row in rows[1:]:
+        m = f"{row['multiplier']:g}x"
+        ratio = row["goodput_rps"] / base["goodput_rps"] if base["goodput_rps"] else 0.0
+        checks.append({"name": f"goodput at {m} >= {GOODPUT_FLOOR:.0%} of 1x",
+                       "value": round(ratio, 3), "pass": ratio >= GOODPUT_FLOOR})
+        p99 = row["ok_p99_ms"] / base["ok_p99_ms"] if base["ok_p99_ms"] else float("inf")
+        checks.append({"name": f"admitted p99 at {m} within {P99_CEILING:g}x of 1x",
+                       "value": round(p99, 3) if row["goodput_rps"] else None,
+                       "pass": bool(row["goodput_rps"]) and p99 <= P99_CEILING})
+    if "router_rss_start_mib" in base:
+        start = base["router_rss_start_mib"]
+        end = rows[-1]["router_rss_end_mib"]
+        peak = max(r["router_rss_end_mib"] for r in rows)
+        grown = max(end, peak) - start
+        limit = max(RSS_FLAT_BYTES / 2**20, start * RSS_FLAT_FRACTION)
+        checks.append({"name": f"router RSS flat (grows < {limit:.0f} MiB over the steps)",
+                       "value": round(grown, 1), "pass": grown < limit})
+    return checks
+
+
+async def scenario_overload(run: Any) -> None:
+    """See the module docstring. `run` is the `loadtest.scenarios.Run`."""
+    s = run.settings
+    summary: dict[str, Any] = {"router_args": s.router_args, "step_seconds": s.step_seconds,
+                               "max_in_flight": s.max_in_flight}
+    run.results["overload"] = summary
+    requests = [run.hit_request(sid) for sid in run.hit_sids]
+    timeout = 5.0
+    legs = {t: c for t, c in run.legs().items() if t in ("router", "passthrough", "direct")}
+    details: dict[str, dict[str, str]] = {t: {} for t in legs}
+    ops = {t: refusable_send_op(c, requests, timeout, details[t]) for t, c in legs.items()}
+    ref = "router" if "router" in ops else "passthrough"
+    if ref != "router":
+        summary["note"] = "no router leg: the rate is the bare hop's saturation rate"
+    sat = await run.phase("overload", ref, "saturation", ops[ref], concurrency=s.concurrency,
+                          duration=min(3.0, max(1.0, s.step_seconds)))
+    rate1 = round(sat.throughput, 1)
+    summary["saturation_rps"] = rate1
+    summary["saturation_target"] = ref
+    if rate1 <= 0:
+        raise RuntimeError(f"overload: saturation of {ref} measured 0 OK calls/s "
+                           f"({dict(sat.errors)}); see the logs under {run.cluster.log_dir}")
+    steps: dict[str, list[dict[str, Any]]] = {t: [] for t in ops}
+    for mult in s.overload_steps:
+        rss_now: list[int] = []
+
+        @contextlib.asynccontextmanager
+        async def track(target: str, rss_now: list[int] = rss_now) -> AsyncIterator[None]:
+            if target == "router" and run.router is not None:
+                rss_now.append(run.router.proc.rss_bytes())
+                yield
+                rss_now.append(run.router.proc.rss_bytes())
+            else:
+                yield
+
+        results = await run.interleaved("overload", f"{mult:g}x", ops, around=track,
+                                         rate=rate1 * mult, duration=s.step_seconds,
+                                         max_in_flight=s.max_in_flight)
+        for target, r in results.items():
+            pair = (rss_now[0], rss_now[-1]) if target == "router" and rss_now else None
+            steps[target].append(step_row(mult, r, pair))
+    summary["steps"] = steps
+    summary["error_details"] = {t: d for t, d in details.items() if d}
+    if "router" in steps:
+        summary["goals"] = goal_checks(steps["router"])
+    # the generator is what must NOT collapse: say when it was the limit
+    summary["generator_limited"] = any(
+        row["in_flight_bound_hits"] or (row["schedule_lag_ms"] or {}).get("max", 0) > 100
+        for rows in steps.values() for row in rows)
+
+
+def overload_table(results: dict[str, Any]) -> str:
+    """The per-step table and the goal lines ('' when the scenario did not run)."""
+    o = results.get("overload")
+    if not isinstance(o, dict) or "steps" not in o:
+        return ""
+    head = ("leg", "step", "offered/s", "goodput/s", "refused/s", "errors/s", "p50 ms",
+            "p99 ms", "RSS start-end MiB", "gen CPU", "gen lag max ms", "bound hits")
+    rows = [head]
+    for leg, steps in o["steps"].items():
+        for r in steps:
+            rss = (f"{r['router_rss_start_mib']:.1f}-{r['router_rss_end_mib']:.1f}"
+                   if "router_rss_start_mib" in r else "-")
+            rows.append((leg, f"{r['multiplier']:g}x", f"{r['offered_rps']:.0f}",
+                         f"{r['goodput_rps']:.0f}", f"{r['refused_rps']:.0f}",
+                         f"{r['errors_rps']:.0f}", f"{r['ok_p50_ms']:.2f}",
+                         f"{r['ok_p99_ms']:.2f}", rss, f"{r['generator_cpu_pct_core']:.0f} %",
+                         f"{(r['schedule_lag_ms'] or {}).get('max', 0):.1f}",
+                         str(r["in_flight_bound_hits"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    title = (f"overload: saturation of {o['saturation_target']} = {o['saturation_rps']:.0f} "
+             f"OK calls/s; steps of {o['step_seconds']:g} s; router args: "
+             f"{' '.join(o['router_args']) or '(none)'}")
+    goals = [f"{'PASS' if g['pass'] else 'MISS'}  {g['name']}: {g['value']}"
+             for g in o.get("goals", [])]
+    if o.get("generator_limited"):
+        goals.append("NOTE  the generator hit its in-flight bound or fell > 100 ms behind "
+                     "its schedule in some step: offered load was lower than asked there")
+    return "\n".join([title, *lines, *goals])
+
