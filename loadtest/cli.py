@@ -7,6 +7,7 @@
         [--redis-url URL | --redis embedded | --redis standalone|cluster|sentinel (store)]
         [--acp-pods 3] [--acp-connections 16] [--acp-transport ws|http] [--acp-client lean|acp]
         [--quick] [--rounds 3] [--no-router | --require-router] [--max-wall 1800]
+    python -m loadtest profile [--seconds 10] [--concurrency 16] [--router-args "..."]
     python -m loadtest bench-cache [--sizes 1000,1000000] [--lookups 200000] [--memory 100000]
     python -m loadtest passthrough --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT
 
@@ -111,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--lookups", type=int, default=200_000)
     bench.add_argument("--memory", type=int, default=100_000,
                        help="entries for the tracemalloc bytes-per-session measurement")
+
+    prof = sub.add_parser("profile", help="py-spy the router under hit load; CPU by bucket")
+    prof.add_argument("--seconds", type=float, default=10.0, help="seconds recorded (10)")
+    prof.add_argument("--concurrency", type=int, default=16, help="hit calls in flight (16)")
+    prof.add_argument("--router-args", default="", help="extra router flags (one string)")
+    prof.add_argument("--native", action="store_true",
+                      help="native frames too (grpc's Cython by name); py-spy then pauses the "
+                           "router for every sample, which slows it")
+    prof.add_argument("--out", type=Path, default=Path("loadtest/out"), help="output directory")
+    prof.add_argument("--max-wall", type=float, default=900.0,
+                      help="abort after this many seconds (900)")
 
     proxy = sub.add_parser("passthrough", help="run the bare passthrough proxy")
     proxy.add_argument("--listen", required=True)
@@ -280,12 +292,32 @@ def cmd_bench_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from loadtest.profile import profile_router, summary_table
+
+    if not 0 < args.seconds <= 600 or not 1 <= args.concurrency <= 1024:
+        raise SystemExit("--seconds must be in (0, 600] and --concurrency in [1, 1024]")
+    try:
+        summary = asyncio.run(asyncio.wait_for(
+            profile_router(args.seconds, args.out, concurrency=args.concurrency,
+                           router_args=shlex.split(args.router_args), native=args.native),
+            args.max_wall))
+    except (RuntimeError, OSError, TimeoutError) as exc:
+        print(f"profile failed: {exc}", file=sys.stderr)
+        return 1
+    print(summary_table(summary))
+    print(f"\nraw profile: {summary['raw_profile']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)
     if args.command == "bench-cache":
         return cmd_bench_cache(args)
+    if args.command == "profile":
+        return cmd_profile(args)
     from loadtest.passthrough import serve
     from loadtest.procs import check_loopback
 

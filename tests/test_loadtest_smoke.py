@@ -303,3 +303,29 @@ def test_overload_steps_against_router_bare_hop_and_direct(tmp_path: Path) -> No
     assert names[:2] == ["goodput at 2x >= 90% of 1x", "admitted p99 at 2x within 3x of 1x"]
     assert names[2].startswith("router RSS flat")
     assert "overload" in (tmp_path / "out" / "latest.html").read_text()
+
+
+def test_profile_groups_the_routers_cpu_on_hits_into_buckets(tmp_path: Path) -> None:
+    """`python -m loadtest profile` for ~2 s: py-spy on the router under hit load."""
+    from loadtest.profile import BUCKETS, pyspy_path
+
+    if pyspy_path() is None:
+        pytest.skip("py-spy not installed (pip install py-spy; it is in the test extra)")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtest", "profile", "--seconds", "2", "--concurrency", "4",
+         "--out", str(out), "--max-wall", "90"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    denied = ("Permission denied", "Operation not permitted", "ptrace_scope")
+    if proc.returncode != 0 and any(d in proc.stderr for d in denied):
+        pytest.skip(f"py-spy cannot attach here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads(next(out.glob("profile-*.json")).read_text())
+    assert summary["samples"] > 0 and summary["load_ok_calls"] > 0
+    assert list(summary["buckets_pct"]) == list(BUCKETS)
+    assert sum(summary["buckets_pct"].values()) == pytest.approx(100.0, abs=0.5)
+    assert summary["router_cpu_s"] > 0
+    raw = Path(summary["raw_profile"]).read_text()
+    assert "router.cli serve" in raw  # the router process, not the generator
+    for bucket in BUCKETS:
+        assert bucket in proc.stdout
