@@ -18,7 +18,7 @@ from __future__ import annotations
 from router.acp import jsonrpc as rpc
 from router.acp import routes
 from router.acp.connection import VirtualConnection
-from router.acp.forwarding import PROTOCOL, AcpForwarding
+from router.acp.forwarding import PROTOCOL, AcpForwarding, OnReply
 from router.acp.jsonrpc import Message
 from router.acp.upstream import UpstreamClosed
 from router.core.call import Call
@@ -53,16 +53,39 @@ class AcpSessionRoutes(AcpForwarding):
             await self._not_located(call, sid, exc.located)
             return None
 
-    async def _missing_sid(self, call: Call) -> None:
-        await self._reject(call, rpc.INVALID_PARAMS,
-                           f"Invalid params: {call.request['method']} needs params.sessionId")
+    async def _session_call(
+        self, connection: VirtualConnection, request: Message, sid: str | None, route: str
+    ) -> Call | None:
+        """The `Call` of a message that must name a session; None once one that does not is
+        rejected (INVALID_PARAMS)."""
+        call = self._call(connection, request, route)
+        if sid is None:
+            await self._reject(call, rpc.INVALID_PARAMS,
+                               f"Invalid params: {request['method']} needs params.sessionId")
+            return None
+        return call
+
+    def _learn_new_session(
+        self, connection: VirtualConnection, pod: str, *, placed: bool = False
+    ) -> OnReply:
+        """An on_reply that learns the session a `session/new` or `fork` answer names."""
+
+        async def on_reply(reply: Message) -> None:
+            result = reply.get("result")
+            new_sid = result.get("sessionId") if isinstance(result, dict) else None
+            if isinstance(new_sid, str):
+                connection.register(new_sid)
+                self.locator.observe(pod, new_sid, OPEN)
+                if placed:
+                    self.metrics.record_placement(PROTOCOL, pod, "placed")
+
+        return on_reply
 
     async def _route_session(
         self, connection: VirtualConnection, request: Message, sid: str | None
     ) -> None:
-        call = self._call(connection, request, routes.SESSION)
-        if sid is None:
-            await self._missing_sid(call)
+        call = await self._session_call(connection, request, sid, routes.SESSION)
+        if call is None or sid is None:
             return
         connection.register(sid)
         pod, cached = await self._locate_live(call, sid)
@@ -79,9 +102,8 @@ class AcpSessionRoutes(AcpForwarding):
     async def _route_load(
         self, connection: VirtualConnection, request: Message, sid: str | None
     ) -> None:
-        call = self._call(connection, request, routes.LOAD)
-        if sid is None:
-            await self._missing_sid(call)
+        call = await self._session_call(connection, request, sid, routes.LOAD)
+        if call is None or sid is None:
             return
         # Register before the pod replays history: the client opens the session stream on the
         # first replayed message, before the load's answer (which carries no sessionId).
@@ -132,43 +154,27 @@ class AcpSessionRoutes(AcpForwarding):
                 continue
             break
 
-        async def on_reply(reply: Message, pod: str = pod) -> None:
-            result = reply.get("result")
-            new_sid = result.get("sessionId") if isinstance(result, dict) else None
-            if isinstance(new_sid, str):
-                connection.register(new_sid)
-                self.locator.observe(pod, new_sid, OPEN)
-                self.metrics.record_placement(PROTOCOL, pod, "placed")
-
         if future is not None:
-            self._relay(call, pod, future, None, on_reply, False)
+            self._relay(call, pod, future, None,
+                        self._learn_new_session(connection, pod, placed=True), False)
 
     async def _route_fork(
         self, connection: VirtualConnection, request: Message, sid: str | None
     ) -> None:
-        call = self._call(connection, request, routes.FORK)
-        if sid is None:
-            await self._missing_sid(call)
+        call = await self._session_call(connection, request, sid, routes.FORK)
+        if call is None or sid is None:
             return
         pod, _ = await self._locate_live(call, sid)
         if pod is None:
             return
 
-        async def on_reply(reply: Message, pod: str = pod) -> None:
-            result = reply.get("result")
-            new_sid = result.get("sessionId") if isinstance(result, dict) else None
-            if isinstance(new_sid, str):
-                connection.register(new_sid)
-                self.locator.observe(pod, new_sid, OPEN)
-
-        await self._forward(call, pod, on_reply=on_reply)
+        await self._forward(call, pod, on_reply=self._learn_new_session(connection, pod))
 
     async def _route_status(
         self, connection: VirtualConnection, request: Message, sid: str | None
     ) -> None:
-        call = self._call(connection, request, routes.STATUS)
-        if sid is None:
-            await self._missing_sid(call)
+        call = await self._session_call(connection, request, sid, routes.STATUS)
+        if call is None or sid is None:
             return
         located = await self.locator.lookup(sid)
         if located.status in (LIVE, NOT_FOUND):
