@@ -29,7 +29,7 @@ class AnyCalls:
     async def unary(self, call: Call, request: bytes) -> bytes:
         pod = self.backend.any_pod(call.method)
         call.pod = pod.name
-        return await self.backend.forward_to(pod, call, request)
+        return await self.backend.forward(call, pod.name, request)
 
     async def server_stream(self, call: Call, request: bytes) -> None:
         pod = self.backend.any_pod(call.method)

@@ -58,4 +58,4 @@ class SessionCalls:
             return await start_unary(self.core, call, key.session_id, request)
         pod = self.backend.any_pod("Send")
         call.pod = pod.name
-        return await self.backend.forward_to(pod, call, request)
+        return await self.backend.forward(call, pod.name, request)
