@@ -136,6 +136,9 @@ class Setting:
 
 
 def _pods(text: str) -> tuple[Any, ...]:
+    """`--pods` text -> pod specs; empty text (a blank variable beside --pods-dns) is none."""
+    if not text.strip():
+        return ()
     from router.pods import parse_pod_list  # imported when used: router.pods is not a leaf
 
     return tuple(parse_pod_list(text))

@@ -203,6 +203,12 @@ def test_a_variable_is_the_flags_default_and_the_flag_wins() -> None:
     assert flag_wins.probe_timeout_ms == 90
 
 
+def test_a_blank_pods_variable_beside_pods_dns_is_no_pods() -> None:
+    environ = {"MACP_ROUTER_PODS": "", "MACP_ROUTER_PODS_DNS": "runtime.ns.svc:50051"}
+    config = config_from_options(serve_options(environ=environ), environ)
+    assert (config.pods, config.pods_dns) == ((), "runtime.ns.svc:50051")
+
+
 def test_the_environment_only_password_and_worker_index_reach_the_config() -> None:
     environ = {"MACP_ROUTER_REDIS_PASSWORD": "pw", "MACP_ROUTER_WORKER_INDEX": "1"}
     config = config_from_options(serve_options("--pods", "a=127.0.0.1:1"), environ)
