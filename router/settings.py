@@ -272,7 +272,7 @@ SETTINGS: tuple[Setting, ...] = (
             "serve Prometheus /metrics and /healthz, /readyz over HTTP here",
             group="observability", metavar="HOST:PORT", check=v.host_port),
     Setting("log_level", "str", "info", "log verbosity (debug adds one access line per routed "
-            "call)", group="observability", choices=LOG_LEVELS),
+            "call)", group="observability", choices=LOG_LEVELS, parse=str.lower),
     Setting("log_level", "str", "info", "log verbosity", commands=SIM_PODS,
             group="observability", choices=LOG_LEVELS, config=False),
     Setting("log_format", "str", "text", "text lines, or one JSON object per line (time, "

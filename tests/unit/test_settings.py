@@ -203,6 +203,11 @@ def test_a_variable_is_the_flags_default_and_the_flag_wins() -> None:
     assert flag_wins.probe_timeout_ms == 90
 
 
+def test_a_log_level_variable_is_read_in_any_case() -> None:
+    environ = {"MACP_ROUTER_PODS": "a=127.0.0.1:1", "MACP_ROUTER_LOG_LEVEL": "WARNING"}
+    assert config_from_options(serve_options(environ=environ), environ).log_level == "warning"
+
+
 def test_a_blank_pods_variable_beside_pods_dns_is_no_pods() -> None:
     environ = {"MACP_ROUTER_PODS": "", "MACP_ROUTER_PODS_DNS": "runtime.ns.svc:50051"}
     config = config_from_options(serve_options(environ=environ), environ)
