@@ -8,6 +8,7 @@
         [--acp-pods 3] [--acp-connections 16] [--acp-transport ws|http] [--acp-client lean|acp]
         [--quick] [--rounds 3] [--no-router | --require-router] [--max-wall 1800]
     python -m loadtest profile [--seconds 10] [--concurrency 16] [--router-args "..."]
+    python -m loadtest soak [--minutes 30 | --seconds 60] [--rate 20] [--sample-s 10]
     python -m loadtest bench-cache [--sizes 1000,1000000] [--lookups 200000] [--memory 100000]
     python -m loadtest passthrough --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT
 
@@ -123,6 +124,27 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--out", type=Path, default=Path("loadtest/out"), help="output directory")
     prof.add_argument("--max-wall", type=float, default=900.0,
                       help="abort after this many seconds (900)")
+
+    soak = sub.add_parser("soak", help="session churn through the router for minutes: RSS, "
+                                       "fds, tasks, near-cache, store keys, /metrics size")
+    length = soak.add_mutually_exclusive_group()
+    length.add_argument("--minutes", type=float, default=30.0, help="length of the soak (30)")
+    length.add_argument("--seconds", type=float, help="length in seconds (tests: 60)")
+    soak.add_argument("--rate", type=float, default=20.0,
+                      help="session flows per second, open loop (20: ~70 calls/s, a small "
+                           "fixed fraction of one router's capacity)")
+    soak.add_argument("--sample-s", type=float, default=10.0, help="sampling interval (10)")
+    soak.add_argument("--warmup-s", type=float,
+                      help="warm-up excluded from the verdict (a quarter of the run, <= 300)")
+    soak.add_argument("--pods", type=int, default=2, help="simulated MACP pods (2)")
+    soak.add_argument("--proposes", type=int, default=2, help="Proposals per session (2)")
+    soak.add_argument("--retention-s", type=float, default=30.0,
+                      help="the router's --retention-s for ended sessions (30)")
+    soak.add_argument("--acp-every", type=float, default=2.0,
+                      help="one ACP session per this many seconds (with the acp extra)")
+    soak.add_argument("--router-args", default="", help="extra router flags (one string)")
+    soak.add_argument("--out", type=Path, default=Path("loadtest/out"), help="output directory")
+    soak.add_argument("--quiet", action="store_true", help="no per-sample progress lines")
 
     proxy = sub.add_parser("passthrough", help="run the bare passthrough proxy")
     proxy.add_argument("--listen", required=True)
@@ -318,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench_cache(args)
     if args.command == "profile":
         return cmd_profile(args)
+    if args.command == "soak":
+        from loadtest.soak import main_soak
+
+        return main_soak(args)
     from loadtest.passthrough import serve
     from loadtest.procs import check_loopback
 

@@ -1,0 +1,69 @@
+"""The soak harness (`python -m loadtest soak`) runs end to end for 60 s on loopback.
+
+The run churns sessions through a real router with a real Valkey store (and a trickle of ACP
+sessions when the acp extra is installed), samples the router every 5 s and writes the JSON
+and HTML report with its plot. The RSS-slope verdict of a 60 s run is printed, not asserted
+(far too short to mean anything); sizes that must hold on any run are asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RETENTION_S = 10.0
+SAMPLE_S = 5.0
+
+
+@pytest.mark.timeout(300)
+def test_soak_60s_samples_the_router_and_sizes_stay_bounded(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtest", "soak", "--seconds", "60", "--sample-s",
+         str(SAMPLE_S), "--retention-s", str(RETENTION_S), "--rate", "15", "--warmup-s", "20",
+         "--quiet", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(proc.stdout)  # the verdict of a 60 s run is informational
+    result = json.loads((out / "latest-soak.json").read_text())
+    samples = result["samples"]
+    assert len(samples) >= 60 / SAMPLE_S  # one at the start, then every SAMPLE_S
+    assert all(s["rss_bytes"] > 0 and s["fds"] > 0 and s["metrics_bytes"] > 0
+               for s in samples)
+    load = result["load"]
+    assert load["sessions_started"] > 0 and load["misses"] > 0
+    assert load["sessions_resolved"] == load["sessions_started"]
+    assert not load["errors"], load["errors"]
+    assert load["in_flight_bound_hits"] == 0  # the generator kept up at this rate
+    acp_sessions = load["acp"].get("sessions", 0)
+    if result["acp"].startswith("trickle"):
+        assert acp_sessions > 0 and not [k for k in load["acp"] if k.startswith("error")]
+    for s in samples:
+        # the near-cache never holds more sessions than were ever started through the router
+        assert s["cached_sessions"] <= s["started"] + s["acp_sessions"] + 1, s
+        assert s["store_keys"] is not None
+    v = result["verdict"]
+    assert v["rss_slope_mib_per_10min"] is not None and v["samples_after_warmup"] >= 2
+    assert set(v["sizes"]) == {"fds", "asyncio_tasks", "cached_sessions", "store_keys",
+                               "metrics_bytes"}
+    assert "RSS slope after warm-up" in proc.stdout and "bounded" in proc.stdout
+    html = (out / "latest-soak.html").read_text()
+    assert "data:image/png;base64," in html and "Verdict" in html
+    # Last, because today's router fails it: ended sessions must leave the near-cache after
+    # --retention-s, so at the end it holds at most the sessions started within retention + two
+    # sampling intervals (+ slack), not every session ever started.
+    final, end = samples[-1], samples[-1]["t_s"]
+    earlier = [s for s in samples if s["t_s"] <= end - RETENTION_S - 2 * SAMPLE_S]
+    assert earlier, samples
+    recent = final["started"] - earlier[-1]["started"] + final["acp_sessions"]
+    if final["cached_sessions"] > recent + 16:
+        pytest.xfail(
+            f"near-cache keeps ended sessions past --retention-s {RETENTION_S:g}: "
+            f"{final['cached_sessions']:g} cached ({final['cached_by_state']}) at "
+            f"t={end:g}s, but only {recent} started in the last "
+            f"{end - earlier[-1]['t_s']:.0f} s (issue 13: bounded memory)")
