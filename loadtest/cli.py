@@ -286,6 +286,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if hops:
         print()
         print(hops)
+    from loadtest.report import workers_table
+
+    workers = workers_table(run.results)
+    if workers:
+        print()
+        print(workers)
     over = overload_table(run.results)
     if over:
         print()

@@ -320,6 +320,22 @@ def hop_table(results: dict[str, Any]) -> str:
     return "hit: hops side by side (saturation, --concurrency in flight)\n" + "\n".join(lines)
 
 
+def workers_table(results: dict[str, Any]) -> str:
+    """`workers`: 1 vs N workers, pinning and per-core efficiency ('' if it did not run)."""
+    w = results.get("workers")
+    if not isinstance(w, dict) or "workers" not in w:
+        return ""
+    lines = [f"workers: {w['pinning']['note'] if 'pinning' in w else 'unpinned'}"]
+    for n, r in w["workers"].items():
+        lines.append(f"  {n} worker(s): {r['throughput_rps']:.0f} OK calls/s, router CPU "
+                     f"{r['router_cpu_ms_per_request']:.3f} ms/call, "
+                     f"{r['rps_per_router_core']:.0f} calls per router CPU-second, cores "
+                     f"{r.get('router_cores', '-')}")
+    lines.append(f"  speedup {w['speedup']:.2f}x; per-core efficiency (calls per router "
+                 f"CPU-second, N vs 1) {w['efficiency_ratio']:.2f}")
+    return "\n".join(lines)
+
+
 def bars_table(bars: list[Bar]) -> str:
     rows = [("quality bar", "value", "goal", "status")]
     for b in bars:
@@ -416,6 +432,7 @@ def write_html(report: dict[str, Any], path: Path) -> None:
     from loadtest.overload import overload_table
 
     for title, text in (("Hops side by side", hop_table(report["results"])),
+                        ("Workers", workers_table(report["results"])),
                         ("Overload", overload_table(report["results"]))):
         if text:
             acp_html += f"<h2>{title}</h2><pre>{html.escape(text)}</pre>"

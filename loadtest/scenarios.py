@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 import time
 from collections import Counter
@@ -782,10 +783,12 @@ class Run:
             (b["rss_bytes"] - a["rss_bytes"]) / max(1, large - small), 1)
 
     async def _compare_routers(self, scenario: str, variants: dict[str, dict[str, Any]], *,
-                               concurrency: int | None = None, c1: bool = True
+                               concurrency: int | None = None, c1: bool = True,
+                               affinity: dict[str, set[int]] | None = None
                                ) -> dict[str, Any]:
         """Start one router per variant (all at once), then hit sat (+ c1) through each,
-        interleaved in rounds; stop them all."""
+        interleaved in rounds; stop them all. `affinity[label]`: CPUs that variant's router
+        process tree (workers included) is pinned to."""
         s = self.settings
         requests = [self.hit_request(sid) for sid in self.hit_sids]
         routers: dict[str, Router] = {}
@@ -793,6 +796,8 @@ class Run:
         try:
             for label, kw in variants.items():
                 routers[label] = await self.cluster.start_router(name=f"router-{label}", **kw)
+                if affinity and label in affinity:
+                    pin_tree(routers[label].proc.pid, affinity[label])
             ops: dict[str, Op] = {}
             for label, router in routers.items():
                 assert router.client is not None
@@ -844,12 +849,32 @@ class Run:
         # More in flight than the hop runs: N workers need N x the work queued to show scaling.
         concurrency = s.concurrency * n
         redis_url = self.cluster.redis.url if self.cluster.redis else None
-        out = await self._compare_routers(
-            "workers",
-            {"w1": {"workers": 1, "redis_url": redis_url},
-             f"w{n}": {"workers": n, "redis_url": redis_url}},
-            concurrency=concurrency, c1=False)
+        plan = pinning_plan(n)
+        summary["pinning"] = plan
+        if plan["router"]:
+            log(f"workers: pinning {plan['note']}")
+        load_procs = [os.getpid()] + [p.proc.pid for p in self.cluster.pods if p.proc]
+        saved = {pid: affinity_of(pid) for pid in load_procs}
+        try:
+            for pid in load_procs:
+                if plan["load"] is not None:
+                    pin_tree(pid, set(plan["load"]))
+            out = await self._compare_routers(
+                "workers",
+                {"w1": {"workers": 1, "redis_url": redis_url},
+                 f"w{n}": {"workers": n, "redis_url": redis_url}},
+                concurrency=concurrency, c1=False,
+                affinity={k: set(v) for k, v in plan["router"].items()})
+        finally:
+            for pid, cpus in saved.items():
+                if cpus:
+                    pin_tree(pid, cpus)
         out = {"1": out["w1"], str(n): out[f"w{n}"]}
+        for k, cores in (("1", plan["router"].get("w1")), (str(n), plan["router"].get(f"w{n}"))):
+            out[k]["router_cores"] = sorted(cores) if cores else "unpinned (all)"
+            if cores:
+                out[k]["rps_per_pinned_router_core"] = round(
+                    out[k]["throughput_rps"] / len(cores), 1)
         summary["concurrency"] = concurrency
         summary["workers"] = out
         summary["speedup"] = round(out[str(n)]["throughput_rps"]
@@ -859,8 +884,11 @@ class Run:
         summary["efficiency_ratio"] = round(out[str(n)]["rps_per_router_core"]
                                             / max(1e-9, out["1"]["rps_per_router_core"]), 4)
         summary["machine_cpus"] = _cpus()
+        # per-core efficiency: throughput per router core actually used (CPU seconds) of N
+        # workers vs 1 (1.0 = N workers do N x the work of one on N cores)
+        summary["per_core_efficiency"] = summary["efficiency_ratio"]
         summary["note"] = ("generator, pods and router share one machine; the speedup is "
-                           "bounded by the cores left over for the router")
+                           "bounded by the cores left over for the router; " + plan["note"])
 
     async def scenario_overload(self) -> None:
         """1x / 2x / 4x the router's saturation rate, open loop (`loadtest.overload`)."""
@@ -928,6 +956,51 @@ class Run:
             await asyncio.sleep(0.1)
             keys = await redis.dbsize()
         return int(keys)
+
+
+def affinity_of(pid: int) -> set[int]:
+    try:
+        return set(os.sched_getaffinity(pid))
+    except OSError:
+        return set()
+
+
+def pin_tree(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of `pid` and of its children (router workers) to `cpus` (best
+    effort: a process or thread that exited meanwhile is skipped). Threads started later
+    inherit the affinity of the thread that starts them."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            for thread in proc.threads():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(thread.id, cpus)
+
+
+def pinning_plan(n: int) -> dict[str, Any]:
+    """Which CPUs the load (generator + pods) and each router variant get.
+
+    Load on the first allowed CPU, routers on the others: 1 worker on one CPU, N workers on N
+    CPUs when there are N + 1; with fewer, N workers cannot be pinned away from the load and
+    run unpinned (said in `note`)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return {"load": None, "router": {}, "note": f"impossible: {len(cpus)} CPU"}
+    load, rest = cpus[:1], cpus[1:]
+    plan: dict[str, Any] = {"load": load, "router": {"w1": rest[:1]}}
+    if len(rest) >= n:
+        plan["router"][f"w{n}"] = rest[:n]
+        plan["note"] = f"generator + pods on CPU {load}, routers on {rest[:n]}"
+    else:
+        plan["note"] = (f"generator + pods on CPU {load}; w1 router on {rest[:1]}; "
+                        f"pinning {n} workers away from the load is impossible with "
+                        f"{len(cpus)} CPUs (needs {n + 1}): w{n} runs unpinned on all CPUs")
+    return plan
 
 
 def _cpus() -> int:

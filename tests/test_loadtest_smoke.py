@@ -192,6 +192,15 @@ def test_scale_workers_memory(tmp_path: Path) -> None:
     assert 0 < r["scale"]["throughput_ratio_large_vs_small_cache"] < 2
     assert r["scale"]["near_cache"]["sizes"]["5000"]["ns_per_lookup"] > 0
     assert "skipped" in r["workers"] or 0 < r["workers"]["speedup"] < 3
+    if "skipped" not in r["workers"]:
+        w = r["workers"]
+        assert w["per_core_efficiency"] > 0
+        if len(os.sched_getaffinity(0)) >= 2:  # 1 worker pinned away from generator + pods
+            assert w["pinning"]["router"]["w1"] == [sorted(os.sched_getaffinity(0))[1]]
+            assert w["workers"]["1"]["router_cores"] == w["pinning"]["router"]["w1"]
+        if len(os.sched_getaffinity(0)) < 3:  # N workers cannot be pinned: said so
+            assert "impossible" in w["pinning"]["note"]
+            assert w["workers"]["2"]["router_cores"] == "unpinned (all)"
     assert r["memory"]["near_cache_tracemalloc"]["bytes_per_session"] > 0
     assert r["memory"]["learned_via"].startswith("watch feed")
 
