@@ -87,7 +87,8 @@ def make_pods(config: RouterConfig, supervisor: Supervisor) -> PodSet:
     )
 
 
-def make_store(config: RouterConfig, metrics: Metrics) -> LocationStore:
+def make_store(config: RouterConfig, metrics: Metrics,
+               supervisor: Supervisor | None = None) -> LocationStore:
     if not config.redis_url:
         return MemoryStore(retention_s=config.retention_s)
     from router.redis_store import RedisStore
@@ -99,6 +100,7 @@ def make_store(config: RouterConfig, metrics: Metrics) -> LocationStore:
         retention_s=config.retention_s,
         required=config.redis_required,
         observe_latency=metrics.observe_redis,
+        supervisor=supervisor,
     )
 
 
@@ -118,7 +120,7 @@ class Router:
         self.supervisor = Supervisor(on_crash=self._service_crashed,
                                      on_state=self._service_changed)
         """Runs every background service of this router (see the module docstring)."""
-        self.store = make_store(config, self.metrics)
+        self.store = make_store(config, self.metrics, self.supervisor)
         self.pods = make_pods(config, self.supervisor)
         self.locator = Locator(
             roster=self.pods,
@@ -174,7 +176,7 @@ class Router:
 
         acp_store = make_store(
             dataclasses.replace(self.config, redis_prefix=self.config.redis_prefix + "acp:"),
-            self.metrics,
+            self.metrics, self.supervisor,
         )
         return AcpFrontDoor(self.config.acp, metrics=self.metrics, store=acp_store)
 

@@ -53,7 +53,8 @@ Invariants (on top of those in `router.store`):
   deadline before they count as an outage. While degraded, calls fail fast without I/O (except
   `reserve`, which decides where a session lives: it still asks Redis, so a router whose health
   loop has not yet noticed Redis is back cannot place a start elsewhere than a recovered replica
-  just reserved it); a background health loop owned by the store (`start()`/`aclose()`) probes
+  just reserved it); a background health loop (`start()`/`aclose()`; the supervised service
+  `store_health:<prefix>` of the router's supervisor, or of the store's own) probes
   with backoff (PING, script load, every shard's marker: every master must answer) and, when it
   succeeds, clears `degraded`, logs one line and awaits `on_recovered` (the router resyncs its
   near-cache into Redis there). A cache hit never reaches this module: zero commands per hit.
@@ -118,6 +119,7 @@ from router.store import (
     StoreUnavailable,
     now_ms,
 )
+from router.supervisor import Supervisor
 
 __all__ = [
     "BATCH_SIZE",
@@ -448,6 +450,7 @@ class RedisStore:
         observe_latency: Callable[[str, float], None] | None = None,
         marker_interval_s: float = 5.0,
         index_shards: int = DEFAULT_INDEX_SHARDS,
+        supervisor: Supervisor | None = None,
     ) -> None:
         target = parse_url(url)
         if not prefix:
@@ -513,7 +516,10 @@ class RedisStore:
         self._degraded_reason = ""
         self._degraded_since = 0.0
         self._degraded_event = asyncio.Event()
-        self._health_task: asyncio.Task[None] | None = None
+        self._own_supervisor = supervisor is None
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
+        self.service = f"store_health:{prefix.rstrip(':') or prefix}"
+        """The health loop's name in the supervisor (a crash is logged, counted, restarted)."""
         self.health_probes = 0
         """Probes the health loop has sent while degraded (a state tests can wait for)."""
         self.outages = 0
@@ -635,17 +641,14 @@ class RedisStore:
             )
             self._enter_degraded(reason, quiet=True)
         self._started = True
-        self._health_task = asyncio.create_task(
-            self._health_loop(), name=f"redis-store-health {self.url}"
-        )
+        self._supervisor.spawn(self.service, self._health_loop)
 
     async def aclose(self) -> None:
         """Stop the health loop and close every connection. Idempotent."""
-        task, self._health_task = self._health_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._own_supervisor:
+            await self._supervisor.aclose()
+        else:
+            await self._supervisor.stop(self.service)
         await self._close_client()
 
     async def _close_client(self) -> None:

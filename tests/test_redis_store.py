@@ -28,6 +28,7 @@ from router.redis_store import (
 )
 from router.redis_topology import CLUSTER, SENTINEL, STANDALONE, parse_url
 from router.store import OPEN, BroadcastRecord, Location, StoreUnavailable
+from router.supervisor import Supervisor
 from tests.redis_fixture import RedisServer, free_port
 from tests.waiting import eventually
 
@@ -556,11 +557,15 @@ async def test_flushed_server_reads_as_empty(
     assert not store.degraded
 
 
+def health_tasks(store: RedisStore) -> list[asyncio.Task]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == f"service:{store.service}"]
+
+
 async def test_aclose_leaves_no_task_behind(redis_url: str) -> None:
     store = RedisStore(redis_url)
     await store.start()
-    task = store._health_task
-    assert task is not None and not task.done()
+    (task,) = health_tasks(store)
+    assert not task.done()
     await store.aclose()
     assert task.done()
     await store.aclose()  # idempotent
@@ -572,7 +577,39 @@ async def test_async_context_manager(redis_url: str) -> None:
     async with RedisStore(redis_url) as store:
         await store.put("s1", Location("pod-a", OPEN))
         assert await store.get("s1") == Location("pod-a", OPEN)
-    assert store._health_task is None
+        assert health_tasks(store)
+    assert not health_tasks(store)
+
+
+async def test_a_health_loop_crash_is_counted_and_the_loop_restarted(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception the loop does not expect (before: it ended the loop for good, and a flushed
+    Redis was never resynced again) is a crash of the router supervisor's `store_health`
+    service: counted, and the loop restarted."""
+    crashes: list[str] = []
+    supervisor = Supervisor(on_crash=lambda name, exc: crashes.append(name))
+    store = RedisStore(redis_url, supervisor=supervisor, marker_interval_s=0.05)
+    await store.start()
+    check_marker = store._check_marker
+    checks = 0
+
+    async def surprise() -> None:
+        nonlocal checks
+        checks += 1
+        if checks == 1:
+            raise KeyError("a reply shape the client did not expect")
+        await check_marker()
+
+    monkeypatch.setattr(store, "_check_marker", surprise)
+    await eventually(lambda: crashes == [store.service] and checks >= 3, timeout=WAIT_S,
+                     what="crashed once, then checking again")
+    state = supervisor.state(store.service)
+    assert state is not None and state.up and state.crashes == 1
+    assert state.last_error == "KeyError: 'a reply shape the client did not expect'"
+    await store.aclose()
+    assert supervisor.state(store.service) is None and not supervisor.closing
+    await supervisor.aclose()
 
 
 async def test_latency_hook_sees_every_operation(
