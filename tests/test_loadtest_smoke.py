@@ -119,7 +119,7 @@ def test_bench_cache_small_sizes() -> None:
     assert 20 < memory["bytes_per_session"] < 2_000
 
 
-def test_direct_and_passthrough_legs(tmp_path: Path) -> None:
+def test_direct_passthrough_and_nginx_legs(tmp_path: Path) -> None:
     report = run_loadtest(tmp_path, "--scenario", "hit", "--no-router", "--duration", "0.5")
     hit = report["results"]["hit"]
     assert hit["throughput_rps"]["direct"] > 0 and hit["throughput_rps"]["passthrough"] > 0
@@ -127,23 +127,22 @@ def test_direct_and_passthrough_legs(tmp_path: Path) -> None:
     assert hit["c1_p50_ms"]["passthrough"] > 0
     assert set(hit["added_ms"]["passthrough"]) == {"p50", "p90", "p99"}
     assert hit["cpu_ms_per_request"]["passthrough"] > 0
+    assert hit["generator_cpu_ms_per_request"]["passthrough"] > 0
     assert not hit["errors"]
     assert report["meta"]["skipped"]["router"] == "--no-router"
+    if nginx_support()[0] is not None:  # the nginx leg runs by default when installed
+        assert hit["throughput_rps"]["nginx"] > 0
+        assert hit["cpu_ms_per_request"]["nginx"] > 0  # master + worker CPU over OK calls
+        assert hit["generator_cpu_ms_per_request"]["nginx"] > 0
+        assert hit["c1_p50_ms"]["nginx"] > 0 and "nginx" in hit["added_ms"]
+        assert "nginx" not in report["meta"]["skipped"]
+        bars = {b["name"]: b for b in report["bars"]}
+        assert bars["hit: nginx CPU per 1k requests"]["value"] == (
+            hit["cpu_ms_per_request"]["nginx"])
+    else:
+        assert hit["not_run"]["nginx"].startswith("not run: nginx not installed")
     targets = {(p["target"], p["phase"]) for p in report["phases"]}
     assert {("direct", "sat"), ("passthrough", "c1"), ("passthrough", "rate")} <= targets
-
-
-@pytest.mark.skipif(nginx_support()[0] is None, reason=nginx_support()[1])
-def test_nginx_leg_reports_its_cpu_per_call_beside_the_bare_hop(tmp_path: Path) -> None:
-    report = run_loadtest(tmp_path, "--scenario", "hit", "--no-router", "--duration", "0.5")
-    hit = report["results"]["hit"]
-    assert hit["throughput_rps"]["nginx"] > 0 and not hit["errors"]
-    assert hit["cpu_ms_per_request"]["nginx"] > 0  # master + worker CPU over OK calls
-    assert hit["generator_cpu_ms_per_request"]["nginx"] > 0
-    assert hit["c1_p50_ms"]["nginx"] > 0 and "nginx" in hit["added_ms"]
-    assert "nginx" not in report["meta"]["skipped"]
-    bars = {b["name"]: b for b in report["bars"]}
-    assert bars["hit: nginx CPU per 1k requests"]["value"] == hit["cpu_ms_per_request"]["nginx"]
 
 
 def test_nginx_leg_that_cannot_run_is_reported_not_dropped(tmp_path: Path) -> None:
@@ -159,7 +158,7 @@ def test_nginx_leg_that_cannot_run_is_reported_not_dropped(tmp_path: Path) -> No
 
 def test_router_scenarios(tmp_path: Path) -> None:
     report = run_loadtest(
-        tmp_path, "--require-router", "--duration", "0.5", "--kill-rate", "100",
+        tmp_path, "--require-router", "--duration", "0.5", "--kill-rate", "100", "--no-nginx",
         "--scenario", "hit,stream,miss,start,mixed,pod-kill",
     )
     r = report["results"]
