@@ -1,7 +1,8 @@
 """The system under test for one run: pods, the passthrough proxy, routers, Redis, and clients.
 
 `Cluster` starts everything as subprocesses on free loopback ports (or uses pod addresses
-given with `--pods`), and `aclose()` kills what it started (callers use `async with`). It also
+given with `--pods`; nginx, for the nginx leg, with a generated config: `loadtest.nginx`),
+and `aclose()` kills what it started (callers use `async with`). It also
 reads the counters a run needs: pod call counters (`loadtest.podproc` stats endpoint), the
 router's Prometheus `/metrics`, and Redis `INFO`.
 

@@ -1,14 +1,17 @@
 """Scenarios: what each one sends, to which targets, and which derived figures it computes.
 
-Every scenario measures the same traffic against up to three targets in one run:
+Every scenario measures the same traffic against up to four targets in one run:
 `direct` (the pod itself: the baseline), `passthrough` (the bare raw-bytes hop of
-`loadtest.passthrough`, upstream pod0) and `router` (`macp-router serve`). Traffic for the
-hop comparison goes to sessions on pod0, so the three legs share the same upstream process.
+`loadtest.passthrough`, upstream pod0), `nginx` (nginx `grpc_pass` to pod0, `loadtest.nginx`;
+when nginx is installed, else reported as not run) and `router` (`macp-router serve`). Traffic
+for the hop comparison goes to sessions on pod0, so the legs share the same upstream process.
 
-Scenarios (`SCENARIOS`): hit, stream, miss, start, mixed, pod-kill, scale, workers, memory,
-acp (ACP agents direct vs through the router's ACP front door: `loadtest.acpscenario`; a run
-of `acp` alone starts one MACP pod and nothing else of the MACP set-up). All processes
-(generator, pods, proxy, router, Valkey) share one machine; CPU seconds per process group are
+Scenarios (`SCENARIOS`): hit, stream, miss, start, mixed, pod-kill, scale, workers (1 vs N
+workers, pinned with CPU affinity where the machine has the cores), memory, overload (1x/2x/4x
+the router's saturation rate, open loop: `loadtest.overload`), acp (ACP agents direct vs
+through the router's ACP front door: `loadtest.acpscenario`; a run of `acp` alone starts one
+MACP pod and nothing else of the MACP set-up). All processes (generator, pods, proxy, nginx,
+router, Valkey) share one machine; CPU seconds per process group are
 recorded for every saturation phase so the split can be reported.
 """
 
