@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -166,8 +165,11 @@ class WatchFeed:
 
     def start(self) -> None:
         if not self._supervisor.running(self.service):
-            self._supervisor.spawn(self.service, self._run,
-                                   backoff=Backoff(self.backoff_base_s, self.backoff_max_s))
+            self._supervisor.spawn(self.service, self._run, backoff=self._backoff())
+
+    def _backoff(self) -> Backoff:
+        """Reconnects and crash restarts alike: base doubling to the cap, with jitter."""
+        return Backoff(self.backoff_base_s, self.backoff_max_s)
 
     def cancel(self) -> asyncio.Task[None] | None:
         """Stop following now, without waiting (a pod leaving); the task, to wait for it."""
@@ -243,8 +245,7 @@ class WatchFeed:
             self.metrics.watch_reconnects.labels(self.metrics.pod_label(self.pod.name)).inc()
             self._notify()
             failures = 0 if time.monotonic() - started > 10 else failures + 1
-            delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** min(failures, 10))
-            delay *= random.uniform(0.5, 1.0)
+            delay = self._backoff().delay(failures)
             log.log(logging.WARNING if outcome.startswith("feed error") else logging.INFO,
                     "watch feed of pod %s down (%s); reconnecting in %.2fs",
                     self.pod.name, outcome, delay)
