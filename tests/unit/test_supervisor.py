@@ -222,3 +222,20 @@ async def test_a_service_not_yet_scheduled_is_starting_not_down() -> None:
     await eventually(lambda: state.up, timeout=2, what="running")
     await supervisor.aclose()
     assert supervisor.down() == [state]
+
+
+async def test_cancel_stops_a_service_at_once_for_a_synchronous_caller() -> None:
+    """(A pod leaving: its feed must stop before its channels close, from a plain callback.)"""
+    async def feed() -> None:
+        await asyncio.Event().wait()
+
+    supervisor = Supervisor()
+    state = supervisor.spawn("watch:a", feed)
+    await eventually(lambda: state.up, timeout=2, what="running")
+    task = supervisor.cancel("watch:a")
+    assert task is not None and supervisor.state("watch:a") is None
+    assert not supervisor.running("watch:a")
+    await asyncio.wait({task}, timeout=2)
+    assert task.cancelled() and not state.up
+    assert supervisor.cancel("watch:a") is None  # already gone: nothing to cancel
+    await supervisor.aclose()
