@@ -4,7 +4,8 @@ Job: run each long-lived background coroutine (a watch feed, a health loop, the 
 a sweeper) as a named service. A service that raises is logged with its traceback, counted,
 marked down, and restarted after an exponential backoff with jitter; a service that returns is
 restarted too unless it was declared `once`. Stopping cancels every service and waits for each,
-bounded, naming any that does not stop. One-shot background jobs (a registry replay, the
+bounded, naming any that does not stop (`stop(name)` one, `cancel(name)` one without waiting,
+for a synchronous caller, `aclose()` all). One-shot background jobs (a registry replay, the
 clean-up after a pod left) run here too (`spawn_job`): they are restarted if they raise and
 forgotten once they return.
 
