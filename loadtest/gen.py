@@ -211,7 +211,8 @@ async def run_open(
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(i: int, scheduled: float) -> None:
-        progress.in_flight += 1
+        # counted in flight from its creation (below), so a burst of catch-up arrivals cannot
+        # create more tasks than the bound before any of them has started
         try:
             code = await op(i)
         except (grpc.aio.AioRpcError, TimeoutError) as exc:
@@ -243,10 +244,11 @@ async def run_open(
                     bound_hits += 1
                     progress.err(now, "SKIPPED_OVERLOAD")
                 else:
+                    progress.in_flight += 1
                     task = asyncio.create_task(one(i, scheduled))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
-                    peak = max(peak, progress.in_flight + 1)
+                    peak = max(peak, progress.in_flight)
                 i += 1
             await asyncio.sleep(max(0.0, start + i / rate - perf()))
         if tasks:

@@ -275,6 +275,7 @@ async def test_open_loop_generator_keeps_its_bound_and_reports_falling_behind() 
     """Against ops that never finish in time, in-flight stays at the bound, the arrivals past
     it are counted (not sent), and the report says the bound was hit."""
     import asyncio
+    import time
 
     from loadtest.gen import run_open
 
@@ -288,6 +289,17 @@ async def test_open_loop_generator_keeps_its_bound_and_reports_falling_behind() 
     assert r.extra["in_flight_bound_hits"] == r.errors["SKIPPED_OVERLOAD"] > 100
     assert r.extra["scheduled"] == r.ok + r.error_count == 200
     assert r.extra["schedule_lag_ms"]["max"] < 200  # the generator itself kept its schedule
+
+    async def blocks_the_loop_once(i: int) -> str | None:
+        if i == 0:
+            time.sleep(0.3)  # noqa: ASYNC251 - the loop stalls on purpose: ~120 arrivals fall due
+        await asyncio.sleep(0.5)
+        return None
+
+    r = await run_open("t", "burst", blocks_the_loop_once, rate=400.0, duration=0.6,
+                       max_in_flight=20, drain_timeout=2.0, quiet=True)
+    assert r.extra["in_flight_peak"] == 20  # the catch-up burst respects the bound too
+    assert r.extra["schedule_lag_ms"]["max"] >= 250  # and the report says it fell behind
 
 
 def test_overload_steps_against_router_bare_hop_and_direct(tmp_path: Path) -> None:
