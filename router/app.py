@@ -178,7 +178,8 @@ class Router:
             dataclasses.replace(self.config, redis_prefix=self.config.redis_prefix + "acp:"),
             self.metrics, self.supervisor,
         )
-        return AcpFrontDoor(self.config.acp, metrics=self.metrics, store=acp_store)
+        return AcpFrontDoor(self.config.acp, metrics=self.metrics, store=acp_store,
+                           supervisor=self.supervisor)
 
     def _make_discovery(self, resolver: Resolver | None) -> DnsDiscovery | None:
         if not self.config.pods_dns:

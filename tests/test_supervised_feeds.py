@@ -299,3 +299,53 @@ async def test_while_stopping_readyz_says_shutting_down_and_in_flight_calls_fini
         await asyncio.wait_for(stopping, 10)
     assert [s.session_id for s in reply.sessions] == [SID]
     assert pod.listings == listings + 1
+
+
+async def test_acp_front_door_services_run_under_the_routers_supervisor_and_show_in_readyz(
+    scripted, tmp_path,
+):
+    """The ACP front door's loops are the router's services: listed (up) in `/readyz`,
+    `ListPods` and `macp_router_service_up`; stopping the front door stops only them."""
+    pytest.importorskip("acp", reason="the acp extra is not installed")
+    from router.acp.config import AcpConfig, AcpPodSpec
+    from router.sim.acp_pod import AcpSimPod
+
+    pod, _ = scripted
+    acp_pod = AcpSimPod("x", "127.0.0.1:0", tmp_path)
+    await acp_pod.start()
+    router = Router(RouterConfig(
+        listen="127.0.0.1:0", pods=(PodSpec("p", pod.address),), token="router",
+        health_interval_ms=200, metrics_listen="127.0.0.1:0",
+        acp=AcpConfig(listen="127.0.0.1:0", pods=(AcpPodSpec("x", acp_pod.url),),
+                      health_interval_ms=200, connect_timeout_ms=1000)))
+    acp_services = {"acp_health:x", "store_writer:acp", "sweeper:acp", "acp_reaper"}
+    try:
+        await router.start()
+        assert router.acp is not None and router.acp.supervisor is router.supervisor
+
+        async def readyz_lists_acp_services_up() -> dict[str, Any] | None:
+            services = (await asyncio.to_thread(readyz, router)).get("services", {})
+            up = all(services.get(name, {}).get("up") for name in acp_services)
+            return services if up else None
+
+        services = await eventually(readyz_lists_acp_services_up, timeout=5,
+                                    what="/readyz: the ACP services up")
+        assert services["watch:p"]["up"] is True
+        async with grpc.aio.insecure_channel(router.address) as channel:
+            reply = await router_pb2_grpc.RouterAdminStub(channel).ListPods(
+                router_pb2.ListPodsRequest(), timeout=5)
+        assert acp_services <= {service.name for service in reply.services}
+        registry = router.metrics.registry
+        for kind in ("acp_health", "acp_reaper"):
+            assert registry.get_sample_value("macp_router_service_up", {"service": kind}) == 1
+            assert registry.get_sample_value(
+                "macp_router_service_crashes_total", {"service": kind}) == 0
+
+        await router.acp.aclose()
+        names = {state.name for state in router.supervisor.states()}
+        assert not acp_services & names, "the front door's services stopped with it"
+        assert not router.supervisor.closing, "the router's supervisor is not the door's"
+        assert router.supervisor.running("watch:p") and router.supervisor.running("status")
+    finally:
+        await router.stop(grace=0)
+        await acp_pod.stop()

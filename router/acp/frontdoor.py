@@ -28,6 +28,10 @@ Invariants:
   call re-routed once.
 - Every background task is owned: per client by its `VirtualConnection`, otherwise by the front
   door; `aclose()` ends all of them.
+- Background services (pods' health loops `acp_health:<pod>`, the locator's
+  `store_writer:acp` / `sweeper:acp`, `acp_reaper`) run under the supervisor it is given (the
+  router's `Router.supervisor`), so they appear in `/readyz`, `macp-router pods` and the
+  service metrics; `aclose()` stops only those, never the router's supervisor itself.
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ from router.supervisor import Supervisor
 log = logging.getLogger("macp_router.acp")
 
 _DROP = object()
+REAPER = "acp_reaper"
+"""The idle-connection reaper's service name."""
 
 
 def merge_capabilities(results: list[dict[str, Any]], client_version: Any) -> dict[str, Any]:
@@ -123,14 +129,18 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
         *,
         metrics: Metrics | None = None,
         store: LocationStore | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
         # A store of its own (a MemoryStore, or a RedisStore with its own prefix): ACP and MACP
         # pods may share names, and the store indexes sessions by pod name.
         self.store = store or MemoryStore(retention_s=config.retention_s)
-        self.supervisor = Supervisor()
-        """Runs the pods' health loops, the locator's loops and the idle-connection reaper."""
+        self._own_supervisor = supervisor is None
+        self.supervisor = supervisor if supervisor is not None else Supervisor()
+        """Runs the pods' health loops, the locator's loops and the idle-connection reaper:
+        the router's (so they show in `/readyz`, `macp-router pods` and the service metrics),
+        or a private one for a front door built alone (tests, the ACP demo)."""
         self.roster = AcpPodRoster(
             config.pods,
             supervisor=self.supervisor,
@@ -188,7 +198,7 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
         except OSError:
             await self._shutdown_components()
             raise
-        self.supervisor.spawn("acp_reaper", self._reap_loop)
+        self.supervisor.spawn(REAPER, self._reap_loop)
         self.started = True
 
     async def _reap_loop(self) -> None:
@@ -213,7 +223,10 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
                 await task
         await self.locator.flush()
         await self.locator.aclose()
-        await self.supervisor.aclose()
+        if self._own_supervisor:
+            await self.supervisor.aclose()
+        else:  # the router's: stop only this front door's own service
+            await self.supervisor.stop(REAPER)
         await self.store.aclose()
 
     async def __aenter__(self) -> AcpFrontDoor:
