@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from router.core.status import LIVE, NOT_FOUND, LocateStatus
 from router.metrics import Metrics
@@ -35,16 +35,26 @@ from router.store import (
     now_ms,
 )
 
-if TYPE_CHECKING:
-    from router.locator import NearCache
-
 log = logging.getLogger("macp_router.locator")
+
+
+class RouteCache(Protocol):
+    """What ownership needs of the locator's near-cache (`router.locator.NearCache`); a
+    protocol here so this module does not import the locator that mixes it in."""
+
+    def entry(self, sid: str) -> tuple[str, str] | None: ...
+
+    def set(self, sid: str, pod: str, state: str, ttl_s: float = 0.0) -> None: ...
+
+    def discard(self, sid: str, pod: str) -> bool: ...
+
+    def sessions_of(self, pod: str) -> list[tuple[str, str]]: ...
 
 
 class SessionOwnership:
     """Ownership learned from the pods (see the module docstring); mixed into `Locator`."""
 
-    near: NearCache
+    near: RouteCache
     store: LocationStore
     metrics: Metrics
     protocol: str

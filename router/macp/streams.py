@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -28,16 +28,30 @@ from macp.v1 import core_pb2
 from router import routes, tracing
 from router.core.call import Call
 from router.core.errors import Abort
-from router.core.session_router import NotLocated
-from router.macp.backend import forwardable, upstream_abort
+from router.core.session_router import NotLocated, SessionRouter
+from router.macp.backend import MacpBackend, forwardable, upstream_abort
 from router.macp.start import outcome_of_answer, outcome_of_status, place_for_stream
-from router.pods import Pod
+from router.pods import Pod, PodSet
 from router.routes import RouteClass
 
-if TYPE_CHECKING:
-    from router.macp.handlers import MacpProxy
-
 log = logging.getLogger("macp_router.proxy")
+
+
+class StreamHost(Protocol):
+    """What the stream routes need of the proxy (`router.macp.handlers.MacpProxy`); a
+    protocol here so this module does not import the handlers that import it."""
+
+    @property
+    def core(self) -> SessionRouter: ...
+
+    @property
+    def backend(self) -> MacpBackend: ...
+
+    @property
+    def pods(self) -> PodSet: ...
+
+    @property
+    def first_answer_warn_s(self) -> float: ...
 
 STREAM_REPLAY_FRAMES = 64
 """Frames kept until a stream's first answer, for a transparent re-route (beyond: no re-route)."""
@@ -76,7 +90,7 @@ async def relay_server_stream(pod: Pod, call: Call, request: bytes) -> None:
 class StreamCalls:
     """Server streams on one session, and every bidi stream."""
 
-    def __init__(self, proxy: MacpProxy) -> None:
+    def __init__(self, proxy: StreamHost) -> None:
         self.proxy = proxy
         self.core = proxy.core
         self.backend = proxy.backend
@@ -169,7 +183,7 @@ class _BidiRelay:
     holds while it writes. After the first answer nothing is kept or parsed.
     """
 
-    def __init__(self, proxy: MacpProxy, plan: _StreamRoute, call: Call, first: bytes) -> None:
+    def __init__(self, proxy: StreamHost, plan: _StreamRoute, call: Call, first: bytes) -> None:
         self.proxy = proxy
         self.core = proxy.core
         self.plan = plan
