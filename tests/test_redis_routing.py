@@ -205,7 +205,7 @@ async def test_flushed_redis_is_repopulated_from_the_near_cache(sim_pods, redis_
     config = RouterConfig(listen="127.0.0.1:0", token="router", redis_url=server.url,
                           pods=tuple(PodSpec(p.name, p.address) for p in pods))
     router = Router(config)
-    router.store._marker_interval_s = 0.2  # type: ignore[attr-defined]
+    router.store._link.marker_interval_s = 0.2  # type: ignore[attr-defined]
     await router.start()
     try:
         assert await router.wait_ready(10)

@@ -304,13 +304,16 @@ def test_url_credentials_reach_the_right_servers() -> None:
     assert "p@ss" not in repr(target) and "'sp'" not in repr(target)
     cluster = RedisStore("rediss+cluster://:pw@h:1")
     assert cluster.topology == CLUSTER
-    assert cluster._client.connection_kwargs["password"] == "pw"
-    assert cluster._client.connection_kwargs["connection_class"].__name__ == "SSLConnection"
+    assert cluster._link.connection.client.connection_kwargs["password"] == "pw"
+    assert cluster._link.connection.client.connection_kwargs["connection_class"].__name__ == (
+        "SSLConnection"
+    )
 
 
 def test_rediss_uses_tls() -> None:
     store = RedisStore("rediss://redis.example:6380/0")
-    assert store._pool.connection_class.__name__ == "SSLConnection"
+    pool = store._link.connection.pool
+    assert pool is not None and pool.connection_class.__name__ == "SSLConnection"
 
 
 @pytest.mark.parametrize(
@@ -591,7 +594,7 @@ async def test_a_health_loop_crash_is_counted_and_the_loop_restarted(
     supervisor = Supervisor(on_crash=lambda name, exc: crashes.append(name))
     store = RedisStore(redis_url, supervisor=supervisor, marker_interval_s=0.05)
     await store.start()
-    check_marker = store._check_marker
+    check_marker = store._link.check_marker
     checks = 0
 
     async def surprise() -> None:
@@ -601,7 +604,7 @@ async def test_a_health_loop_crash_is_counted_and_the_loop_restarted(
             raise KeyError("a reply shape the client did not expect")
         await check_marker()
 
-    monkeypatch.setattr(store, "_check_marker", surprise)
+    monkeypatch.setattr(store._link, "check_marker", surprise)
     await eventually(lambda: crashes == [store.service] and checks >= 3, timeout=WAIT_S,
                      what="crashed once, then checking again")
     state = supervisor.state(store.service)
