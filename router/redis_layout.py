@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from redis.commands.core import AsyncScript
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
+from router.redis_connect import Client
 from router.store import STATES, BroadcastRecord, Location, StoreUnavailable
 
 __all__ = [
@@ -352,9 +353,9 @@ class Scripts:
     list_broadcasts: AsyncScript
 
     @classmethod
-    def register(cls, client: object) -> Scripts:
-        """Register every script on `client` (a `Redis` or `RedisCluster`); no I/O."""
-        register = client.register_script  # type: ignore[attr-defined]
+    def register(cls, client: Client) -> Scripts:
+        """Register every script on `client`; no I/O."""
+        register = client.register_script
         return cls(
             register(_LUA_RESERVE),
             register(_LUA_PUT),
