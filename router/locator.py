@@ -456,6 +456,13 @@ class Locator(SessionOwnership):
         if cached is not None:
             return cached, False
         candidates = self.roster.placeable_names()
+        return await self._reserve(sid, self.choose(candidates), candidates)
+
+    def choose(self, candidates: list[str] | None = None) -> str:
+        """The placement policy's pod for a new session among `candidates` (default: every
+        placeable pod). Raises `NoPlaceablePod` when there is none."""
+        if candidates is None:
+            candidates = self.roster.placeable_names()
         choice = self.placement.select(candidates, self.near.open_counts())
         if choice is None:
             names = self.roster.names()
@@ -463,13 +470,34 @@ class Locator(SessionOwnership):
                 "no pod can take a new session: "
                 + (", ".join(names) + " are unhealthy or draining" if names else "no pods")
             )
+        return choice
+
+    async def adopt(self, sid: str, pod: str) -> tuple[str, bool]:
+        """`pod` minted `sid` answering a start (ACP `session/new`: the pod names the session,
+        so no reservation can precede the call): reserve it for `pod` now, atomically in the
+        store, and confirm it open. Returns (owner, won) as `place` does; an id the store
+        already gives another pod keeps that owner (logged)."""
+        owner, won = await self._reserve(sid, pod, None)
+        if owner == pod:
+            self.confirm(sid, pod)
+        else:
+            log.warning("pod %s created session %s, which is already %s's; keeping %s",
+                        pod, sid, owner, owner)
+        return owner, won
+
+    async def _reserve(self, sid: str, choice: str, candidates: list[str] | None
+                       ) -> tuple[str, bool]:
+        """Reserve `sid` for `choice` in the store. Without a store, the pod every replica
+        takes for this sid among `candidates` (None: `choice`, the pod already has it)."""
         try:
             owner = await tracing.traced("store.reserve", self.store.reserve(sid, choice),
                                          pod=choice)
         except StoreUnavailable:
             # No shared reservation: take the pod every replica takes for this sid, so a start
             # racing through two routers meets on one pod (the runtime answers the second).
-            choice = owner = rendezvous(sid, candidates) or choice
+            if candidates is not None:
+                choice = rendezvous(sid, candidates) or choice
+            owner = choice
         cached = self.near.get(sid)
         if cached is not None and cached != owner and owner == choice:
             # Another caller in this process reserved it while we awaited the store.

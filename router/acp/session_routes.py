@@ -1,9 +1,12 @@
 """ACP session routes: calls routed by a session id, and calls for any pod.
 
-One method per route class of `router.acp.routes`: `session` (a live session's pod, from the
-near-cache or the session core's lookup), `load` (where it is live, else reserved and placed:
-`SessionRouter.place` / `settle`), `new` and `fork` (placed, then learned from the pod's
-answer), `status` (the core's lookup, answered by the router), `session_or_any` and `any`.
+One method per route class of `router.acp.routes`, each driving the session core
+(`router.core.SessionRouter`) step by step, since the answer is relayed by a task: `session`
+(`route`: near-cache, else lookup), `load` (where it is live, else `place`d with a store
+reservation, `settle`d on the answer), `new` (`choose` a pod; the pod mints the id, so the
+core `adopt`s it on the answer: reserved through the store, confirmed), `fork` (the source's
+pod; the new id learned from the answer), `status` (the core's `lookup`, answered by the
+router), `session_or_any` (the core's `lookup`, else any pod) and `any`.
 
 Invariants:
 - A session is never loaded where it might already be live: `session/load` / `session/resume`
@@ -18,14 +21,13 @@ from __future__ import annotations
 from router.acp import jsonrpc as rpc
 from router.acp import routes
 from router.acp.connection import VirtualConnection
-from router.acp.forwarding import PROTOCOL, AcpForwarding, OnReply
+from router.acp.forwarding import AcpForwarding, OnReply
 from router.acp.jsonrpc import Message
 from router.acp.upstream import UpstreamClosed
 from router.core.call import Call
 from router.core.errors import Abort
 from router.core.session_router import NotLocated, StartOutcome
-from router.core.status import LIVE, NOT_FOUND
-from router.locator import SOURCE_PROBE, Located
+from router.locator import SOURCE_PROBE, Located, NoPlaceablePod
 from router.store import OPEN
 
 
@@ -34,14 +36,15 @@ class AcpSessionRoutes(AcpForwarding):
 
     # -- route classes -------------------------------------------------------------------------
     async def _locate_live(self, call: Call, sid: str) -> tuple[str | None, bool]:
-        """(pod, from_cache) of a live session, or (None, _) after answering why not."""
-        pod = self.locator.try_cached(sid)
-        if pod is not None:
-            return pod, True
-        located = await self._lookup(call, sid)
-        if located is None or located.status != LIVE:
-            if located is not None:
-                await self._not_located(call, sid, located)
+        """(pod, from_cache) of a live session (the core's `route`), or (None, _) after
+        answering why not."""
+        try:
+            located = await self.core.route(call, sid)
+        except NotLocated as exc:
+            await self._not_located(call, sid, exc.located)
+            return None, False
+        if located.pod is None:
+            await self._not_located(call, sid, located)
             return None, False
         return located.pod, located.source != SOURCE_PROBE
 
@@ -66,18 +69,21 @@ class AcpSessionRoutes(AcpForwarding):
         return call
 
     def _learn_new_session(
-        self, connection: VirtualConnection, pod: str, *, placed: bool = False
+        self, connection: VirtualConnection, call: Call, pod: str, *, placed: bool = False
     ) -> OnReply:
-        """An on_reply that learns the session a `session/new` or `fork` answer names."""
+        """An on_reply that learns the session a `session/new` or `fork` answer names: a new
+        session is adopted by the core (reserved for its pod in the store, confirmed); a fork,
+        on its source's pod, is the pod's own word (`observe`)."""
 
         async def on_reply(reply: Message) -> None:
             result = reply.get("result")
             new_sid = result.get("sessionId") if isinstance(result, dict) else None
             if isinstance(new_sid, str):
                 connection.register(new_sid)
-                self.locator.observe(pod, new_sid, OPEN)
                 if placed:
-                    self.metrics.record_placement(PROTOCOL, pod, "placed")
+                    await self.core.adopt(call, new_sid, pod)
+                else:
+                    self.locator.observe(pod, new_sid, OPEN)
 
         return on_reply
 
@@ -139,9 +145,9 @@ class AcpSessionRoutes(AcpForwarding):
         call = self._call(connection, request, routes.NEW)
         tried: list[str] = []
         while True:
-            candidates = [p for p in self.roster.placeable_names() if p not in tried]
-            pod = self.locator.placement.select(candidates, self.locator.near.open_counts())
-            if pod is None:
+            try:
+                pod = self.core.choose(call, exclude=tried)
+            except NoPlaceablePod:
                 detail = (f"pods {', '.join(tried)} are unreachable" if tried
                           else "no pod is healthy and accepting sessions")
                 await self._answer(call, rpc.unavailable(
@@ -156,7 +162,7 @@ class AcpSessionRoutes(AcpForwarding):
 
         if future is not None:
             self._relay(call, pod, future, None,
-                        self._learn_new_session(connection, pod, placed=True), False)
+                        self._learn_new_session(connection, call, pod, placed=True), False)
 
     async def _route_fork(
         self, connection: VirtualConnection, request: Message, sid: str | None
@@ -168,7 +174,7 @@ class AcpSessionRoutes(AcpForwarding):
         if pod is None:
             return
 
-        await self._forward(call, pod, on_reply=self._learn_new_session(connection, pod))
+        await self._forward(call, pod, on_reply=self._learn_new_session(connection, call, pod))
 
     async def _route_status(
         self, connection: VirtualConnection, request: Message, sid: str | None
@@ -176,25 +182,21 @@ class AcpSessionRoutes(AcpForwarding):
         call = await self._session_call(connection, request, sid, routes.STATUS)
         if call is None or sid is None:
             return
-        located = await self.locator.lookup(sid)
-        if located.status in (LIVE, NOT_FOUND):
+        located = await self._lookup(call, sid)
+        if located is not None:
             await self._answer(call, rpc.result(None, {"status": located.status}),
                                pod=located.pod)
-        else:
-            await self._not_located(call, sid, located)
 
     async def _route_session_or_any(
         self, connection: VirtualConnection, request: Message, sid: str | None
     ) -> None:
         if sid is not None:
             call = self._call(connection, request, routes.SESSION_OR_ANY)
-            located = await self.locator.lookup(sid)
-            if located.status == LIVE:
-                assert located.pod is not None
-                await self._forward(call, located.pod, sid=sid)
+            located = await self._lookup(call, sid)
+            if located is None:
                 return
-            if located.status != NOT_FOUND:
-                await self._not_located(call, sid, located)
+            if located.pod is not None:
+                await self._forward(call, located.pod, sid=sid)
                 return
         await self._route_any(connection, request, sid)
 

@@ -13,6 +13,9 @@ Stale: the cached pod answers "not here" -> `relocate`: invalidate (sid, pod), l
        answer stands.
 Start: `place` (reserve) -> forward -> `settle`: ACCEPTED confirms, REFUSED releases (only a
        reservation this call made), UNKNOWN keeps it until its TTL.
+Minted: a start whose session id the pod mints (ACP `session/new`): `choose` a pod (nothing to
+       reserve yet) -> forward -> `adopt` the id of the answer: reserved for that pod through
+       the store, then confirmed.
 
 Invariants:
 - A session is forwarded only to a pod that holds it (cache, store or its own probe answer);
@@ -26,7 +29,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
 import grpc
@@ -34,7 +37,7 @@ import grpc
 from router.core.call import Call
 from router.core.errors import Abort
 from router.core.status import LIVE, NOT_FOUND, LocateStatus
-from router.locator import Located, Locator, NoPlaceablePod
+from router.locator import SOURCE_CACHE, Located, Locator, NoPlaceablePod
 
 
 class StartOutcome(enum.Enum):
@@ -130,6 +133,19 @@ class SessionRouter:
             return await self._stale(call, sid, pod, request, answer)
         return answer
 
+    async def route(self, call: Call, sid: str) -> Located:
+        """Where a call on `sid` goes when the front door forwards it itself (ACP relays each
+        answer by a task): the near-cache (one dict lookup, counted as a hit, as `session`
+        does), else `lookup`. LIVE (pod set on `call`) or NOT_FOUND; `NotLocated` for UNKNOWN.
+        A route not from a probe came from a cache: a "not here" answer is worth `relocate`."""
+        call.sid = sid
+        pod = self._try_cached(sid)
+        if pod is None:
+            return await self.lookup(call, sid)
+        self._cache_hits.inc()
+        call.pod = pod
+        return Located(LIVE, pod, SOURCE_CACHE)
+
     # -- slow paths --------------------------------------------------------------------------
     async def _miss(self, call: Call, sid: str, request: Any) -> Any:
         pod = await self.locate(call, sid)
@@ -197,6 +213,21 @@ class SessionRouter:
                         f"{what} {sid}: {exc}{self.why_not_placeable()} (retry)") from None
         call.pod = owner
         return owner, won
+
+    def choose(self, call: Call, exclude: Collection[str] = ()) -> str:
+        """A pod for a start whose session id the pod mints (ACP `session/new`): the placement
+        policy's choice among placeable pods not in `exclude`; `NoPlaceablePod` when none.
+        Nothing is reserved: there is no id yet (`adopt` reserves it on the answer)."""
+        candidates = [p for p in self.locator.roster.placeable_names() if p not in exclude]
+        call.pod = self.locator.choose(candidates)
+        return call.pod
+
+    async def adopt(self, call: Call, sid: str, pod: str) -> str:
+        """`pod` answered a start with the id it minted, `sid`: reserve it for `pod` through
+        the store (atomically, as `place` does) and confirm it open. Returns the owner."""
+        call.sid = sid
+        owner, _won = await self.locator.adopt(sid, pod)
+        return owner
 
     async def settle(
         self, sid: str, pod: str, won: bool, outcome: StartOutcome
