@@ -214,14 +214,14 @@ def _report_router(router: Router) -> None:
          f"random id, one asked for above); cached sessions: {len(router.locator.near)}")
 
 
-def _verdict(failures: list[str]) -> int:
-    """Print the outcome; the demo's exit code."""
+def verdict(failures: list[str], ok_line: str) -> int:
+    """Print each failed check (or `ok_line` when none failed); a demo's exit code."""
     if failures:
         _say("FAILED:")
         for failure in failures:
             _say(f"  - {failure}")
         return 1
-    _say("ok: every session lives on exactly one pod and every call reached it")
+    _say(ok_line)
     return 0
 
 
@@ -260,7 +260,7 @@ async def run_demo(sessions: int = 6) -> int:
         await router.stop(grace=1)
         for pod in pods:
             await pod.stop()
-    return _verdict(failures)
+    return verdict(failures, "ok: every session lives on exactly one pod and every call reached it")
 
 
 if __name__ == "__main__":
