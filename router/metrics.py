@@ -111,151 +111,142 @@ def _remove_series(metric: Counter | Gauge, label: str, value: str) -> None:
             pass
 
 
+class MetricSpec(NamedTuple):
+    """One metric of `Metrics`: the attribute it is reached by, its kind, name, help, labels."""
+
+    attr: str
+    kind: type[Counter] | type[Gauge] | type[Histogram]
+    name: str
+    help: str
+    labels: tuple[str, ...] = ()
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("requests", Counter, "macp_router_requests",
+               "Calls handled, by method, route class, pod and gRPC code",
+               ("protocol", "method", "route", "pod", "code")),
+    MetricSpec("request_duration", Histogram, "macp_router_request_duration_seconds",
+               "Time from a call's arrival to its last byte, by method and route class",
+               ("protocol", "method", "route")),
+    MetricSpec("unexpected_errors", Counter, "macp_router_unexpected_errors",
+               "Calls that ended with an unexpected exception (a router bug), answered INTERNAL",
+               ("protocol", "method")),
+    MetricSpec("locate", Counter, "macp_router_locate",
+               "Session lookups by result (hit, store_hit, probe_hit, not_found, negative_hit, "
+               "unknown, stale)",
+               ("protocol", "result")),
+    MetricSpec("probe_fanouts", Counter, "macp_router_probe_fanouts",
+               "Probe fan-outs started on a miss",
+               ("protocol",)),
+    MetricSpec("probes", Counter, "macp_router_probes",
+               "Single-pod probes by answer",
+               ("protocol", "pod", "result")),
+    MetricSpec("probe_duration", Histogram, "macp_router_probe_duration_seconds",
+               "Time for a probe fan-out to reach its answer",
+               ("protocol",)),
+    MetricSpec("coalesced_misses", Counter, "macp_router_coalesced_misses",
+               "Misses that joined a fan-out already in flight for the same session",
+               ("protocol",)),
+    MetricSpec("duplicate_sessions", Counter, "macp_router_duplicate_sessions",
+               "Probe fan-outs where more than one pod answered live for one session",
+               ("protocol",)),
+    MetricSpec("placements", Counter, "macp_router_placements",
+               "Session placements by pod and result (placed, lost_race, released)",
+               ("protocol", "pod", "result")),
+    MetricSpec("broadcasts", Counter, "macp_router_broadcasts",
+               "Broadcast registry calls by method and outcome (ok, partial, failed, refused)",
+               ("method", "result")),
+    MetricSpec("broadcast_replays", Counter, "macp_router_broadcast_replays",
+               "Registry calls replayed to a pod that joined or restarted (ok, failed, refused)",
+               ("pod", "result")),
+    MetricSpec("watch_up", Gauge, "macp_router_watch_up",
+               "1 while the pod's WatchSessions feed is connected",
+               ("pod",)),
+    MetricSpec("watch_reconnects", Counter, "macp_router_watch_reconnects",
+               "WatchSessions feed reconnects",
+               ("pod",)),
+    MetricSpec("watch_events", Counter, "macp_router_watch_events",
+               "Lifecycle events applied from the feeds",
+               ("pod", "event")),
+    MetricSpec("reconcile_dropped", Counter, "macp_router_reconcile_dropped",
+               "Cached entries dropped by a post-reconnect ListSessions reconcile",
+               ("pod",)),
+    MetricSpec("active_streams", Gauge, "macp_router_active_streams",
+               "Streaming calls in flight",
+               ("protocol", "method")),
+    MetricSpec("pod_healthy", Gauge, "macp_router_pod_healthy",
+               "1 while the pod answers health checks",
+               ("pod",)),
+    MetricSpec("pod_draining", Gauge, "macp_router_pod_draining",
+               "1 while the pod takes no new placements",
+               ("pod",)),
+    MetricSpec("pod_credentials_rejected", Gauge, "macp_router_pod_credentials_rejected",
+               "1 while the pod rejects the router's own token (UNAUTHENTICATED / "
+               "PERMISSION_DENIED to its feed, reconcile, probes or replays): fix --token",
+               ("pod",)),
+    MetricSpec("store_degraded", Gauge, "macp_router_store_degraded",
+               "1 while the location store is unreachable",
+               ()),
+    MetricSpec("redis_command_duration", Histogram, "macp_router_redis_command_duration_seconds",
+               "Redis command (or pipeline) latency",
+               ("command",)),
+    MetricSpec("pods", Gauge, "macp_router_pods",
+               "Pods the router routes to (configured or discovered)",
+               ("protocol",)),
+    MetricSpec("healthy_pods", Gauge, "macp_router_healthy_pods",
+               "Pods that answer health checks; 0 also when the router has no pod at all",
+               ("protocol",)),
+    MetricSpec("service_crashes", Counter, "macp_router_service_crashes",
+               "Background services that raised an unexpected exception (logged with its "
+               "traceback; the service is restarted with backoff), by service kind",
+               ("service",)),
+    MetricSpec("service_up", Gauge, "macp_router_service_up",
+               "1 while every background service of this kind runs; 0 while one is down (crashed "
+               "and waiting for its restart)",
+               ("service",)),
+)
+"""Every metric `Metrics.__init__` creates, in registration order (histograms get
+`LATENCY_BUCKETS`): names, types, help texts and label sets are what dashboards and
+alerts rely on, kept here as data."""
+
+
 class Metrics:
+    requests: Counter
+    request_duration: Histogram
+    unexpected_errors: Counter
+    locate: Counter
+    probe_fanouts: Counter
+    probes: Counter
+    probe_duration: Histogram
+    coalesced_misses: Counter
+    duplicate_sessions: Counter
+    placements: Counter
+    broadcasts: Counter
+    broadcast_replays: Counter
+    watch_up: Gauge
+    watch_reconnects: Counter
+    watch_events: Counter
+    reconcile_dropped: Counter
+    active_streams: Gauge
+    pod_healthy: Gauge
+    pod_draining: Gauge
+    pod_credentials_rejected: Gauge
+    store_degraded: Gauge
+    redis_command_duration: Histogram
+    pods: Gauge
+    healthy_pods: Gauge
+    service_crashes: Counter
+    service_up: Gauge
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         self.known_pods: set[str] = set()
         self.known_methods: set[str] = set()
-        self.requests = Counter(
-            "macp_router_requests",
-            "Calls handled, by method, route class, pod and gRPC code",
-            ["protocol", "method", "route", "pod", "code"],
-            registry=r,
-        )
-        self.request_duration = Histogram(
-            "macp_router_request_duration_seconds",
-            "Time from a call's arrival to its last byte, by method and route class",
-            ["protocol", "method", "route"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.unexpected_errors = Counter(
-            "macp_router_unexpected_errors",
-            "Calls that ended with an unexpected exception (a router bug), answered INTERNAL",
-            ["protocol", "method"],
-            registry=r,
-        )
-        self.locate = Counter(
-            "macp_router_locate",
-            "Session lookups by result (hit, store_hit, probe_hit, not_found, negative_hit, "
-            "unknown, stale)",
-            ["protocol", "result"],
-            registry=r,
-        )
-        self.probe_fanouts = Counter(
-            "macp_router_probe_fanouts", "Probe fan-outs started on a miss", ["protocol"],
-            registry=r,
-        )
-        self.probes = Counter(
-            "macp_router_probes", "Single-pod probes by answer", ["protocol", "pod", "result"],
-            registry=r,
-        )
-        self.probe_duration = Histogram(
-            "macp_router_probe_duration_seconds",
-            "Time for a probe fan-out to reach its answer",
-            ["protocol"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.coalesced_misses = Counter(
-            "macp_router_coalesced_misses",
-            "Misses that joined a fan-out already in flight for the same session",
-            ["protocol"],
-            registry=r,
-        )
-        self.duplicate_sessions = Counter(
-            "macp_router_duplicate_sessions",
-            "Probe fan-outs where more than one pod answered live for one session",
-            ["protocol"],
-            registry=r,
-        )
-        self.placements = Counter(
-            "macp_router_placements",
-            "Session placements by pod and result (placed, lost_race, released)",
-            ["protocol", "pod", "result"],
-            registry=r,
-        )
-        self.broadcasts = Counter(
-            "macp_router_broadcasts",
-            "Broadcast registry calls by method and outcome (ok, partial, failed, refused)",
-            ["method", "result"],
-            registry=r,
-        )
-        self.broadcast_replays = Counter(
-            "macp_router_broadcast_replays",
-            "Registry calls replayed to a pod that joined or restarted (ok, failed, refused)",
-            ["pod", "result"],
-            registry=r,
-        )
-        self.watch_up = Gauge(
-            "macp_router_watch_up", "1 while the pod's WatchSessions feed is connected",
-            ["pod"], registry=r,
-        )
-        self.watch_reconnects = Counter(
-            "macp_router_watch_reconnects", "WatchSessions feed reconnects", ["pod"],
-            registry=r,
-        )
-        self.watch_events = Counter(
-            "macp_router_watch_events", "Lifecycle events applied from the feeds",
-            ["pod", "event"], registry=r,
-        )
-        self.reconcile_dropped = Counter(
-            "macp_router_reconcile_dropped",
-            "Cached entries dropped by a post-reconnect ListSessions reconcile",
-            ["pod"],
-            registry=r,
-        )
-        self.active_streams = Gauge(
-            "macp_router_active_streams", "Streaming calls in flight", ["protocol", "method"],
-            registry=r,
-        )
-        self.pod_healthy = Gauge(
-            "macp_router_pod_healthy", "1 while the pod answers health checks", ["pod"],
-            registry=r,
-        )
-        self.pod_draining = Gauge(
-            "macp_router_pod_draining", "1 while the pod takes no new placements", ["pod"],
-            registry=r,
-        )
-        self.pod_credentials_rejected = Gauge(
-            "macp_router_pod_credentials_rejected",
-            "1 while the pod rejects the router's own token (UNAUTHENTICATED / "
-            "PERMISSION_DENIED to its feed, reconcile, probes or replays): fix --token",
-            ["pod"], registry=r,
-        )
-        self.store_degraded = Gauge(
-            "macp_router_store_degraded", "1 while the location store is unreachable",
-            registry=r,
-        )
-        self.redis_command_duration = Histogram(
-            "macp_router_redis_command_duration_seconds",
-            "Redis command (or pipeline) latency",
-            ["command"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.pods = Gauge(
-            "macp_router_pods", "Pods the router routes to (configured or discovered)",
-            ["protocol"], registry=r,
-        )
-        self.healthy_pods = Gauge(
-            "macp_router_healthy_pods",
-            "Pods that answer health checks; 0 also when the router has no pod at all",
-            ["protocol"], registry=r,
-        )
-        self.service_crashes = Counter(
-            "macp_router_service_crashes",
-            "Background services that raised an unexpected exception (logged with its traceback; "
-            "the service is restarted with backoff), by service kind",
-            ["service"], registry=r,
-        )
-        self.service_up = Gauge(
-            "macp_router_service_up",
-            "1 while every background service of this kind runs; 0 while one is down (crashed "
-            "and waiting for its restart)",
-            ["service"], registry=r,
-        )
+        for spec in METRICS:
+            options = {"buckets": LATENCY_BUCKETS} if spec.kind is Histogram else {}
+            setattr(self, spec.attr, spec.kind(spec.name, spec.help, spec.labels,
+                                               registry=r, **options))
         self._cached_sessions = _CachedSessionsCollector(self.known_pods)
         r.register(self._cached_sessions)
         self.recent_placements: deque[Placement] = deque(maxlen=RECENT_PLACEMENTS)
