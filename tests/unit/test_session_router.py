@@ -15,6 +15,7 @@ import pytest
 from router.core.errors import Abort
 from router.core.session_router import NotLocated, SessionRouter
 from router.core.status import LIVE, NOT_FOUND, UNKNOWN
+from router.locator import NoPlaceablePod
 from router.store import OPEN, RESERVED
 from tests.unit.fakes import FakeBackend, FakeRoster, call, make_locator
 
@@ -205,3 +206,38 @@ async def test_locate_reports_live_not_found_and_unknown(core, backend) -> None:
     with pytest.raises(NotLocated):
         await core.locate(call(), "other", use_negative=False)
     assert {LIVE, NOT_FOUND, UNKNOWN} == {"live", "not_found", "unknown"}
+
+
+async def test_route_of_a_cached_session_is_a_counted_near_cache_hit_with_no_probe(
+    core, backend,
+) -> None:
+    core.locator.observe("b", "s1", OPEN)
+    the_call = call("session/prompt", "session")
+    located = await core.route(the_call, "s1")
+    assert (located.status, located.pod, the_call.pod, the_call.sid) == (LIVE, "b", "b", "s1")
+    assert backend.probes == [] and backend.forwards == []
+    hits = core.locator.metrics.registry.get_sample_value(
+        "macp_router_locate_total", {"protocol": "macp", "result": "hit"})
+    assert hits == 1
+    backend.silent.add("c")
+    with pytest.raises(NotLocated):  # a miss with a silent pod is unknown, never a guess
+        await core.route(call(), "s2")
+
+
+async def test_choose_skips_pods_already_tried_and_reserves_nothing(core, roster) -> None:
+    the_call = call("session/new", "new")
+    assert core.choose(the_call, exclude=("a", "b")) == "c" == the_call.pod
+    assert core.locator.near.open_counts() == {} and len(core.locator.near) == 0
+    roster.draining.add("c")
+    with pytest.raises(NoPlaceablePod):
+        core.choose(the_call, exclude=("a", "b"))
+
+
+async def test_adopt_reserves_a_pod_minted_id_in_the_store_and_confirms_it(core) -> None:
+    assert await core.adopt(call("session/new", "new"), "minted", "b") == "b"
+    location = await core.locator.store.get("minted")
+    assert location is not None and (location.pod, location.state) == ("b", RESERVED)
+    assert core.locator.near.entry("minted") == ("b", OPEN)
+    await core.locator.store.reserve("taken", "a")
+    assert await core.adopt(call("session/new", "new"), "taken", "c") == "a"
+    assert core.locator.try_cached("taken") == "a"
