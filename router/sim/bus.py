@@ -72,7 +72,7 @@ class Subscriber:
 
 
 class Lagged(Exception):
-    pass
+    """Raised to the draining handler when its subscriber fell behind (`limit` exceeded)."""
 
 
 # Pushed into a StreamSession mailbox: end the stream OK after what is already queued.

@@ -131,7 +131,6 @@ class Abort(Exception):
         self.macp_code = macp_code
 
 
-
 def make_ack(
     env: envelope_pb2.Envelope,
     *,
@@ -163,8 +162,6 @@ def control_ack(
     return make_ack(
         envelope_pb2.Envelope(session_id=session_id), state=state, code=code, message=message
     )
-
-
 
 
 _B64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
