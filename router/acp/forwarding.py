@@ -175,12 +175,9 @@ class AcpForwarding:
 
     async def _reroute_if_stale(self, call: Call, pod: str, sid: str) -> bool:
         """The pod erred on a cached route: if it says the session is not there, re-route once."""
-        target = self.roster.get(pod)
-        if target is None:
-            return False
         try:
             async with asyncio.timeout(self.config.probe_timeout_s):
-                status = await target.probe(sid)
+                status = await self.core.backend.probe(pod, sid)  # UNKNOWN for a pod gone
         except TimeoutError:
             return False
         if status != NOT_FOUND:
