@@ -195,3 +195,25 @@ async def test_session_list_merges_every_pod_without_duplicates(tmp_path: Path) 
         assert sorted(ids) == sorted(sids)  # shared dir: every pod lists all; merged once
         assert listed.next_cursor is None
         assert sum(cluster.calls("session/list").values()) == 3 * 3  # 3 pods x 3 pages of 2
+
+
+async def test_a_prompt_on_a_stale_cached_route_is_rerouted_once_to_the_pod_now_holding_it(
+    tmp_path: Path,
+) -> None:
+    async with acp_cluster(tmp_path) as cluster:
+        client = await cluster.client()
+        sid = await client.new()
+        [old] = cluster.holders(sid)
+        new = next(pod.name for pod in cluster.pods if pod.name != old)
+        # Behind the router's back: closed on its pod, loaded on another.
+        await (await cluster.direct(old)).call("session/close", {"sessionId": sid})
+        await (await cluster.direct(new)).load(sid)
+        assert cluster.holders(sid) == [new]
+        assert cluster.frontdoor.locator.try_cached(sid) == old, "the route is stale"
+        stale_before = cluster.metric("macp_router_locate_total", protocol="acp", result="stale")
+
+        assert await client.prompt(sid, "still there?") == "end_turn"
+        assert cluster.calls("session/prompt")[new] == 1
+        assert cluster.frontdoor.locator.try_cached(sid) == new
+        assert cluster.metric("macp_router_locate_total", protocol="acp",
+                              result="stale") == stale_before + 1
