@@ -417,8 +417,11 @@ class SimPod:
                     waiter.set_result(None)
             self._hang_waiters.clear()
 
-    async def wait_while_hung(self) -> None:
-        """Wait until `hang` is cleared (called by every MACP handler while it is set)."""
+    async def _hang_forever(self) -> None:
+        """Wait until `hang` is cleared (called by every MACP handler while it is set).
+
+        A subclass may override it to model a slow pod instead (tests/faults/test_shutdown.py).
+        """
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._hang_waiters.add(waiter)
         try:

@@ -54,7 +54,7 @@ def _unary(fn: F) -> F:
         try:
             async with pod.limits.slot(context):
                 if pod.hang:
-                    await pod.wait_while_hung()
+                    await pod._hang_forever()
                 return await fn(self, request, context)
         except Abort as exc:
             await send_abort(context, exc)
@@ -81,7 +81,7 @@ def _streaming(fn: F) -> F:
             async with pod.limits.slot(context):
                 pass
             if pod.hang:
-                await pod.wait_while_hung()
+                await pod._hang_forever()
             async for item in fn(self, request, context):
                 yield item
         except Abort as exc:
