@@ -8,75 +8,23 @@ Invariants:
 - `publish`/`emit` never block and never await: a state change and its event happen in one
   synchronous step of the event loop, so a subscriber added together with its snapshot sees
   every later change exactly once and nothing twice.
-- A mailbox (`Subscriber`) holds at most `WATCH_QUEUE_LIMIT` items; past that the subscriber is
+- A subscriber's mailbox (`router.sim.mailbox`) is bounded: past its limit the subscriber is
   lagged and its stream ends RESOURCE_EXHAUSTED (the runtime drops a slow consumer).
 - No event is built when nobody listens (the per-call path stays O(1)).
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
-from collections.abc import AsyncIterator, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from macp.v1 import core_pb2, envelope_pb2
 
-from router.sim.protocol import EV_CREATED, WATCH_QUEUE_LIMIT
+from router.sim.mailbox import Subscriber
+from router.sim.protocol import EV_CREATED
 
 if TYPE_CHECKING:
     from router.sim.record import SessionRecord
-
-class Subscriber:
-    """A subscriber's mailbox: bounded, drained by one streaming handler.
-
-    `push` never blocks; past `limit` pending items the subscriber is marked lagged and its
-    stream ends with RESOURCE_EXHAUSTED (what the runtime does to a slow consumer).
-    """
-
-    __slots__ = ("closed", "event", "items", "lagged", "limit")
-
-    def __init__(self, limit: int = WATCH_QUEUE_LIMIT) -> None:
-        self.items: collections.deque[Any] = collections.deque()
-        self.event = asyncio.Event()
-        self.closed = False
-        self.lagged = False
-        self.limit = limit
-
-    def push(self, item: Any) -> None:
-        if self.closed or self.lagged:
-            return
-        if len(self.items) >= self.limit:
-            self.lagged = True
-        else:
-            self.items.append(item)
-        self.event.set()
-
-    def close(self, *, discard: bool = False) -> None:
-        if discard:
-            self.items.clear()
-        self.closed = True
-        self.event.set()
-
-    async def items_until_closed(self) -> AsyncIterator[Any]:
-        """Yield pushed items in order; return once closed and drained; raise if lagged."""
-        while True:
-            while self.items:
-                yield self.items.popleft()
-            if self.lagged:
-                raise Lagged
-            if self.closed:
-                return
-            self.event.clear()
-            await self.event.wait()
-
-
-class Lagged(Exception):
-    """Raised to the draining handler when its subscriber fell behind (`limit` exceeded)."""
-
-
-# Pushed into a StreamSession mailbox: end the stream OK after what is already queued.
-END = object()
 
 
 class LifecycleBus:

@@ -86,9 +86,10 @@ from router.sim.auth import (
     load_token_file,
     parse_token_entries,
 )
-from router.sim.bus import LifecycleBus, Subscriber
+from router.sim.bus import LifecycleBus
 from router.sim.engine import SessionEngine
 from router.sim.limits import ConnectionLimits
+from router.sim.mailbox import Subscriber
 from router.sim.persistence import StateFile
 from router.sim.protocol import (
     CLEANUP_INTERVAL_S,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from macp.v1 import core_pb2, envelope_pb2
 
-from router.sim.bus import Subscriber
+from router.sim.mailbox import Subscriber
 from router.sim.protocol import DEFAULT_MAX_SUSPEND_MS
 
 

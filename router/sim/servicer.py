@@ -18,21 +18,48 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health
 from macp.v1 import core_pb2, core_pb2_grpc, policy_pb2
 
 from router.sim.auth import bearer_token
-from router.sim.bus import END, Lagged, Subscriber
+from router.sim.mailbox import END, Lagged, Subscriber
 from router.sim.protocol import INVALID_REQUEST, STREAM_LAGGED, Abort, status_error
 from router.sim.stream import SessionStream
 
 if TYPE_CHECKING:
-    from router.sim.pod import SimPod
+    from router.sim.admission import Admission
+    from router.sim.bus import LifecycleBus
+    from router.sim.engine import SessionEngine
+    from router.sim.limits import ConnectionLimits
+    from router.sim.record import SessionRecord
+    from router.sim.registries import Registries
+
+
+class SimPod(Protocol):
+    """What the servicer uses of `router.sim.pod.SimPod` (a Protocol, so this module does not
+    import the pod that imports it)."""
+
+    admission: Admission
+    bus: LifecycleBus
+    engine: SessionEngine
+    registries: Registries
+    limits: ConnectionLimits
+    calls: collections.Counter[str]
+    cancelled_calls: collections.Counter[str]
+    sessions: dict[str, SessionRecord]
+    hang: bool
+
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]: ...
+
+    def note_cancelled(self, method: str) -> None: ...
+
+    async def _hang_forever(self) -> None: ...
 
 
 def _token_of(context: grpc.aio.ServicerContext) -> str | None:

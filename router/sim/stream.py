@@ -25,8 +25,8 @@ import grpc
 from macp.v1 import core_pb2, envelope_pb2
 
 from router.sim.auth import Identity
-from router.sim.bus import END, Subscriber
 from router.sim.engine import SessionEngine
+from router.sim.mailbox import END, Subscriber
 from router.sim.protocol import (
     HALF_CLOSE_GRACE_S,
     OPEN,
