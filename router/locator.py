@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import heapq
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -120,7 +121,9 @@ class NearCache:
 
     An open session costs one dict slot whose value is the (shared) pod-name string. Any other
     state is a small tuple `(pod, state, expires_at)` (expires_at 0.0 = never). Per-(pod,
-    state) counts are kept exact for placement and metrics.
+    state) counts are kept exact for placement and metrics. Expiries wait in a heap, not a
+    FIFO: TTLs differ (a reservation's is ten times a retention), and a long one queued first
+    must not hold back the shorter ones behind it.
     """
 
     __slots__ = ("_counts", "_entries", "_expiry_queue", "_open_counts")
@@ -129,7 +132,7 @@ class NearCache:
         self._entries: dict[str, str | tuple[str, str, float]] = {}
         self._counts: collections.Counter[tuple[str, str]] = collections.Counter()
         self._open_counts: collections.Counter[str] = collections.Counter()
-        self._expiry_queue: collections.deque[tuple[float, str]] = collections.deque()
+        self._expiry_queue: list[tuple[float, str]] = []  # a heap on expires_at
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -161,7 +164,7 @@ class NearCache:
             expires_at = time.monotonic() + ttl_s if ttl_s else 0.0
             self._entries[sid] = (pod, state, expires_at)
             if expires_at:
-                self._expiry_queue.append((expires_at, sid))
+                heapq.heappush(self._expiry_queue, (expires_at, sid))
         self._counts[(pod, state)] += 1
         if state == OPEN or state == RESERVED:
             self._open_counts[pod] += 1
@@ -198,7 +201,7 @@ class NearCache:
         dropped = 0
         queue = self._expiry_queue
         while queue and queue[0][0] <= now and dropped < limit:
-            expires_at, sid = queue.popleft()
+            expires_at, sid = heapq.heappop(queue)
             value = self._entries.get(sid)
             if value is not None and value.__class__ is tuple and value[2] == expires_at:
                 self._remove(sid)

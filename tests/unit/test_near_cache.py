@@ -91,3 +91,19 @@ def test_sessions_of_lists_one_pods_entries_with_their_states() -> None:
     near.set("s3", "b", OPEN)
     assert sorted(near.sessions_of("a")) == [("s1", OPEN), ("s2", RESOLVED)]
     assert near.sessions_of("c") == []
+
+
+def test_a_long_ttl_queued_first_does_not_hold_back_shorter_ones() -> None:
+    """A reservation's long TTL queued before many short terminal TTLs: the sweep still drops
+    each ended session when its own retention runs out (the soak saw ended sessions kept for
+    the reservation's 300 s instead of --retention-s 30)."""
+    near = NearCache()
+    now = time.monotonic()
+    near.set("reserved", "a", RESERVED, ttl_s=300)
+    for i in range(5):
+        near.set(f"ended{i}", "a", RESOLVED, ttl_s=30)
+    assert near.sweep(now=now + 31) == 5
+    assert near.entry("reserved") == ("a", RESERVED)
+    assert all(near.get(f"ended{i}") is None for i in range(5))
+    assert near.sweep(now=now + 301) == 1
+    assert len(near) == 0
