@@ -15,6 +15,7 @@ import grpc
 
 from router.v1 import router_pb2
 from tests.faults.conftest import (
+    LOAD_LIMITS,
     FaultRow,
     Traffic,
     admin_stub,
@@ -40,7 +41,7 @@ async def pod_healthy(address: str, name: str) -> bool:
 async def test_hung_pod_times_out_probes_is_marked_unhealthy_and_blocks_nothing(
     sim_pods, routers
 ):
-    pods = await sim_pods(3)
+    pods = await sim_pods(3, **LOAD_LIMITS)
     b = pods[1]
     router = await routers.start(
         ",".join(f"{p.name}={p.address}" for p in pods),

@@ -28,6 +28,7 @@ import redis
 from router.redis_store import entry_key, shard_tags
 from router.v1 import router_pb2
 from tests.faults.conftest import (
+    LOAD_LIMITS,
     FaultRow,
     Traffic,
     admin_stub,
@@ -43,7 +44,6 @@ from tests.redis_fixture import RedisClusterServers, RedisSentinelGroup
 
 # One sender (the test client) starts hundreds of sessions and sends thousands of messages:
 # raised as an operator would for such a client.
-POD_LIMITS = {"start_limit_per_minute": 100_000, "message_limit_per_minute": 1_000_000}
 RACES = 0.08
 SHARDS_MOVED = 3
 
@@ -112,7 +112,7 @@ async def test_cluster_master_killed_under_traffic_replica_promoted(
     sim_pods, routers, redis_cluster_factory
 ):
     cluster: RedisClusterServers = redis_cluster_factory()
-    pods = await sim_pods(3, **POD_LIMITS)
+    pods = await sim_pods(3, **LOAD_LIMITS)
     one = await routers.start(pod_list(pods), "--redis-url", cluster.url, name="r1")
     two = await routers.start(pod_list(pods), "--redis-url", cluster.url, name="r2")
     initial = await start_sessions(one.address, 20)
@@ -170,7 +170,7 @@ async def test_sentinel_master_killed_under_traffic_failover_followed(
     sim_pods, routers, redis_sentinel_factory
 ):
     group: RedisSentinelGroup = redis_sentinel_factory()
-    pods = await sim_pods(3, **POD_LIMITS)
+    pods = await sim_pods(3, **LOAD_LIMITS)
     one = await routers.start(pod_list(pods), "--redis-url", group.url, name="r1")
     two = await routers.start(pod_list(pods), "--redis-url", group.url, name="r2")
     initial = await start_sessions(one.address, 20)
@@ -225,7 +225,7 @@ async def test_sentinel_master_killed_under_traffic_failover_followed(
 async def test_cluster_slots_resharded_under_traffic(sim_pods, routers, redis_cluster,
                                                      redis_cluster_url):
     cluster: RedisClusterServers = redis_cluster
-    pods = await sim_pods(3, **POD_LIMITS)
+    pods = await sim_pods(3, **LOAD_LIMITS)
     one = await routers.start(pod_list(pods), "--redis-url", redis_cluster_url, name="r1")
     two = await routers.start(pod_list(pods), "--redis-url", redis_cluster_url, name="r2")
     initial = await start_sessions(one.address, 200)

@@ -23,6 +23,7 @@ from router.store import TERMINAL_STATES
 from router.watch import SESSION_STATES
 from tests import macp_calls
 from tests.faults.conftest import (
+    LOAD_LIMITS,
     FaultRow,
     Traffic,
     client_misroutes,
@@ -64,7 +65,7 @@ CUTS = {
 async def test_watch_stream_cut_reconnects_reconciles_and_leaves_no_stale_entry(
     sim_pods, make_router, cut
 ):
-    pods = await sim_pods(3)
+    pods = await sim_pods(3, **LOAD_LIMITS)
     router = await make_router(pods)
     for feed in router.feeds.values():
         feed.backoff_base_s = BACKOFF_BASE_S
