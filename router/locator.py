@@ -265,7 +265,7 @@ class Locator(SessionOwnership):
         self.also_on: dict[str, dict[str, str]] = {}
         """sid -> {other pod: state it reported} for sessions more than one pod reported."""
         self._negative: dict[str, float] = {}
-        self._inflight: dict[str, asyncio.Future[Located]] = {}
+        self._inflight: dict[str, asyncio.Task[Located]] = {}
         self._recent_placements: dict[str, float] = {}
         self._pending_writes: dict[str, Location] = {}
         self._write_wakeup = asyncio.Event()
@@ -332,18 +332,20 @@ class Locator(SessionOwnership):
         if inflight is not None:
             self.metrics.coalesced_misses.labels(self.protocol).inc()
             return await asyncio.shield(inflight)
-        future: asyncio.Future[Located] = asyncio.get_running_loop().create_future()
-        self._inflight[sid] = future
+        # The look-up is a task of its own that every caller, the first included, awaits through
+        # a shield: one caller's cancel (or deadline) ends that caller's wait, never the shared
+        # look-up the others wait on.
+        task: asyncio.Task[Located] = asyncio.create_task(
+            tracing.traced("locate", self._shared_lookup(sid), sid), name=f"locate:{sid[:8]}")
+        self._inflight[sid] = task
+        self._tasks.add(task)  # type: ignore[arg-type]
+        task.add_done_callback(self._tasks.discard)  # type: ignore[arg-type]
+        task.add_done_callback(_log_failure)  # type: ignore[arg-type]
+        return await asyncio.shield(task)
+
+    async def _shared_lookup(self, sid: str) -> Located:
         try:
-            result = await tracing.traced("locate", self._locate_uncached(sid), sid)
-        except BaseException as exc:
-            if not future.done():
-                future.set_exception(exc)
-                future.exception()  # mark retrieved: waiters re-raise it
-            raise
-        else:
-            future.set_result(result)
-            return result
+            return await self._locate_uncached(sid)
         finally:
             self._inflight.pop(sid, None)
 

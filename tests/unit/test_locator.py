@@ -147,6 +147,37 @@ async def test_concurrent_misses_for_one_session_probe_each_pod_once(make) -> No
     assert sorted(probe.calls) == [("a", SID), ("b", SID), ("c", SID)]
 
 
+async def test_the_first_callers_cancel_does_not_fail_the_others_sharing_its_lookup(make) -> None:
+    """One client's cancel (or deadline) ends its own wait only: the callers that joined its
+    look-up get the look-up's result, not CANCELLED."""
+    probe = Probe(c={SID})
+    probe.gate.clear()
+    locator = make(Roster("a", "b", "c"), probe)
+    first = asyncio.ensure_future(locator.lookup(SID))
+    await eventually(lambda: len(probe.calls) == 3, timeout=2, what="the fan-out started")
+    others = [asyncio.ensure_future(locator.lookup(SID)) for _ in range(5)]
+    await asyncio.sleep(0)  # the others join the look-up in flight
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    probe.gate.set()
+    results = await asyncio.gather(*others)
+    assert {(r.status, r.pod) for r in results} == {(LIVE, "c")}
+    assert len(probe.calls) == 3  # still one fan-out
+    assert locator.try_cached(SID) == "c"
+
+
+async def test_a_lookup_every_caller_abandoned_still_finishes_and_fills_the_cache(make) -> None:
+    probe = Probe(b={SID})
+    probe.gate.clear()
+    locator = make(Roster("a", "b"), probe)
+    caller = asyncio.ensure_future(locator.lookup(SID))
+    await eventually(lambda: len(probe.calls) == 2, timeout=2, what="the fan-out started")
+    caller.cancel()
+    probe.gate.set()
+    await eventually(lambda: locator.try_cached(SID) == "b", timeout=2, what="cache filled")
+
+
 # -- not found, unknown ------------------------------------------------------------------------
 async def test_no_holder_is_not_found_and_remembered_for_the_negative_ttl(make) -> None:
     probe = Probe()
