@@ -283,6 +283,7 @@ class Router:
     async def start(self) -> None:
         """Run the stages in order; if one fails, stop what started (at once) and raise."""
         self._grace_s = 0.0
+        self.metrics.watch_event_loop(asyncio.get_running_loop())
         await self.lifecycle.start()
 
     async def _watch_token_file(self) -> None:

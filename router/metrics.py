@@ -25,6 +25,7 @@ Series lifecycle (what dashboards and alerts rely on):
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections import deque
@@ -92,6 +93,26 @@ class _CachedSessionsCollector(Collector):
             for (pod, state), count in sorted(source().items()):
                 if pod in self.known_pods:
                     family.add_metric([protocol, pod, state], count)
+        yield family
+
+
+class _AsyncioTasksCollector(Collector):
+    """`macp_router_asyncio_tasks`: tasks alive on the router's event loop, read at scrape time.
+
+    Scrapes run on the operations HTTP thread; `asyncio.all_tasks(loop)` copes with the loop
+    changing its task set meanwhile. No series until `watch(loop)` names the loop.
+    """
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        family = GaugeMetricFamily(
+            "macp_router_asyncio_tasks",
+            "asyncio tasks alive on the router's event loop (calls, streams, feeds, services)",
+        )
+        if self.loop is not None and not self.loop.is_closed():
+            family.add_metric([], len(asyncio.all_tasks(self.loop)))
         yield family
 
 
@@ -249,10 +270,16 @@ class Metrics:
                                                registry=r, **options))
         self._cached_sessions = _CachedSessionsCollector(self.known_pods)
         r.register(self._cached_sessions)
+        self._asyncio_tasks = _AsyncioTasksCollector()
+        r.register(self._asyncio_tasks)
         self.recent_placements: deque[Placement] = deque(maxlen=RECENT_PLACEMENTS)
         """The last placements (status page); bounded, never exported as labels."""
         self._request_children: dict[tuple[str, str, str, str, str], tuple[object, object]] = {}
         self._locate_children: dict[tuple[str, str], object] = {}
+
+    def watch_event_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Export `macp_router_asyncio_tasks` for `loop` (the soak's leak detector reads it)."""
+        self._asyncio_tasks.loop = loop
 
     # -- registration of bounded label sets -------------------------------------------------
     def add_pod(self, pod: str, protocol: str = "macp") -> None:

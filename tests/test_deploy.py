@@ -65,6 +65,7 @@ ROUTER_METRICS = frozenset(
         "macp_router_redis_command_duration_seconds",
         "macp_router_service_crashes_total",
         "macp_router_service_up",
+        "macp_router_asyncio_tasks",
     }
 )
 REQUIRED_ALERTS = {

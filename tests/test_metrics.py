@@ -154,6 +154,32 @@ async def test_fresh_router_exports_every_known_series_at_zero(sim_pods, make_ro
     assert sample(samples, "macp_router_healthy_pods", protocol="macp") == 2
 
 
+async def test_asyncio_tasks_are_exported_and_follow_open_streams(sim_pods, make_router):
+    """`macp_router_asyncio_tasks` counts the router loop's live tasks (the soak's leak check):
+    open relayed streams add tasks, and the count comes back down once they end."""
+    pods = await sim_pods(2)
+    router = await make_router(pods, metrics_listen="127.0.0.1:0")
+
+    def tasks() -> float:
+        value = sample(scrape(router), "macp_router_asyncio_tasks")
+        assert value is not None, "macp_router_asyncio_tasks is not exported"
+        return value
+
+    idle = await asyncio.to_thread(tasks)
+    assert idle >= len(pods)  # at least one watch feed per pod
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        watch = channel.unary_stream("/macp.v1.MACPRuntimeService/WatchSessions")
+        calls = [watch(b"", metadata=(("authorization", "Bearer coordinator"),), timeout=30)
+                 for _ in range(5)]
+        busy = await eventually(lambda: asyncio.to_thread(lambda: tasks() >= idle + 5),
+                                timeout=10, what="tasks of 5 open merged watches")
+        assert busy
+        for call in calls:
+            call.cancel()
+    await eventually(lambda: asyncio.to_thread(lambda: tasks() <= idle), timeout=10,
+                     what="task count back to idle")
+
+
 async def test_removed_pod_loses_every_series_and_others_keep_theirs(sim_pods, make_router):
     pods = await sim_pods(3)
     router = await make_router(pods, metrics_listen="127.0.0.1:0")
