@@ -134,7 +134,10 @@ async def test_pods_that_join_get_a_feed_and_the_registry_and_pods_that_leave_ar
             assert router.pods.get("b") is not None, "a pod that still answers was dropped"
             await b.stop()  # ... now it is really gone
             await eventually(lambda: router.pods.get("b") is None, what="b removed")
-            assert all(router.locator.try_cached(sid) is None for sid in on_b)
+            # Forgetting b's sessions follows its removal from the pod set (discovery removes,
+            # closes its channels and feed, then forgets): wait for that state, bounded.
+            await eventually(lambda: all(router.locator.try_cached(sid) is None for sid in on_b),
+                             timeout=5, what="b's sessions gone from the near-cache")
             for sid in set(sids) - set(on_b):
                 assert (await macp_calls.send(channel, macp_calls.proposal_envelope(sid))).ok
     finally:
