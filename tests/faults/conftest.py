@@ -558,6 +558,42 @@ async def session_status(address: str, sid: str) -> router_pb2.SessionStatusResp
             router_pb2.SessionStatusRequest(session_id=sid), timeout=5)
 
 
+@dataclass(slots=True)
+class Outcome:
+    """What the pods hold after a run under traffic, with the shared checks already asserted:
+    no session on two pods, no acked session lost, no client call misrouted, and every held
+    session answered through every router still running."""
+
+    held: dict[str, list[str]]
+    duplicates: list[str]
+    lost: list[str]
+    misroutes: str
+    """"N (router stale relocations M)": the table's misroutes cell."""
+
+    def row(self, traffic: Traffic, fault: str, recovery: str, traffic_note: str = "") -> FaultRow:
+        return FaultRow(fault=fault, traffic=traffic.describe() + traffic_note,
+                        errors=traffic.errors(), misroutes=self.misroutes,
+                        duplicates=len(self.duplicates), lost=len(self.lost), recovery=recovery)
+
+
+async def checked_outcome(pods: Any, traffic: Traffic, routers: Sequence[RouterProc],
+                          initial: Iterable[str]) -> Outcome:
+    """The run's `Outcome`; routers that were killed and not restarted are left out."""
+    held = holders(await sessions_by_pod(pods))
+    duplicates = sorted(sid for sid, where in held.items() if len(where) > 1)
+    lost = sorted((set(initial) | traffic.acked_starts) - set(held))
+    misrouted = client_misroutes(traffic, held)
+    running = [router for router in routers if router.process.proc.poll() is None]
+    stale = sum(router.stale_relocations() for router in running)
+    assert not duplicates, {sid: held[sid] for sid in duplicates}
+    assert not lost, lost
+    assert not misrouted, misrouted[:3]
+    for router in running:
+        failures = await final_sweep(router.address, held)
+        assert not failures, dict(list(failures.items())[:3])
+    return Outcome(held, duplicates, lost, f"{len(misrouted)} (router stale relocations {stale})")
+
+
 async def final_sweep(address: str, sids: Iterable[str]) -> dict[str, str]:
     """GetSession for every sid through the router; sid -> code of each that did not answer OK."""
     failures: dict[str, str] = {}

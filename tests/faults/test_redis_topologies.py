@@ -29,15 +29,11 @@ from router.redis_store import entry_key, shard_tags
 from router.v1 import router_pb2
 from tests.faults.conftest import (
     LOAD_LIMITS,
-    FaultRow,
     Traffic,
     admin_stub,
-    client_misroutes,
+    checked_outcome,
     eventually,
-    final_sweep,
-    holders,
     report,
-    sessions_by_pod,
     start_sessions,
 )
 from tests.redis_fixture import RedisClusterServers, RedisSentinelGroup
@@ -61,22 +57,6 @@ async def store_degraded(address: str) -> bool:
 async def both_recovered(routers) -> bool:  # type: ignore[no-untyped-def]
     states = await asyncio.gather(*(store_degraded(r.address) for r in routers))
     return not any(states)
-
-
-async def outcome(pods, traffic: Traffic, routers, initial) -> tuple:  # type: ignore[no-untyped-def]
-    """(held, duplicates, lost, misroutes text) after a run, with the shared checks asserted."""
-    held = holders(await sessions_by_pod(pods))
-    duplicates = sorted(sid for sid, where in held.items() if len(where) > 1)
-    lost = sorted((set(initial) | traffic.acked_starts) - set(held))
-    misrouted = client_misroutes(traffic, held)
-    stale = sum(router.stale_relocations() for router in routers)
-    assert not duplicates, {sid: held[sid] for sid in duplicates}
-    assert not lost, lost
-    assert not misrouted, misrouted[:3]
-    for router in routers:
-        failures = await final_sweep(router.address, held)
-        assert not failures, dict(list(failures.items())[:3])
-    return held, duplicates, lost, f"{len(misrouted)} (router stale relocations {stale})"
 
 
 async def no_races_across(traffic: Traffic) -> None:
@@ -140,29 +120,27 @@ async def test_cluster_master_killed_under_traffic_replica_promoted(
         recovered_at = time.monotonic()
         await races_again(traffic)
         await traffic.hold(1.5)
-    held, duplicates, lost, misroutes = await outcome(pods, traffic, [one, two], initial)
+    result = await checked_outcome(pods, traffic, [one, two], initial)
     assert traffic.errors() == {}, traffic.errors()
     outage_starts = [c for c in traffic.calls
                      if c.op == "start" and killed_at <= c.started <= recovered_at]
     assert outage_starts, "no start ran while the store failed over"
     client = redis.RedisCluster(host="127.0.0.1", port=replica.port, socket_timeout=5)
     try:
-        await eventually(lambda: asyncio.to_thread(lambda: not missing_from_store(client, held)),
-                         timeout=15, what="store refilled after the failover")
+        await eventually(lambda: asyncio.to_thread(
+            lambda: not missing_from_store(client, result.held)),
+            timeout=15, what="store refilled after the failover")
     finally:
         client.close()
-    report(FaultRow(
+    report(result.row(
+        traffic,
         fault=f"Redis Cluster master SIGKILLed (3 masters + 3 replicas, node timeout 1 s; it "
               f"served {victim_shards} of 64 shards); 2 routers",
-        traffic=traffic.describe() + f"; {len(outage_starts)} single-router starts between "
-                                     "the kill and the routers' recovery; raced starts paused "
-                                     "over that window",
-        errors=traffic.errors(),
-        misroutes=misroutes,
-        duplicates=len(duplicates),
-        lost=len(lost),
         recovery=f"replica promoted {promoted_at - killed_at:.2f} s after the kill; routers out "
                  f"of degraded mode {recovered_at - promoted_at:.2f} s later; store refilled",
+        traffic_note=f"; {len(outage_starts)} single-router starts between "
+                     "the kill and the routers' recovery; raced starts paused "
+                     "over that window",
     ))
 
 
@@ -196,7 +174,7 @@ async def test_sentinel_master_killed_under_traffic_failover_followed(
         recovered_at = time.monotonic()
         await races_again(traffic)
         await traffic.hold(1.5)
-    held, duplicates, lost, misroutes = await outcome(pods, traffic, [one, two], initial)
+    result = await checked_outcome(pods, traffic, [one, two], initial)
     assert traffic.errors() == {}, traffic.errors()
     outage_starts = [c for c in traffic.calls
                      if c.op == "start" and killed_at <= c.started <= recovered_at]
@@ -204,21 +182,19 @@ async def test_sentinel_master_killed_under_traffic_failover_followed(
     new_master = group.master()
     assert new_master is not old_master
     with new_master.client() as client:
-        await eventually(lambda: asyncio.to_thread(lambda: not missing_from_store(client, held)),
-                         timeout=15, what="store refilled on the new master")
-    report(FaultRow(
+        await eventually(lambda: asyncio.to_thread(
+            lambda: not missing_from_store(client, result.held)),
+            timeout=15, what="store refilled on the new master")
+    report(result.row(
+        traffic,
         fault="Sentinel-managed master SIGKILLed (1 replica, 3 sentinels, quorum 2, "
               "down-after 1 s); 2 routers, not restarted",
-        traffic=traffic.describe() + f"; {len(outage_starts)} single-router starts between "
-                                     "the kill and the routers' recovery; raced starts paused "
-                                     "over that window",
-        errors=traffic.errors(),
-        misroutes=misroutes,
-        duplicates=len(duplicates),
-        lost=len(lost),
         recovery=f"sentinels promoted the replica {promoted_at - killed_at:.2f} s after the "
                  f"kill; routers followed it {recovered_at - promoted_at:.2f} s later; store "
                  "refilled",
+        traffic_note=f"; {len(outage_starts)} single-router starts between "
+                     "the kill and the routers' recovery; raced starts paused "
+                     "over that window",
     ))
 
 
@@ -256,7 +232,7 @@ async def test_cluster_slots_resharded_under_traffic(sim_pods, routers, redis_cl
         await traffic.hold(1.0)
     redirects = {name: count - redirects_before.get(name, 0)
                  for name, count in redirections(cluster).items()}
-    held, duplicates, lost, misroutes = await outcome(pods, traffic, [one, two], initial)
+    result = await checked_outcome(pods, traffic, [one, two], initial)
     assert traffic.errors() == {}, traffic.errors()
     moved_tags = tag_slots & cluster.slots_of(target) & set(owned[:moved_slots])
     assert len(moved_tags) >= SHARDS_MOVED, "the shards' slots did not move"
@@ -264,22 +240,19 @@ async def test_cluster_slots_resharded_under_traffic(sim_pods, routers, redis_cl
     assert not any(degraded)
     client = redis.RedisCluster(host="127.0.0.1", port=target.port, socket_timeout=5)
     try:
-        assert not await asyncio.to_thread(missing_from_store, client, held)
+        assert not await asyncio.to_thread(missing_from_store, client, result.held)
     finally:
         client.close()
     during = [call for call in traffic.calls if began <= call.started <= ended]
-    report(FaultRow(
+    report(result.row(
+        traffic,
         fault=f"Redis Cluster: {moved_slots} slots (with {len(moved_tags)} of the 64 shards) "
               f"resharded between masters by `cli --cluster reshard` mid-run; 2 routers",
-        traffic=traffic.describe() + f"; {len(during)} calls during the {ended - began:.1f} s "
-                                     "of resharding, raced starts throughout",
-        errors=traffic.errors(),
-        misroutes=misroutes,
-        duplicates=len(duplicates),
-        lost=len(lost),
         recovery="nothing to recover: the routers got "
                  + (", ".join(f"{n} {name}" for name, n in sorted(redirects.items()) if n)
                     or "no redirection")
                  + " (followed by the cluster client, TRYAGAIN retried inside the store); "
                  "routers never degraded; every entry on its new master",
+        traffic_note=f"; {len(during)} calls during the {ended - began:.1f} s "
+                     "of resharding, raced starts throughout",
     ))

@@ -18,15 +18,11 @@ from router.redis_store import entry_key
 from router.v1 import router_pb2
 from tests.faults.conftest import (
     LOAD_LIMITS,
-    FaultRow,
     Traffic,
     admin_stub,
-    client_misroutes,
+    checked_outcome,
     eventually,
-    final_sweep,
-    holders,
     report,
-    sessions_by_pod,
     start_sessions,
 )
 
@@ -44,24 +40,6 @@ async def store_degraded(address: str) -> bool:
     async with grpc.aio.insecure_channel(address) as channel:
         reply = await admin_stub(channel).ListPods(router_pb2.ListPodsRequest(), timeout=5)
     return reply.store_degraded
-
-
-async def outcome(pods, traffic: Traffic, routers, initial) -> tuple:  # type: ignore[no-untyped-def]
-    """(held, duplicates, lost, misroutes text) after a run, with the shared checks asserted."""
-    held = holders(await sessions_by_pod(pods))
-    duplicates = sorted(sid for sid, where in held.items() if len(where) > 1)
-    lost = sorted((set(initial) | traffic.acked_starts) - set(held))
-    misrouted = client_misroutes(traffic, held)
-    stale = sum(router.stale_relocations() for router in routers
-                if router.process.proc.poll() is None)
-    assert not duplicates, {sid: held[sid] for sid in duplicates}
-    assert not lost, lost
-    assert not misrouted, misrouted[:3]
-    for router in routers:
-        if router.process.proc.poll() is None:
-            failures = await final_sweep(router.address, held)
-            assert not failures, dict(list(failures.items())[:3])
-    return held, duplicates, lost, f"{len(misrouted)} (router stale relocations {stale})"
 
 
 async def test_redis_killed_and_restarted_under_traffic_with_two_routers(
@@ -92,19 +70,15 @@ async def test_redis_killed_and_restarted_under_traffic_with_two_routers(
                              what=f"{router.address} recovered the store")
         recovered_at = time.monotonic()
         await traffic.hold(1.0)
-    held, duplicates, lost, misroutes = await outcome(pods, traffic, [one, two], initial)
+    result = await checked_outcome(pods, traffic, [one, two], initial)
     assert traffic.errors() == {}, traffic.errors()
     # The store was refilled from the routers' near-caches (it came back empty).
     with server.client() as client:
-        missing = [sid for sid in held if not client.exists(entry_key(sid))]
+        missing = [sid for sid in result.held if not client.exists(entry_key(sid))]
     assert not missing, missing[:3]
-    report(FaultRow(
+    report(result.row(
+        traffic,
         fault=f"Redis SIGKILLed for {back_at - killed_at:.1f} s, restarted empty; 2 routers",
-        traffic=traffic.describe(),
-        errors=traffic.errors(),
-        misroutes=misroutes,
-        duplicates=len(duplicates),
-        lost=len(lost),
         recovery=f"routers out of degraded mode {recovered_at - back_at:.2f} s after Redis "
                  "was back; store refilled",
     ))
@@ -134,15 +108,11 @@ async def test_redis_flushed_under_traffic_with_two_routers(sim_pods, routers,
                              interval=0.1)
         refilled_at = time.monotonic()
         await traffic.hold(1.0)
-    _held, duplicates, lost, misroutes = await outcome(pods, traffic, [one, two], initial)
+    result = await checked_outcome(pods, traffic, [one, two], initial)
     assert traffic.errors() == {}, traffic.errors()
-    report(FaultRow(
+    report(result.row(
+        traffic,
         fault="Redis FLUSHALL mid-run; 2 routers",
-        traffic=traffic.describe(),
-        errors=traffic.errors(),
-        misroutes=misroutes,
-        duplicates=len(duplicates),
-        lost=len(lost),
         recovery=f"every session back in the store {refilled_at - flushed_at:.2f} s "
                  "after the flush",
     ))
@@ -162,7 +132,7 @@ async def test_router_killed_and_restarted_under_traffic(sim_pods, routers,
         router = await routers.restart(router, pod_list(pods), wait=False)
         ready_at = time.monotonic()
         await traffic.hold(1.5)
-    _held, duplicates, lost, misroutes = await outcome(pods, traffic, [router], initial)
+    result = await checked_outcome(pods, traffic, [router], initial)
     failures = [call for call in traffic.calls if not call.ok]
     # Only while the router was away (plus the client's own reconnect backoff, at most
     # CLIENT_BACKOFF_S): the client could not connect (UNAVAILABLE); the starts that failed
@@ -176,14 +146,10 @@ async def test_router_killed_and_restarted_under_traffic(sim_pods, routers,
     after = [call for call in traffic.calls if call.started > ready_at + CLIENT_BACKOFF_S]
     assert after and all(call.ok for call in after)
     last_failure = max((call.ended for call in failures), default=ready_at)
-    report(FaultRow(
+    report(result.row(
+        traffic,
         fault=f"router SIGKILLed, restarted on the same port {ready_at - killed_at:.1f} s later "
               "(Redis store)",
-        traffic=traffic.describe(),
-        errors=traffic.errors(),
-        misroutes=misroutes,
-        duplicates=len(duplicates),
-        lost=len(lost),
         recovery=f"last client failure {max(0.0, last_failure - ready_at):.2f} s after the "
                  "restarted router was ready (client reconnect backoff)",
     ))
@@ -202,7 +168,7 @@ async def test_one_of_two_routers_killed_under_traffic(sim_pods, routers,
         one.process.kill()
         killed_at = time.monotonic()
         await traffic.hold(1.5)
-    _held, duplicates, lost, misroutes = await outcome(pods, traffic, [one, two], initial)
+    result = await checked_outcome(pods, traffic, [one, two], initial)
     failures = [call for call in traffic.calls if not call.ok]
     # Calls to the dead replica fail to connect; the client's failover to r2 succeeds.
     assert {call.code for call in failures} <= {"UNAVAILABLE"}, traffic.errors()
@@ -211,13 +177,9 @@ async def test_one_of_two_routers_killed_under_traffic(sim_pods, routers,
              and call.started > killed_at]
     assert after and all(call.ok for call in after)
     assert not traffic.failed_starts
-    report(FaultRow(
+    report(result.row(
+        traffic,
         fault="one of 2 routers (shared Redis) SIGKILLed; clients fail over",
-        traffic=traffic.describe(),
-        errors=traffic.errors(),
-        misroutes=misroutes,
-        duplicates=len(duplicates),
-        lost=len(lost),
         recovery="immediate: every failed call on r1 was answered by r2 on failover",
     ))
 
