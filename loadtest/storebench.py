@@ -271,6 +271,19 @@ async def _settled(counter: Any, quiet_s: float = 1.0, timeout: float = 30.0) ->
     return last
 
 
+async def _lifecycles(client: Client, sids: list[str]) -> None:
+    """One session life per sid through the router: SessionStart, the proposals, a Commitment
+    that resolves it (the entry then expires by TTL)."""
+    for sid in sids:
+        steps = [payloads.send_start(sid)]
+        steps += [payloads.send_proposal(sid) for _ in range(LIFECYCLE_PROPOSALS)]
+        steps.append(payloads.send_commitment(sid))
+        for request in steps:
+            err = payloads.ack_error(await client.send(request, metadata=MD, timeout=T))
+            if err:
+                raise RuntimeError(f"lifecycle step failed through the router: {err}")
+
+
 async def _sends(client: Client, requests: list[bytes], concurrency: int) -> int:
     queue = list(reversed(requests))
     failures = 0
@@ -331,14 +344,7 @@ async def router_counts(run: Run, topo: Topology, *, starts: int, hits: int,
         # lifecycles: start, proposals, commitment (resolved; the entry then expires by TTL)
         life = [payloads.new_id() for _ in range(lifecycles)]
         before = await _settled(counter)
-        for sid in life:
-            steps = [payloads.send_start(sid)]
-            steps += [payloads.send_proposal(sid) for _ in range(LIFECYCLE_PROPOSALS)]
-            steps.append(payloads.send_commitment(sid))
-            for request in steps:
-                err = payloads.ack_error(await client.send(request, metadata=MD, timeout=T))
-                if err:
-                    raise RuntimeError(f"lifecycle step failed through the router: {err}")
+        await _lifecycles(client, life)
         after = await _settled(counter)
         delta = _delta(before, after)
         work, _timers = _split(delta)
@@ -355,14 +361,7 @@ async def router_counts(run: Run, topo: Topology, *, starts: int, hits: int,
         await second.client.ready()
         life = [payloads.new_id() for _ in range(lifecycles)]
         before = await _settled(counter, quiet_s=2.0)
-        for sid in life:
-            steps = [payloads.send_start(sid)]
-            steps += [payloads.send_proposal(sid) for _ in range(LIFECYCLE_PROPOSALS)]
-            steps.append(payloads.send_commitment(sid))
-            for request in steps:
-                err = payloads.ack_error(await client.send(request, metadata=MD, timeout=T))
-                if err:
-                    raise RuntimeError(f"lifecycle step failed through the router: {err}")
+        await _lifecycles(client, life)
         after = await _settled(counter, quiet_s=2.0)
         delta = _delta(before, after)
         out["per_lifecycle_2_routers"] = round(_client_commands(delta) / lifecycles, 3)

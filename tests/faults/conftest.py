@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import inspect
 import json
 import os
 import random
@@ -46,6 +45,7 @@ from tests import macp_calls
 from tests.pod_auth import pod_cli_args
 from tests.procs import Process, free_port, router_process
 from tests.redis_fixture import RedisServer
+from tests.waiting import eventually
 
 ROUTER_TOKEN = "router"
 LOAD_LIMITS = {"start_limit_per_minute": 1_000_000, "message_limit_per_minute": 1_000_000}
@@ -63,19 +63,6 @@ CLIENT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100),
 
 
 # -- waiting -----------------------------------------------------------------------------------
-async def eventually(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "",
-                     interval: float = 0.02) -> Any:
-    """Poll `predicate` (sync or async) until truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not true within {timeout}s: {what or predicate}")
-        await asyncio.sleep(interval)
 
 
 def names_pod(details: str, name: str) -> bool:
