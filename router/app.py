@@ -34,6 +34,7 @@ from grpc_health.v1 import health, health_pb2
 
 from router import routes
 from router.admin import RouterAdmin
+from router.admission import Admission
 from router.config import RouterConfig, parse_host_port
 from router.credentials import RouterCredentials
 from router.discovery import DnsDiscovery, Resolver
@@ -134,8 +135,14 @@ class Router:
             retention_s=config.retention_s,
             on_silent=self.pods.report_silent,
         )
+        self.admission = Admission(config.max_inflight_calls, config.max_inflight_streams,
+                                   config.admission_pushback_ms, metrics=self.metrics)
+        """The process's client in-flight bounds, shared by the MACP and ACP front doors."""
+        self.metrics.watch_admission(
+            self.admission, ("macp", "acp") if config.acp is not None else ("macp",))
         self.proxy = MacpProxy(
             pods=self.pods,
+            admission=self.admission,
             locator=self.locator,
             store=self.store,
             metrics=self.metrics,
@@ -179,7 +186,7 @@ class Router:
             self.metrics, self.supervisor,
         )
         return AcpFrontDoor(self.config.acp, metrics=self.metrics, store=acp_store,
-                           supervisor=self.supervisor)
+                           supervisor=self.supervisor, admission=self.admission)
 
     def _make_discovery(self, resolver: Resolver | None) -> DnsDiscovery | None:
         if not self.config.pods_dns:

@@ -30,7 +30,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -116,6 +116,39 @@ class _AsyncioTasksCollector(Collector):
         yield family
 
 
+class _AdmissionSource(Protocol):
+    def snapshot(self) -> Mapping[str, tuple[int, int]]: ...
+
+
+class _AdmissionCollector(Collector):
+    """`macp_router_admission_inflight{kind}` and `macp_router_admission_limit{kind}`, read
+    from the router's admission gate (`router.admission`) at scrape time: the hot path only
+    moves two ints, never a metric. No series until `watch_admission` names the gate."""
+
+    def __init__(self) -> None:
+        self.gate: _AdmissionSource | None = None
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        inflight = GaugeMetricFamily(
+            "macp_router_admission_inflight",
+            "Client calls (kind=call) and streams (kind=stream) in flight in this router "
+            "process, as admission control counts them",
+            labels=["kind"],
+        )
+        limit = GaugeMetricFamily(
+            "macp_router_admission_limit",
+            "The in-flight bound per kind (--max-inflight-calls / --max-inflight-streams); "
+            "0 = unbounded",
+            labels=["kind"],
+        )
+        if self.gate is not None:
+            for kind, (now, bound) in sorted(self.gate.snapshot().items()):
+                inflight.add_metric([kind], now)
+                limit.add_metric([kind], bound)
+        yield inflight
+        yield limit
+
+
 def _remove_series(metric: Counter | Gauge, label: str, value: str) -> None:
     """Remove every child of `metric` whose `label` is `value` (public collect/remove API)."""
     seen: set[tuple[str, ...]] = set()
@@ -180,6 +213,18 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("broadcast_replays", Counter, "macp_router_broadcast_replays",
                "Registry calls replayed to a pod that joined or restarted (ok, failed, refused)",
                ("pod", "result")),
+    MetricSpec("broadcast_record_failures", Counter, "macp_router_broadcast_record_failures",
+               "Registry calls the pods hold that the store could not remember (or forget): "
+               "they are NOT replayed to pods that join or restart; register again once the "
+               "store is back",
+               ("method",)),
+    MetricSpec("list_snapshots", Gauge, "macp_router_list_snapshots",
+               "ListSessions listings held for paging (one snapshot per listing, bounded in "
+               "count and bytes, expiring when idle)",
+               ()),
+    MetricSpec("list_snapshot_bytes", Gauge, "macp_router_list_snapshot_bytes",
+               "Bytes of the ListSessions snapshots held for paging",
+               ()),
     MetricSpec("watch_up", Gauge, "macp_router_watch_up",
                "1 while the pod's WatchSessions feed is connected",
                ("pod",)),
@@ -225,6 +270,11 @@ METRICS: tuple[MetricSpec, ...] = (
                "1 while every background service of this kind runs; 0 while one is down (crashed "
                "and waiting for its restart)",
                ("service",)),
+    MetricSpec("admission_refused", Counter, "macp_router_admission_refused",
+               "Client calls and streams refused at once because the router was at its "
+               "in-flight bound (--max-inflight-calls / --max-inflight-streams), by protocol "
+               "and kind (call, stream); each was answered with a retry hint",
+               ("protocol", "kind")),
 )
 """Every metric `Metrics.__init__` creates, in registration order (histograms get
 `LATENCY_BUCKETS`): names, types, help texts and label sets are what dashboards and
@@ -244,6 +294,9 @@ class Metrics:
     placements: Counter
     broadcasts: Counter
     broadcast_replays: Counter
+    broadcast_record_failures: Counter
+    list_snapshots: Gauge
+    list_snapshot_bytes: Gauge
     watch_up: Gauge
     watch_reconnects: Counter
     watch_events: Counter
@@ -258,6 +311,7 @@ class Metrics:
     healthy_pods: Gauge
     service_crashes: Counter
     service_up: Gauge
+    admission_refused: Counter
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
@@ -272,6 +326,8 @@ class Metrics:
         r.register(self._cached_sessions)
         self._asyncio_tasks = _AsyncioTasksCollector()
         r.register(self._asyncio_tasks)
+        self._admission = _AdmissionCollector()
+        r.register(self._admission)
         self.recent_placements: deque[Placement] = deque(maxlen=RECENT_PLACEMENTS)
         """The last placements (status page); bounded, never exported as labels."""
         self._request_children: dict[tuple[str, str, str, str, str], tuple[object, object]] = {}
@@ -280,6 +336,18 @@ class Metrics:
     def watch_event_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Export `macp_router_asyncio_tasks` for `loop` (the soak's leak detector reads it)."""
         self._asyncio_tasks.loop = loop
+
+    def watch_admission(self, gate: _AdmissionSource, protocols: Iterable[str]) -> None:
+        """Export `gate`'s in-flight counts and limits; its refusal series start at 0."""
+        self._admission.gate = gate
+        for protocol in protocols:
+            for kind in ("call", "stream"):
+                self.admission_refused.labels(bounded(protocol, PROTOCOLS), kind)
+
+    def record_refused(self, protocol: str, kind: str) -> None:
+        """One client call or stream refused by admission control."""
+        self.admission_refused.labels(bounded(protocol, PROTOCOLS),
+                                      kind if kind in ("call", "stream") else UNKNOWN).inc()
 
     # -- registration of bounded label sets -------------------------------------------------
     def add_pod(self, pod: str, protocol: str = "macp") -> None:
@@ -326,6 +394,7 @@ class Metrics:
         for method in methods:
             for result in BROADCAST_RESULTS:
                 self.broadcasts.labels(bounded(method, self.known_methods), result)
+            self.broadcast_record_failures.labels(bounded(method, self.known_methods))
 
     def _start_protocol(self, protocol: str) -> None:
         protocol = bounded(protocol, PROTOCOLS)

@@ -193,6 +193,22 @@ _ADMIN_LISTEN_HELP = (
     "is loopback)"
 )
 
+_MAX_INFLIGHT_CALLS_HELP = (
+    "admission control: unary client calls (MACP unary, ACP requests) this router process "
+    "works on at once; a call past it is refused at once with UNAVAILABLE and a "
+    "grpc-retry-pushback-ms trailer (ACP: HTTP 503 + Retry-After, or a JSON-RPC error with "
+    "data.retryAfterMs), never queued. Set it near the concurrency where throughput stops "
+    "growing and latency starts climbing (loadtest/RESULTS.md, 'Overload with admission "
+    "control'): lower wastes capacity, higher only adds queueing delay. 0 = unbounded"
+)
+_MAX_INFLIGHT_STREAMS_HELP = (
+    "admission control: client streams (MACP server, bidi and client streams) open "
+    "at once in this router process, bounded apart from calls so idle watchers cannot lock "
+    "out unary calls nor the reverse; a new stream past it is refused like a call. Each open "
+    "stream holds a task and two HTTP/2 streams (client and pod side): size it by memory, "
+    "not throughput. 0 = unbounded"
+)
+
 _LOGS = (SERVE, *SIM_PODS)
 
 SETTINGS: tuple[Setting, ...] = (
@@ -325,6 +341,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_concurrent_streams", "int", 256, "concurrent calls per client connection "
             "(HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)", group="security and limits",
             metavar="N", check=v.between(1, 100_000)),
+    Setting("max_inflight_calls", "int", 64, _MAX_INFLIGHT_CALLS_HELP,
+            group="security and limits", metavar="N", check=v.between(0, 1_000_000)),
+    Setting("max_inflight_streams", "int", 1024, _MAX_INFLIGHT_STREAMS_HELP,
+            group="security and limits", metavar="N", check=v.between(0, 1_000_000)),
+    Setting("admission_pushback_ms", "int", 100,
+            "what a refused call is told to wait before it retries (the grpc-retry-pushback-ms "
+            "trailer; HTTP Retry-After rounds it up to whole seconds; ACP WebSocket errors "
+            "carry it as data.retryAfterMs)", group="security and limits", metavar="MS",
+            check=v.between(1, 60_000)),
     # -- serve: ACP front door --------------------------------------------------------------------
     Setting("acp_listen", "str | None", None,
             "also serve ACP agents here (ACP's Streamable HTTP / WebSocket transport, path /acp)",

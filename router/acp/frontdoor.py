@@ -32,6 +32,13 @@ Invariants:
   `store_writer:acp` / `sweeper:acp`, `acp_reaper`) run under the supervisor it is given (the
   router's `Router.supervisor`), so they appear in `/readyz`, `macp-router pods` and the
   service metrics; `aclose()` stops only those, never the router's supervisor itself.
+- Admission control (`router.admission`, the gate the router shares with the MACP front door)
+  counts every HTTP POST and every WebSocket message as a call while the router handles it
+  (until the pod has it). Past the bound a POST is answered 503 with `Retry-After` and a
+  WebSocket request a JSON-RPC error (ROUTER_UNAVAILABLE, data.retryable and
+  data.retryAfterMs) at once, before any parsing or routing; a WebSocket notification past the
+  bound cannot be answered and is dropped (counted like every refusal). Answers the client
+  sends to an agent's request are never refused. SSE streams are not bounded here.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ from router.acp.forwarding import PROTOCOL
 from router.acp.jsonrpc import Message
 from router.acp.pods import AcpPod, AcpPodRoster
 from router.acp.session_routes import AcpSessionRoutes
+from router.admission import CALL, Admission
 from router.core.call import Call
 from router.core.errors import outcome_of
 from router.core.session_router import SessionRouter
@@ -130,9 +138,13 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
         metrics: Metrics | None = None,
         store: LocationStore | None = None,
         supervisor: Supervisor | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
+        self.admission = admission if admission is not None else Admission(metrics=self.metrics)
+        """Client calls in flight and their bound: the router's gate (shared with MACP), or an
+        unbounded one of its own for a front door built alone."""
         # A store of its own (a MemoryStore, or a RedisStore with its own prefix): ACP and MACP
         # pods may share names, and the store indexes sessions by pod name.
         self.store = store or MemoryStore(retention_s=config.retention_s)
@@ -280,6 +292,26 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
         connection_id: str | None,
         session_id: str | None,
     ) -> PostResult:
+        gate = self.admission
+        if gate.calls >= gate.call_limit:
+            gate.refuse(PROTOCOL, CALL)
+            return PostResult(503, {"error": gate.details(CALL)},
+                              {"Retry-After": str(gate.retry_after_s())})
+        gate.calls += 1
+        try:
+            return await self._post(message, content_type=content_type,
+                                    connection_id=connection_id, session_id=session_id)
+        finally:
+            gate.calls -= 1
+
+    async def _post(
+        self,
+        message: Any,
+        *,
+        content_type: str | None,
+        connection_id: str | None,
+        session_id: str | None,
+    ) -> PostResult:
         if content_type is None or not content_type.lower().startswith("application/json"):
             return PostResult(415, {"error": "Content-Type must be application/json"})
         if isinstance(message, list):
@@ -372,7 +404,7 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
         self, init_params: dict[str, Any] | None, *, multiplex: bool = False
     ) -> VirtualConnection:
         return VirtualConnection(
-            uuid.uuid4().hex, init_params, roster=self.roster, dispatch=self.dispatch,
+            uuid.uuid4().hex, init_params, roster=self.roster, dispatch=self._admitted_dispatch,
             cached_pod=self.locator.try_cached, multiplex=multiplex,
         )
 
@@ -415,6 +447,24 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
                 task.cancel()
 
     # -- dispatch ------------------------------------------------------------------------------
+    async def _admitted_dispatch(
+        self, connection: VirtualConnection, message: Message, header_sid: str | None
+    ) -> None:
+        """A WebSocket message: `dispatch` under the admission bound (see the module docstring).
+        (HTTP POSTs are admitted in `handle_post`, before their body is looked at.)"""
+        gate = self.admission
+        if gate.calls >= gate.call_limit and isinstance(message, dict) and "method" in message:
+            pushback = gate.refuse(PROTOCOL, CALL)
+            if "id" in message:
+                await connection.deliver(
+                    rpc.unavailable(message["id"], gate.details(CALL), retryAfterMs=pushback))
+            return
+        gate.calls += 1
+        try:
+            await self.dispatch(connection, message, header_sid)
+        finally:
+            gate.calls -= 1
+
     async def dispatch(
         self, connection: VirtualConnection, message: Message, header_sid: str | None
     ) -> None:

@@ -21,6 +21,12 @@ Invariants:
 - Every call records exactly one request metric, with the pod it last went to.
 - On shutdown (`end_streams`) every open stream ends UNAVAILABLE so clients reconnect to
   another replica; unary calls are left to finish.
+- Admission control (`router.admission`) comes first: a call or stream past its kind's bound
+  is answered UNAVAILABLE with a `grpc-retry-pushback-ms` trailer before a `Call` exists
+  (nothing parsed, no pod contacted) and is counted in the refusal metric and as a request with
+  pod "none"; an admitted one holds its slot until its handler returns, raises or is
+  cancelled, and releases it exactly once (a `finally` around the whole handler).
+  UNAVAILABLE, not RESOURCE_EXHAUSTED: see README "Admission control".
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import grpc
 
 from router import routes, tracing
+from router.admission import CALL, PUSHBACK_KEY, STREAM, Admission
 from router.core.call import Call
 from router.core.errors import outcome_of
 from router.core.session_router import SessionRouter
@@ -68,8 +75,12 @@ class MacpProxy:
         router_metadata: Sequence[tuple[str, str]] = (),
         broadcast_timeout_s: float = 5.0,
         scope: DiscoveryScope | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.pods = pods
+        self.admission = admission if admission is not None else Admission(metrics=metrics)
+        """The process's in-flight bounds (shared with the ACP front door); unbounded if none
+        is given."""
         self.locator = locator
         self.metrics = metrics
         self.routes = routes.build_routes()
@@ -176,40 +187,90 @@ class MacpProxy:
         if route.shape is Shape.BIDI:
             return grpc.stream_stream_rpc_method_handler(self._bidi(route))
         return grpc.stream_unary_rpc_method_handler(
-            client_stream_handler(self.pods, route.path, route.method))
+            self._client_stream(route, client_stream_handler(self.pods, route.path,
+                                                             route.method)))
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, route: Route, kind: str) -> None:
+        """Answer a call past the admission bound: UNAVAILABLE + pushback, counted (raises)."""
+        gate = self.admission
+        pushback = gate.refuse(PROTOCOL, kind)
+        self.metrics.record_request(PROTOCOL, route.method, route.route_class, None,
+                                    "UNAVAILABLE", 0.0)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, gate.details(kind),
+                            ((PUSHBACK_KEY, str(pushback)),))
 
     def _unary(self, route: Route, body: UnaryBody):  # type: ignore[no-untyped-def]
         method, route_class, metrics = route.method, route.route_class, self.metrics
         what = f"request is not a valid {route.request_class.DESCRIPTOR.name}"
 
+        gate, refuse = self.admission, self._refuse
+
         async def behavior(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            call = Call(PROTOCOL, method, route_class, route, context)
+            if gate.calls >= gate.call_limit:
+                await refuse(context, route, CALL)
+            gate.calls += 1
             try:
-                response = await body(call, request)
-            except grpc.aio.AbortError:
-                call.finish(metrics, "UNKNOWN")
-                raise
-            except Exception as exc:
-                abort = outcome_of(exc, PROTOCOL, method, what, metrics)
-                call.finish(metrics, abort.code.name)
-                await context.abort(abort.code, abort.details, abort.trailing)
-            call.finish(metrics)
-            return response
+                call = Call(PROTOCOL, method, route_class, route, context)
+                try:
+                    response = await body(call, request)
+                except grpc.aio.AbortError:
+                    call.finish(metrics, "UNKNOWN")
+                    raise
+                except Exception as exc:
+                    abort = outcome_of(exc, PROTOCOL, method, what, metrics)
+                    call.finish(metrics, abort.code.name)
+                    await context.abort(abort.code, abort.details, abort.trailing)
+                call.finish(metrics)
+                return response
+            finally:
+                gate.calls -= 1
 
         return behavior
 
     def _server_stream(self, route: Route, body: StreamBody):  # type: ignore[no-untyped-def]
+        gate, refuse = self.admission, self._refuse
+
         async def behavior(request: bytes, context: grpc.aio.ServicerContext) -> None:
-            call = Call(PROTOCOL, route.method, route.route_class, route, context)
-            await self._run_stream(call, "request", body(call, request))
+            if gate.streams >= gate.stream_limit:
+                await refuse(context, route, STREAM)
+            gate.streams += 1
+            try:
+                call = Call(PROTOCOL, route.method, route.route_class, route, context)
+                await self._run_stream(call, "request", body(call, request))
+            finally:
+                gate.streams -= 1
 
         return behavior
 
     def _bidi(self, route: Route):  # type: ignore[no-untyped-def]
+        gate, refuse = self.admission, self._refuse
+
         async def behavior(request_iterator: AsyncIterator[bytes],
                            context: grpc.aio.ServicerContext) -> None:
-            call = Call(PROTOCOL, route.method, route.route_class, route, context)
-            await self._run_stream(call, "first frame", self.streams.bidi(call))
+            if gate.streams >= gate.stream_limit:
+                await refuse(context, route, STREAM)
+            gate.streams += 1
+            try:
+                call = Call(PROTOCOL, route.method, route.route_class, route, context)
+                await self._run_stream(call, "first frame", self.streams.bidi(call))
+            finally:
+                gate.streams -= 1
+
+        return behavior
+
+    def _client_stream(self, route: Route, handler):  # type: ignore[no-untyped-def]
+        """A client-streaming call counts as a stream (it is open while the client writes)."""
+        gate, refuse = self.admission, self._refuse
+
+        async def behavior(request_iterator: AsyncIterator[bytes],
+                           context: grpc.aio.ServicerContext) -> bytes:
+            if gate.streams >= gate.stream_limit:
+                await refuse(context, route, STREAM)
+            gate.streams += 1
+            try:
+                return await handler(request_iterator, context)
+            finally:
+                gate.streams -= 1
 
         return behavior
 
