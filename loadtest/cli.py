@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-nginx", action="store_true",
                      help="leave out the nginx grpc_pass leg (run by default when nginx is "
                           "installed: apt-get install nginx-light)")
+    run.add_argument("--sync-passthrough", action="store_true",
+                     help="hit legs: add `passthrough-sync`, the bare hop on grpc's "
+                          "synchronous server and channel (issue 16 prototype)")
     run.add_argument("--out", type=Path, default=Path("loadtest/out"), help="output directory")
     run.add_argument("--quick", action="store_true",
                      help="smoke settings: 1 s phases, 2 pods, few sessions")
@@ -149,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     proxy = sub.add_parser("passthrough", help="run the bare passthrough proxy")
     proxy.add_argument("--listen", required=True)
     proxy.add_argument("--upstream", required=True)
+    proxy.add_argument("--mode", choices=("aio", "sync"), default="aio",
+                       help="aio: grpc.aio on asyncio (default); sync: grpc's synchronous "
+                            "server and channel (a thread per call in flight)")
+    proxy.add_argument("--threads", type=int, default=64,
+                       help="sync mode: server thread pool size (64)")
     return parser
 
 
@@ -191,6 +199,7 @@ def settings_from(args: argparse.Namespace) -> Any:
     s.router = not args.no_router
     s.require_router = args.require_router
     s.nginx = not args.no_nginx
+    s.sync_passthrough = args.sync_passthrough
     s.router_args = shlex.split(args.router_args)
     for flag in ("step_seconds", "overload_steps", "max_in_flight"):
         if getattr(args, flag) is not None:
@@ -350,8 +359,11 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.soak import main_soak
 
         return main_soak(args)
-    from loadtest.passthrough import serve
+    from loadtest.passthrough import serve, serve_sync
     from loadtest.procs import check_loopback
 
+    if args.mode == "sync":
+        serve_sync(check_loopback(args.listen), check_loopback(args.upstream), args.threads)
+        return 0
     asyncio.run(serve(check_loopback(args.listen), check_loopback(args.upstream)))
     return 0

@@ -245,6 +245,8 @@ class Cluster:
     pods: list[Pod] = field(default_factory=list)
     passthrough: Proc | None = None
     passthrough_client: Client | None = None
+    sync_passthrough: Proc | None = None
+    sync_passthrough_client: Client | None = None
     nginx: Proc | None = None
     nginx_client: Client | None = None
     routers: list[Router] = field(default_factory=list)
@@ -354,16 +356,22 @@ class Cluster:
             await self.procs.stop(pod.proc)
 
     # ── passthrough ─────────────────────────────────────────────────────
-    async def start_passthrough(self, upstream: Pod) -> Client:
+    async def start_passthrough(self, upstream: Pod, mode: str = "aio") -> Client:
+        """The bare hop to `upstream`: grpc.aio (`mode` "aio") or grpc's sync API ("sync")."""
         address = f"{LOOPBACK}:{free_port()}"
-        self.passthrough = await self.procs.start(
-            "passthrough",
+        name = "passthrough" if mode == "aio" else "passthrough-sync"
+        proc = await self.procs.start(
+            name,
             python_argv("loadtest", "passthrough", "--listen", address,
-                        "--upstream", upstream.address),
+                        "--upstream", upstream.address, "--mode", mode),
             address,
         )
-        self.passthrough_client = self.client(address)
-        return self.passthrough_client
+        client = self.client(address)
+        if mode == "aio":
+            self.passthrough, self.passthrough_client = proc, client
+        else:
+            self.sync_passthrough, self.sync_passthrough_client = proc, client
+        return client
 
     # ── nginx ───────────────────────────────────────────────────────────
     async def start_nginx(self, upstream: Pod) -> Client:
@@ -467,6 +475,8 @@ def cpu_snapshot(cluster: Cluster) -> dict[str, float]:
         out[f"router:{router.proc.name}"] = router.proc.cpu_seconds()
     if cluster.passthrough is not None:
         out["passthrough"] = cluster.passthrough.cpu_seconds()
+    if cluster.sync_passthrough is not None:
+        out["passthrough-sync"] = cluster.sync_passthrough.cpu_seconds()
     if cluster.nginx is not None:
         out["nginx"] = cluster.nginx.cpu_seconds()  # master + worker(s)
     out["pods"] = sum(p.proc.cpu_seconds() for p in cluster.pods if p.proc is not None)

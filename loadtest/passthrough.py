@@ -13,8 +13,13 @@ The router does strictly more per call (extract the session id, look it up, choo
 so its throughput over this proxy's is the router's routing overhead; the goal is >= 0.85x
 (`loadtest.report.quality_bars`).
 
+`SyncPassthrough` is the same hop on grpc's synchronous API (a thread pool server and one
+sync channel): grpc's C-core threads poll and do the I/O and each call runs in a pool thread,
+blocking on the upstream call. It is a prototype leg (`run --sync-passthrough`) measuring
+whether the synchronous stack beats grpc.aio per call on this machine (issue 16).
+
 Run standalone: `python -m loadtest passthrough --listen 127.0.0.1:PORT --upstream HOST:PORT`
-(prints one line containing `ready`).
+(`--mode sync` for the synchronous hop; prints one line containing `ready`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -168,3 +175,107 @@ async def serve(listen: str, upstream: str) -> None:
         await stop.wait()
     finally:
         await proxy.stop()
+
+
+class _SyncForwarder(grpc.GenericRpcHandler):
+    """`_Forwarder` on the synchronous API: each call blocks a pool thread on the upstream."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        for method, streaming in service_methods().items():
+            if streaming:
+                self._handlers[method] = grpc.stream_stream_rpc_method_handler(
+                    self._stream_handler(channel.stream_stream(method)))
+            else:
+                self._handlers[method] = grpc.unary_unary_rpc_method_handler(
+                    self._unary_handler(channel.unary_unary(method)))
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        return self._handlers.get(handler_call_details.method)
+
+    @staticmethod
+    def _unary_handler(upstream: grpc.UnaryUnaryMultiCallable) -> Any:
+        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+            try:
+                response, call = upstream.with_call(
+                    request,
+                    metadata=_forward_metadata(context.invocation_metadata()),
+                    timeout=context.time_remaining(),
+                )
+            except grpc.RpcError as err:
+                context.set_trailing_metadata(err.trailing_metadata() or ())  # type: ignore[attr-defined]
+                context.abort(err.code(), err.details() or "")  # type: ignore[attr-defined]
+            trailing = call.trailing_metadata()
+            if trailing:
+                context.set_trailing_metadata(trailing)
+            return response  # type: ignore[no-any-return]
+
+        return handle
+
+    @staticmethod
+    def _stream_handler(upstream: grpc.StreamStreamMultiCallable) -> Any:
+        def handle(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+            call = upstream(requests, metadata=_forward_metadata(context.invocation_metadata()),
+                            timeout=context.time_remaining())
+            context.add_callback(call.cancel)
+            try:
+                yield from call
+                trailing = call.trailing_metadata()
+                if trailing:
+                    context.set_trailing_metadata(trailing)
+            except grpc.RpcError as err:
+                context.set_trailing_metadata(err.trailing_metadata() or ())  # type: ignore[attr-defined]
+                context.abort(err.code(), err.details() or "")  # type: ignore[attr-defined]
+
+        return handle
+
+
+class SyncPassthrough:
+    """The bare hop on grpc's synchronous server and channel (see the module docstring)."""
+
+    def __init__(self, upstream: str, listen: str = "127.0.0.1:0", threads: int = 64) -> None:
+        self.upstream = upstream
+        self.listen = listen
+        self.threads = threads
+        self.address = ""
+        self._server: grpc.Server | None = None
+        self._channel: grpc.Channel | None = None
+
+    def start(self) -> None:
+        self._channel = grpc.insecure_channel(self.upstream)
+        server = grpc.server(ThreadPoolExecutor(max_workers=self.threads),
+                             options=[("grpc.so_reuseport", 0)],
+                             maximum_concurrent_rpcs=None)
+        server.add_generic_rpc_handlers((_SyncForwarder(self._channel),))
+        host = self.listen.rpartition(":")[0]
+        port = server.add_insecure_port(self.listen)
+        if not port:
+            raise RuntimeError(f"sync passthrough could not bind {self.listen}")
+        self.address = f"{host}:{port}"
+        server.start()
+        self._server = server
+
+    def stop(self, grace: float | None = 0.5) -> None:
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+
+def serve_sync(listen: str, upstream: str, threads: int = 64) -> None:
+    """`serve` for `SyncPassthrough`: until SIGTERM/SIGINT, a `ready` line once bound."""
+    proxy = SyncPassthrough(upstream, listen, threads)
+    proxy.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"sync passthrough ready on {proxy.address} -> {upstream}", flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        proxy.stop()

@@ -300,7 +300,7 @@ def hop_table(results: dict[str, Any]) -> str:
     split = hit.get("cpu_split", {})
     rows = [("leg", "rps", "hop CPU ms/call", "hop CPU % core", "generator CPU ms/call",
              "p50 @ c=1 ms")]
-    for leg in ("router", "passthrough", "nginx", "direct"):
+    for leg in ("router", "passthrough", "passthrough-sync", "nginx", "direct"):
         if leg not in rps:
             why = hit.get("not_run", {}).get(leg)
             if why:

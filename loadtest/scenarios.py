@@ -90,6 +90,7 @@ class Settings:
     router: bool = True
     require_router: bool = False
     nginx: bool = True  # the nginx grpc_pass leg, when nginx is installed (loadtest.nginx)
+    sync_passthrough: bool = False  # the `passthrough-sync` leg (grpc's sync API, issue 16)
     router_args: list[str] = field(default_factory=list)  # extra `serve` flags (--router-args)
     step_seconds: float = 10.0  # `overload`: seconds per step (per leg)
     overload_steps: tuple[float, ...] = (1.0, 2.0, 4.0)  # `overload`: multipliers of saturation
@@ -245,6 +246,8 @@ class Run:
         legs: dict[str, Client] = {"direct": self._client(self.pod0)}
         if self.cluster.passthrough_client is not None:
             legs["passthrough"] = self.cluster.passthrough_client
+        if self.cluster.sync_passthrough_client is not None:
+            legs["passthrough-sync"] = self.cluster.sync_passthrough_client
         if self.cluster.nginx_client is not None:
             legs["nginx"] = self.cluster.nginx_client
         if self.router is not None and self.router.client is not None:
@@ -352,6 +355,8 @@ class Run:
         await cluster.start_passthrough(self.pod0)
         assert cluster.passthrough_client is not None
         await cluster.passthrough_client.ready()
+        if s.sync_passthrough:
+            await (await cluster.start_passthrough(self.pod0, mode="sync")).ready()
         await self.start_nginx()
         if s.router:
             support = router_support()
@@ -479,9 +484,11 @@ class Run:
         for t, r in sat.items():
             if t != "direct":
                 summary[f"ratio_{t}_direct"] = round(r.throughput / d, 4)
-        if "router" in sat and "passthrough" in sat and sat["passthrough"].throughput:
-            summary["ratio_router_passthrough"] = round(
-                sat["router"].throughput / sat["passthrough"].throughput, 4)
+        if "passthrough" in sat and sat["passthrough"].throughput:
+            for t in ("router", "passthrough-sync", "nginx"):
+                if t in sat:  # every hop over the bare aio hop (ratio_router_passthrough, ...)
+                    summary[f"ratio_{t}_passthrough"] = round(
+                        sat[t].throughput / sat["passthrough"].throughput, 4)
         summary["cpu_ms_per_request"] = cpu_per_request(sat)
         summary["generator_cpu_ms_per_request"] = {
             t: round(r.cpu_s.get("generator", 0.0) * 1000.0 / r.ok, 4)
@@ -1021,7 +1028,7 @@ def cpu_per_request(phases: dict[str, PhaseResult]) -> dict[str, float]:
         if target.startswith("router"):
             cpu = sum(v for k, v in r.cpu_s.items() if k.startswith("router:"))
             name = target
-        elif target in ("passthrough", "nginx"):
+        elif target in ("passthrough", "passthrough-sync", "nginx"):
             cpu, name = r.cpu_s.get(target, 0.0), target
         else:
             cpu, name = r.cpu_s.get("pods", 0.0), "pods(direct)"
