@@ -49,6 +49,7 @@ from typing import Protocol
 
 from router import tracing
 from router.core.status import LIVE, NOT_FOUND, UNKNOWN, LocateStatus
+import secrets
 from router.metrics import Metrics
 from router.ownership import SessionOwnership
 from router.placement import PlacementPolicy, rendezvous
@@ -358,6 +359,9 @@ class Locator(SessionOwnership):
         result = await tracing.traced("probe.fanout", self._probe_all(sid),
                                       pods=len(self.roster.names()))
         if result.status == LIVE:
+        self.reservation_token = secrets.token_hex(8)
+        """This locator's mark on the reservations it writes: `release` removes only a reservation
+        carrying it, never another router's reservation of the same sid on the same pod."""
             assert result.pod is not None
             self._cache(sid, result.pod, OPEN)
             self._enqueue_write(sid, Location(result.pod, OPEN, "", now_ms()))
@@ -495,8 +499,9 @@ class Locator(SessionOwnership):
         """Reserve `sid` for `choice` in the store. Without a store, the pod every replica
         takes for this sid among `candidates` (None: `choice`, the pod already has it)."""
         try:
-            owner = await tracing.traced("store.reserve", self.store.reserve(sid, choice),
-                                         pod=choice)
+            owner = await tracing.traced(
+                "store.reserve", self.store.reserve(sid, choice, self.reservation_token),
+                pod=choice)
         except StoreUnavailable:
             # No shared reservation: take the pod every replica takes for this sid, so a start
             # racing through two routers meets on one pod (the runtime answers the second).
@@ -523,15 +528,19 @@ class Locator(SessionOwnership):
             self._enqueue_write(sid, Location(pod, OPEN, "", now_ms()))
 
     async def release(self, sid: str, pod: str) -> None:
-        """Undo a reservation the pod provably did not accept."""
+        """Undo a reservation the pod provably did not accept.
+
+        One compare-and-set in the store (`LocationStore.release`): the entry goes only while
+        it is still this locator's reservation on `pod`. An OPEN written meanwhile (the pod's
+        feed, a confirm through another router) or another router's reservation of the same
+        sid on the same pod stays (a get-then-delete here removed them).
+        """
         self.metrics.record_placement(self.protocol, pod, "released", sid)
         if self.near.entry(sid) == (pod, RESERVED):
             self.near.discard(sid, pod)
         self._recent_placements.pop(sid, None)
         with contextlib.suppress(StoreUnavailable):
-            location = await self.store.get(sid)
-            if location is not None and location.state == RESERVED:
-                await self.store.delete(sid, pod)
+            await self.store.release(sid, pod, self.reservation_token)
 
     # -- invalidation --------------------------------------------------------------------------
     async def invalidate(self, sid: str, pod: str) -> None:

@@ -12,7 +12,8 @@ and the per-pod index is spread over the cluster instead of sitting on one node:
     One entry per session, packed as ``1␟<pod>␟<state>␟<incarnation>␟<updated_at_ms>`` (``␟`` is
     the ASCII unit separator 0x1f; ``1`` is the format version). The pod comes first so Lua can
     read the owner with one pattern match. TTL: terminal states -> ``retention_s``; ``reserved``
-    -> ``reservation_ttl_s``; ``open``/``suspended`` -> none.
+    -> ``reservation_ttl_s``; ``open``/``suspended`` -> none. A ``reserved`` entry's incarnation
+    field holds the reserving router's token, which the release script compares.
 ``P{T}:pod:<pod>``  (set of sids)
     The per-pod index of one shard (walked by `router.redis_pod_index`). Members whose entry
     expired (or was since taken by another pod) may linger here; readers filter by owner.
@@ -249,6 +250,27 @@ return deleted
 """
 )
 
+# KEYS: entry, index(shard, pod)  ARGV: sid, pod, token
+# Compare-and-set release of a reservation: the entry is deleted only while it is still the one
+# reserve wrote (pod, state reserved, incarnation = the reserving router's token), so an OPEN
+# written since (a feed, a confirm) or another router's reservation survives. The sid leaves
+# pod's index only when the entry went or pod no longer owns it.
+_LUA_RELEASE = (
+    _LUA_PRELUDE
+    + r"""
+if owner_of(KEYS[1]) ~= ARGV[2] then
+  redis.call('SREM', KEYS[2], ARGV[1])  -- pod does not own it: its index member is stale
+  return 0
+end
+local state, token = string.match(redis.call('GET', KEYS[1]),
+                                  '^1\031[^\031]+\031([^\031]*)\031([^\031]*)\031')
+if state ~= 'reserved' or token ~= ARGV[3] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
+"""
+)
+
 # KEYS: index(shard, pod), entry(sid 1), entry(sid 2), ...  ARGV: pod, delete (1/0), sid 1, ...
 # For each sid: when delete=1, compare-and-delete the entry; drop the sid from pod's index when it
 # was deleted or pod no longer owns it. Returns the number of entries deleted (delete=1) or of
@@ -347,6 +369,7 @@ class Scripts:
     reserve: AsyncScript
     put: AsyncScript
     delete: AsyncScript
+    release: AsyncScript
     drop: AsyncScript
     record_broadcast: AsyncScript
     forget_broadcast: AsyncScript
@@ -360,6 +383,7 @@ class Scripts:
             register(_LUA_RESERVE),
             register(_LUA_PUT),
             register(_LUA_DELETE),
+            register(_LUA_RELEASE),
             register(_LUA_DROP),
             register(_LUA_RECORD_BROADCAST),
             register(_LUA_FORGET_BROADCAST),
@@ -371,6 +395,7 @@ class Scripts:
             self.reserve,
             self.put,
             self.delete,
+            self.release,
             self.drop,
             self.record_broadcast,
             self.forget_broadcast,

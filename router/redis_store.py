@@ -26,7 +26,8 @@ Invariants (on top of those in `router.store`):
 - Every write that depends on the current owner runs as one Lua script on one slot (registered
   with ``register_script()``: EVALSHA, reloaded on NOSCRIPT, e.g. on a freshly promoted replica):
   reserve = insert-if-absent returning the owner on conflict; delete and drop = compare-and-
-  delete; put = overwrite and move the index membership. Python never reads an owner and then
+  delete; release = compare-and-set on (pod, reserved, token); put = overwrite and move the
+  index membership. Python never reads an owner and then
   writes based on it. Placement is therefore atomic on every topology.
 - `put_many`, `pod_sessions` and `drop_pod_sessions` send one pipelined round trip per batch of
   `BATCH_SIZE` sessions (on a cluster: one per node, in parallel), never one per session.
@@ -316,9 +317,9 @@ class RedisStore:
     async def _put_batch(self, batch: list[tuple[AsyncScript, list[Any]]]) -> None:
         await self._link.call("put_many", lambda client: self._link.run_scripts(client, batch))
 
-    async def reserve(self, sid: str, pod: str) -> str:
+    async def reserve(self, sid: str, pod: str, token: str = "") -> str:
         link = self._link
-        value = encode_location(Location(pod, RESERVED, "", now_ms()))
+        value = encode_location(Location(pod, RESERVED, token, now_ms()))
         keys = [self._keys.entry(sid), self._keys.index(pod, self._keys.shard(sid))]
         args = [sid, pod, value, self._reservation_ms]
         owner = await link.call(
@@ -327,6 +328,15 @@ class RedisStore:
             even_degraded=True,
         )
         return owner.decode() if isinstance(owner, bytes) else str(owner)
+
+    async def release(self, sid: str, pod: str, token: str = "") -> bool:
+        link = self._link
+        keys = [self._keys.entry(sid), self._keys.index(pod, self._keys.shard(sid))]
+        released = await link.call(
+            "release",
+            lambda client: link.script(client, link.scripts.release, keys, [sid, pod, token]),
+        )
+        return bool(released)
 
     async def delete(self, sid: str, pod: str) -> bool:
         link = self._link

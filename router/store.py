@@ -11,6 +11,10 @@ Invariants every implementation keeps (checked by one conformance suite for all 
   returns the owner that won (the caller's pod, or the one already recorded).
 - `delete(sid, pod)` and `drop_pod_sessions(pod, keep)` remove an entry only while its owner is
   still `pod` (compare-and-delete), so a late invalidation never erases someone else's entry.
+- `release(sid, pod, token)` is one compare-and-set: it removes the entry only while it is still
+  the reservation `reserve(sid, pod, token)` wrote (state `reserved`, that pod, that token), so a
+  feed's OPEN written in between, or another router's reservation of the same sid on the same
+  pod, survives. The token is the reserving router's (kept in the entry's `incarnation`).
 - `put` is the authoritative write of a pod's own feed: it overwrites, and keeps the per-pod index
   consistent when the owner changes.
 - Drain flags are shared: a pod drained through one router is drained for every router that
@@ -50,7 +54,8 @@ class Location:
     pod: str
     state: str = OPEN
     incarnation: str = ""
-    """Which life of the pod reported it (the feed's connection id); "" when unknown."""
+    """Which life of the pod reported it (the feed's connection id); "" when unknown. For a
+    `reserved` entry: the reserving router's token (`reserve`), which `release` compares."""
     updated_at_ms: int = 0
 
     @property
@@ -86,7 +91,8 @@ class LocationStore(Protocol):
     async def get(self, sid: str) -> Location | None: ...
     async def put(self, sid: str, location: Location) -> None: ...
     async def put_many(self, items: Iterable[tuple[str, Location]]) -> None: ...
-    async def reserve(self, sid: str, pod: str) -> str: ...
+    async def reserve(self, sid: str, pod: str, token: str = "") -> str: ...
+    async def release(self, sid: str, pod: str, token: str = "") -> bool: ...
     async def delete(self, sid: str, pod: str) -> bool: ...
     async def pod_sessions(self, pod: str) -> set[str]: ...
     async def drop_pod_sessions(self, pod: str, keep: set[str]) -> int: ...
@@ -171,12 +177,21 @@ class MemoryStore:
         for sid, location in items:
             self._set(sid, location, self._ttl_for(location))
 
-    async def reserve(self, sid: str, pod: str) -> str:
+    async def reserve(self, sid: str, pod: str, token: str = "") -> str:
         current = self._live(sid)
         if current is not None:
             return current.pod
-        self._set(sid, Location(pod, RESERVED, "", now_ms()), self._reservation_ttl_s)
+        self._set(sid, Location(pod, RESERVED, token, now_ms()), self._reservation_ttl_s)
         return pod
+
+    async def release(self, sid: str, pod: str, token: str = "") -> bool:
+        current = self._live(sid)
+        if current is None or (current.pod, current.state, current.incarnation) != (
+            pod, RESERVED, token
+        ):
+            return False
+        self._remove(sid, pod)
+        return True
 
     async def delete(self, sid: str, pod: str) -> bool:
         current = self._live(sid)

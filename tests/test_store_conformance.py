@@ -138,6 +138,49 @@ async def test_delete_only_when_owner_matches(store: LocationStore) -> None:
     assert await store.delete("s1", "pod-a") is False
 
 
+async def test_release_removes_only_the_reservation_it_made(store: LocationStore) -> None:
+    assert await store.reserve("s1", "pod-a", "router-1") == "pod-a"
+    assert await store.release("s1", "pod-a", "router-2") is False  # another router's token
+    assert await store.release("s1", "pod-b", "router-1") is False  # another pod
+    location = await store.get("s1")
+    assert location is not None and (location.pod, location.state) == ("pod-a", RESERVED)
+    assert await store.pod_sessions("pod-a") == {"s1"}
+    assert await store.release("s1", "pod-a", "router-1") is True
+    assert await store.get("s1") is None
+    assert await store.pod_sessions("pod-a") == set()
+    assert await store.release("s1", "pod-a", "router-1") is False
+
+
+async def test_release_spares_an_entry_written_open_after_the_reservation(
+    store: LocationStore,
+) -> None:
+    assert await store.reserve("s1", "pod-a", "router-1") == "pod-a"
+    await store.put("s1", Location("pod-a", OPEN, "inc-1", 3))  # the pod's feed confirmed it
+    assert await store.release("s1", "pod-a", "router-1") is False
+    assert await store.get("s1") == Location("pod-a", OPEN, "inc-1", 3)
+    assert await store.pod_sessions("pod-a") == {"s1"}
+    await store.put("s2", Location("pod-a", RESERVED, "router-1", 4))
+    await store.put("s2", Location("pod-b", OPEN))  # moved: pod-a's release must not touch it
+    assert await store.release("s2", "pod-a", "router-1") is False
+    assert await store.get("s2") == Location("pod-b", OPEN)
+    assert await store.pod_sessions("pod-a") == {"s1"}
+
+
+async def test_concurrent_release_and_open_write_never_lose_the_open_entry(
+    store: LocationStore,
+) -> None:
+    sids = [f"race-{i}" for i in range(50)]
+    for sid in sids:
+        assert await store.reserve(sid, "pod-a", "router-1") == "pod-a"
+    await asyncio.wait_for(asyncio.gather(
+        *(store.release(sid, "pod-a", "router-1") for sid in sids),
+        *(store.put(sid, Location("pod-a", OPEN, "feed", 1)) for sid in sids),
+    ), WAIT_S)
+    for sid in sids:
+        assert await store.get(sid) == Location("pod-a", OPEN, "feed", 1)
+    assert await store.pod_sessions("pod-a") == set(sids)
+
+
 async def test_pod_sessions_lists_each_pods_entries(store: LocationStore) -> None:
     await store.put("a1", Location("pod-a", OPEN))
     await store.put("a2", Location("pod-a", SUSPENDED))

@@ -18,7 +18,7 @@ from router.core.status import LIVE, NOT_FOUND, UNKNOWN, LocateStatus
 from router.locator import Locator, NoPlaceablePod
 from router.metrics import Metrics
 from router.placement import RoundRobin, rendezvous
-from router.store import OPEN, RESERVED, RESOLVED, MemoryStore, StoreUnavailable
+from router.store import OPEN, RESERVED, RESOLVED, Location, MemoryStore, StoreUnavailable
 from tests.waiting import eventually
 
 SID = "0190a5b4-7c1d-7aaa-8bbb-0123456789ab"
@@ -69,11 +69,44 @@ class FailingStore(MemoryStore):
     async def get(self, sid: str) -> Any:
         raise StoreUnavailable("down")
 
-    async def reserve(self, sid: str, pod: str) -> str:
+    async def reserve(self, sid: str, pod: str, token: str = "") -> str:
+        raise StoreUnavailable("down")
+
+    async def release(self, sid: str, pod: str, token: str = "") -> bool:
         raise StoreUnavailable("down")
 
     async def delete(self, sid: str, pod: str) -> None:
         raise StoreUnavailable("down")
+
+
+class FeedLandsDuringRelease(MemoryStore):
+    """A store where the pod's feed write (OPEN) lands right after the first store call a
+    release makes returns: between a read and a delete, if release reads first."""
+
+    def __init__(self, pod: str) -> None:
+        super().__init__()
+        self.pod = pod
+        self.armed = False
+
+    async def _feed_lands(self, sid: str) -> None:
+        if self.armed:
+            self.armed = False
+            await self.put(sid, Location(self.pod, OPEN, "feed", 1))
+
+    async def get(self, sid: str) -> Any:
+        location = await super().get(sid)
+        await self._feed_lands(sid)
+        return location
+
+    async def release(self, sid: str, pod: str, token: str = "") -> bool:
+        released = await super().release(sid, pod, token)
+        await self._feed_lands(sid)
+        return released
+
+    async def delete(self, sid: str, pod: str) -> bool:
+        deleted = await super().delete(sid, pod)
+        await self._feed_lands(sid)
+        return deleted
 
 
 Make = Callable[..., Locator]
@@ -318,6 +351,39 @@ async def test_release_undoes_a_reservation_the_pod_did_not_accept(make) -> None
     owner, _ = await locator.place(SID)
     await locator.release(SID, owner)
     assert locator.try_cached(SID) is None
+    assert await store.get(SID) is None
+
+
+async def test_release_spares_an_open_entry_the_feed_wrote_after_the_reservation(make) -> None:
+    store = FeedLandsDuringRelease("a")
+    locator = make(Roster("a", "b"), Probe(), store=store, placement=_Always("a"))
+    assert await locator.place(SID) == ("a", True)
+    store.armed = True  # the pod's feed says OPEN while the release is under way
+    await locator.release(SID, "a")
+    assert not store.armed, "the feed write did not land during the release"
+    assert await store.get(SID) == Location("a", OPEN, "feed", 1)
+    assert await store.pod_sessions("a") == {SID}
+
+
+async def test_release_spares_an_open_entry_written_before_it(make) -> None:
+    store = MemoryStore()
+    locator = make(Roster("a", "b"), Probe(), store=store, placement=_Always("a"))
+    assert await locator.place(SID) == ("a", True)
+    await store.put(SID, Location("a", OPEN, "feed", 1))
+    await locator.release(SID, "a")
+    assert await store.get(SID) == Location("a", OPEN, "feed", 1)
+
+
+async def test_release_by_a_router_that_lost_leaves_the_winners_reservation(make) -> None:
+    store = MemoryStore()
+    winner = make(Roster("a", "b"), Probe(), store=store, placement=_Always("a"))
+    loser = make(Roster("a", "b"), Probe(), store=store, placement=_Always("a"))
+    assert await winner.place(SID) == ("a", True)
+    await loser.place(SID)  # the store names "a" for both: the loser cannot tell it lost
+    await loser.release(SID, "a")  # its start was refused ("session exists"): it releases
+    location = await store.get(SID)
+    assert location is not None and (location.pod, location.state) == ("a", RESERVED)
+    await winner.release(SID, "a")
     assert await store.get(SID) is None
 
 
