@@ -42,6 +42,7 @@ import collections
 import contextlib
 import heapq
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -49,7 +50,6 @@ from typing import Protocol
 
 from router import tracing
 from router.core.status import LIVE, NOT_FOUND, UNKNOWN, LocateStatus
-import secrets
 from router.metrics import Metrics
 from router.ownership import SessionOwnership
 from router.placement import PlacementPolicy, rendezvous
@@ -276,6 +276,9 @@ class Locator(SessionOwnership):
         self.services = (f"store_writer:{protocol}", f"sweeper:{protocol}")
         """The names of the locator's loops in the supervisor."""
         self.store_writes_failed = 0
+        self.reservation_token = secrets.token_hex(8)
+        """This locator's mark on the reservations it writes: `release` removes only a reservation
+        carrying it, never another router's reservation of the same sid on the same pod."""
         metrics.watch_cached_sessions(self.near.counts, protocol)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -359,9 +362,6 @@ class Locator(SessionOwnership):
         result = await tracing.traced("probe.fanout", self._probe_all(sid),
                                       pods=len(self.roster.names()))
         if result.status == LIVE:
-        self.reservation_token = secrets.token_hex(8)
-        """This locator's mark on the reservations it writes: `release` removes only a reservation
-        carrying it, never another router's reservation of the same sid on the same pod."""
             assert result.pod is not None
             self._cache(sid, result.pod, OPEN)
             self._enqueue_write(sid, Location(result.pod, OPEN, "", now_ms()))
