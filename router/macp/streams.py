@@ -11,6 +11,8 @@ Invariants:
 - Until a bidi stream's first answer, at most STREAM_REPLAY_FRAMES client frames are kept for a
   transparent re-route; after it, nothing is kept or parsed (raw bytes, no lock).
 - A stale route moves a stream at most once, only to a pod that says it holds the session.
+- A client's half-close is passed upstream at once (no timer on the data path); a client's
+  cancel reaches the pod as a cancel of the upstream call.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class StreamHost(Protocol):
 STREAM_REPLAY_FRAMES = 64
 """Frames kept until a stream's first answer, for a transparent re-route (beyond: no re-route)."""
 FIRST_ANSWER_WARN_S = 10.0
-CANCEL_AFTER_EOF_GRACE_S = 0.05
+EOF_CANCEL_YIELDS = 2
+"""Loop turns a client's end-of-stream waits for a cancel grpc delivers with it (no timer)."""
 UNKNOWN_SESSION_CODES = frozenset({"UnknownSession", "SESSION_NOT_FOUND"})
 """Inline StreamSession error codes for "this pod does not hold the session" (the runtime puts
 its status message in `code`: "UnknownSession"; older sims and the Ack use SESSION_NOT_FOUND)."""
@@ -228,10 +231,14 @@ class _BidiRelay:
                     else:
                         self.kept = None  # too much to re-send: a stale answer passes through
                 await self.call.write(frame)
-        # A client's cancel reaches this read as EOF before grpc cancels the handler task;
-        # give the cancel a moment to arrive (close() then cancels this pump and the upstream
-        # call) so the pod sees a cancel, not a half-close it would finish.
-        await asyncio.sleep(CANCEL_AFTER_EOF_GRACE_S)
+        # grpc.aio ends a cancelled call's request stream with the same EOF as a half-close
+        # and cancels the handler task right after, in the same turn of the loop. Yield that
+        # turn (no timer: nothing waits on a clock), so a cancel already delivered lands first
+        # and the pod sees a plain cancel; then half-close at once. A cancel that arrives
+        # later still reaches the pod: the cancelled handler's close() cancels the upstream
+        # call, which the pod sees as a cancel unless it already ended the stream.
+        for _ in range(EOF_CANCEL_YIELDS):
+            await asyncio.sleep(0)
         async with self._lock:
             self.client_done = True
             await self.call.done_writing()
