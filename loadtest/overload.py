@@ -3,6 +3,11 @@
 What it measures (per leg: router, bare hop `passthrough`, `direct`; legs interleaved in
 rounds like every compared phase):
 
+0. the knee (router leg only): short closed loops at 1, 2, 4, ... `KNEE_CONCURRENCY` calls in
+   flight, each with its throughput and p50/p99; the knee is the smallest concurrency whose
+   throughput is within `KNEE_FRACTION` of the best one: past it the router only queues (more
+   in flight, same throughput, higher latency). It is what `--max-inflight-calls` should be
+   near (its default was derived from this sweep: loadtest/RESULTS.md);
 1. the router's saturation rate: a short closed loop (`--concurrency` in flight) of cache-hit
    Sends (without a router: the bare hop's);
 2. for each multiplier (`--overload-steps`, default 1,2,4) an open-loop step of
@@ -43,6 +48,8 @@ GOODPUT_FLOOR = 0.90  # goodput at 2x / 4x vs 1x
 P99_CEILING = 3.0  # admitted p99 at 2x / 4x vs 1x
 RSS_FLAT_BYTES = 16 * 2**20  # "flat": grows by less than this over all steps ...
 RSS_FLAT_FRACTION = 0.10  # ... or by less than this fraction of the start
+KNEE_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+KNEE_FRACTION = 0.90  # the knee: the first concurrency reaching this share of the best throughput
 
 
 def refusable_send_op(client: Client, requests: list[bytes], timeout: float,
@@ -94,6 +101,29 @@ def step_row(mult: float, r: PhaseResult, rss: tuple[int, int] | None) -> dict[s
     return row
 
 
+def knee_of(rows: list[dict[str, Any]]) -> int | None:
+    """The smallest concurrency whose throughput is >= KNEE_FRACTION of the sweep's best."""
+    best = max((r["ok_rps"] for r in rows), default=0.0)
+    if best <= 0:
+        return None
+    return next(r["concurrency"] for r in rows if r["ok_rps"] >= KNEE_FRACTION * best)
+
+
+async def knee_sweep(run: Any, op: Op, target: str) -> dict[str, Any]:
+    """Closed loops at rising concurrency on `target`: throughput and latency per level."""
+    seconds = min(2.0, max(0.5, run.settings.step_seconds / 5))
+    rows: list[dict[str, Any]] = []
+    for concurrency in KNEE_CONCURRENCY:
+        r = await run.phase("overload", target, f"knee c={concurrency}", op,
+                            concurrency=concurrency, duration=seconds)
+        lat = r.hist.summary()
+        rows.append({"concurrency": concurrency, "ok_rps": round(r.throughput, 1),
+                     "refused": r.errors.get(REFUSED, 0),
+                     "errors": sum(v for k, v in r.errors.items() if k != REFUSED),
+                     "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"]})
+    return {"target": target, "seconds": seconds, "rows": rows, "knee": knee_of(rows)}
+
+
 def goal_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """PASS/MISS of the overload goals on the router leg's steps (first step = 1x)."""
     if not rows:
@@ -134,6 +164,7 @@ async def scenario_overload(run: Any) -> None:
     ref = "router" if "router" in ops else "passthrough"
     if ref != "router":
         summary["note"] = "no router leg: the rate is the bare hop's saturation rate"
+    summary["knee"] = await knee_sweep(run, ops[ref], ref)
     sat = await run.phase("overload", ref, "saturation", ops[ref], concurrency=s.concurrency,
                           duration=min(3.0, max(1.0, s.step_seconds)))
     rate1 = round(sat.throughput, 1)
@@ -197,6 +228,15 @@ def overload_table(results: dict[str, Any]) -> str:
              f"{' '.join(o['router_args']) or '(none)'}")
     goals = [f"{'PASS' if g['pass'] else 'MISS'}  {g['name']}: {g['value']}"
              for g in o.get("goals", [])]
+    knee = o.get("knee")
+    if knee:
+        levels = "  ".join(f"c={r['concurrency']}: {r['ok_rps']:.0f}/s p50 {r['p50_ms']:.2f} "
+                           f"p99 {r['p99_ms']:.2f} ms" + (f" ({r['refused']} refused)"
+                                                          if r["refused"] else "")
+                           for r in knee["rows"])
+        goals.insert(0, f"knee sweep on {knee['target']} ({knee['seconds']:g} s closed loops): "
+                        f"{levels}; knee at c={knee['knee']} (first level >= "
+                        f"{KNEE_FRACTION:.0%} of the best throughput)")
     if o.get("generator_limited"):
         goals.append("NOTE  the generator hit its in-flight bound or fell > 100 ms behind "
                      "its schedule in some step: offered load was lower than asked there")
