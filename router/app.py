@@ -42,6 +42,7 @@ from router.lifecycle import Lifecycle, Stage
 from router.listeners import ListenError, Listeners
 from router.locator import Locator
 from router.macp import MacpProxy
+from router.macp.listing import Listings
 from router.metrics import Metrics
 from router.placement import make_policy
 from router.pods import Pod, PodSet
@@ -89,9 +90,12 @@ def make_pods(config: RouterConfig, supervisor: Supervisor) -> PodSet:
 
 
 def make_store(config: RouterConfig, metrics: Metrics,
-               supervisor: Supervisor | None = None) -> LocationStore:
+               supervisor: Supervisor | None = None, protocol: str = "macp") -> LocationStore:
     if not config.redis_url:
-        return MemoryStore(retention_s=config.retention_s)
+        store = MemoryStore(retention_s=config.retention_s, supervisor=supervisor,
+                            service=f"store_sweeper:{protocol}")
+        metrics.watch_size("macp_router_store_entries", (protocol,), store.__len__)
+        return store
     from router.redis_store import RedisStore
 
     return RedisStore(
@@ -132,6 +136,8 @@ class Router:
             protocol="macp",
             probe_timeout_s=config.probe_timeout_s,
             negative_ttl_s=config.negative_cache_ms / 1000,
+            negative_max=config.negative_cache_max_sessions,
+            cache_max_sessions=config.cache_max_sessions,
             retention_s=config.retention_s,
             on_silent=self.pods.report_silent,
         )
@@ -149,6 +155,8 @@ class Router:
             router_metadata=self.credentials.metadata,
             scope=(DiscoveryScope(config.observer_tokens, dict(config.token_identities))
                    if config.scope_discovery else None),
+            listings=Listings(idle_s=config.list_snapshot_idle_s,
+                              max_bytes=config.list_snapshot_bytes, metrics=self.metrics),
         )
         self.metrics.add_broadcast_methods(
             method for method, route_class in routes.ROUTE_CLASSES.items()
@@ -183,7 +191,7 @@ class Router:
 
         acp_store = make_store(
             dataclasses.replace(self.config, redis_prefix=self.config.redis_prefix + "acp:"),
-            self.metrics, self.supervisor,
+            self.metrics, self.supervisor, protocol="acp",
         )
         return AcpFrontDoor(self.config.acp, metrics=self.metrics, store=acp_store,
                            supervisor=self.supervisor, admission=self.admission)

@@ -20,10 +20,16 @@ Invariants:
   it answers again, so later misses do not wait for it.
 - Concurrent lookups of one sid share one fan-out (single-flight).
 - All pods not_found -> a short negative-cache entry, cleared by a CREATED event or placement.
+  The negative cache holds at most `negative_max` ids and the sweeper drops expired ones
+  every second, however few there are.
+- The in-flight table holds one entry per sid being located; it leaves when the look-up's
+  task ends, whatever ended it (every caller cancelled, the locator closed).
 - Invalidation is by (sid, pod): the near-cache first, then the store, each only if the
   entry still names that pod.
 - A near-cache entry maps a sid to exactly one pod; terminal sessions stay routable for the
-  retention window, then leave the cache.
+  retention window, then leave the cache. The near-cache holds at most `cache_max_sessions`
+  (ended sessions are evicted first, then the oldest live ones, which the next call finds
+  again through the store or a probe).
 - A live (open, suspended) entry never moves because another pod reports the same sid (two
   pods sharing storage, a split brain): that is counted, logged, kept in `also_on` and both
   pods are probed. Only evidence from the owner moves it: it answers not_found, or its
@@ -40,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import heapq
 import logging
 import secrets
@@ -118,22 +125,37 @@ class NoPlaceablePod(Exception):
 
 
 class NearCache:
-    """sid -> pod in process memory.
+    """sid -> pod in process memory, holding at most `max_entries` sessions.
 
-    An open session costs one dict slot whose value is the (shared) pod-name string. Any other
-    state is a small tuple `(pod, state, expires_at)` (expires_at 0.0 = never). Per-(pod,
-    state) counts are kept exact for placement and metrics. Expiries wait in a heap, not a
-    FIFO: TTLs differ (a reservation's is ten times a retention), and a long one queued first
-    must not hold back the shorter ones behind it.
+    An open session costs one dict slot whose value is the (shared) pod-name string, plus one
+    slot in the age queue. Any other state is a small tuple `(pod, state, expires_at)`
+    (expires_at 0.0 = never). Per-(pod, state) counts are kept exact for placement and metrics.
+    Expiries wait in a heap, not a FIFO: TTLs differ (a reservation's is ten times a
+    retention), and a long one queued first must not hold back the shorter ones behind it.
+
+    The bound: inserting a new sid into a full cache evicts one entry first, an ended (terminal)
+    session if there is one (the oldest ended first), else the oldest cached live one. An
+    evicted live session is not lost: the next call on it misses and finds it through the
+    store or a probe. Every queue (age, terminal, expiry heap) holds plain references with
+    lazy deletion and is rebuilt from the dict once it holds twice the entries (+1024), so
+    each stays O(`max_entries`) and every insert costs O(1) amortized (O(log n) for a TTL).
+    `evictions` counts removals by reason: "expired" (retention or reservation TTL), and, to
+    make room, "terminal" and "live".
     """
 
-    __slots__ = ("_counts", "_entries", "_expiry_queue", "_open_counts")
+    __slots__ = ("_counts", "_entries", "_expiry_queue", "_open_counts", "_order",
+                 "_terminal_order", "evictions", "max_entries")
 
-    def __init__(self) -> None:
+    def __init__(self, max_entries: int = 0) -> None:
+        self.max_entries = max_entries
+        """The most sessions held at once; 0 = unbounded (tests and benchmarks only)."""
         self._entries: dict[str, str | tuple[str, str, float]] = {}
         self._counts: collections.Counter[tuple[str, str]] = collections.Counter()
         self._open_counts: collections.Counter[str] = collections.Counter()
         self._expiry_queue: list[tuple[float, str]] = []  # a heap on expires_at
+        self._order: collections.deque[str] = collections.deque()  # sids, first cached first
+        self._terminal_order: collections.deque[str] = collections.deque()  # ended, oldest first
+        self.evictions: dict[str, int] = {"expired": 0, "terminal": 0, "live": 0}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -145,6 +167,7 @@ class NearCache:
         pod, _state, expires_at = value  # type: ignore[misc]
         if expires_at and expires_at <= time.monotonic():
             self._remove(sid)
+            self.evictions["expired"] += 1
             return None
         return pod
 
@@ -157,18 +180,62 @@ class NearCache:
         return (pod, OPEN) if value.__class__ is str else (pod, value[1])  # type: ignore[index]
 
     def set(self, sid: str, pod: str, state: str, ttl_s: float = 0.0) -> None:
-        if sid in self._entries:
+        entries = self._entries
+        if sid in entries:
             self._remove(sid)
+        else:
+            if self.max_entries and len(entries) >= self.max_entries:
+                self._evict_one()
+            self._order.append(sid)
+            if len(self._order) > 2 * len(entries) + 1024:
+                self._order = collections.deque(entries)
+                self._order.append(sid)
         if state == OPEN:
-            self._entries[sid] = pod
+            entries[sid] = pod
         else:
             expires_at = time.monotonic() + ttl_s if ttl_s else 0.0
-            self._entries[sid] = (pod, state, expires_at)
+            entries[sid] = (pod, state, expires_at)
             if expires_at:
-                heapq.heappush(self._expiry_queue, (expires_at, sid))
+                queue = self._expiry_queue
+                heapq.heappush(queue, (expires_at, sid))
+                if len(queue) > 2 * len(entries) + 1024:
+                    self._rebuild_expiry_queue()
+            if state in TERMINAL_STATES:
+                self._terminal_order.append(sid)
+                if len(self._terminal_order) > 2 * len(entries) + 1024:
+                    self._terminal_order = collections.deque(
+                        s for s, v in entries.items()
+                        if v.__class__ is tuple and v[1] in TERMINAL_STATES)  # type: ignore[index]
         self._counts[(pod, state)] += 1
         if state == OPEN or state == RESERVED:
             self._open_counts[pod] += 1
+
+    def _evict_one(self) -> None:
+        """Make room for one entry: the oldest ended session, else the oldest live one."""
+        entries = self._entries
+        terminal = self._terminal_order
+        while terminal:
+            sid = terminal.popleft()
+            value = entries.get(sid)
+            if value is not None and value.__class__ is tuple and value[1] in TERMINAL_STATES:  # type: ignore[index]
+                self._remove(sid)
+                self.evictions["terminal"] += 1
+                return
+        order = self._order
+        while order:
+            sid = order.popleft()
+            if sid in entries:
+                self._remove(sid)
+                self.evictions["live"] += 1
+                return
+
+    def _rebuild_expiry_queue(self) -> None:
+        """Drop the heap's stale items (entries renewed, moved or removed since queued)."""
+        self._expiry_queue = [
+            (value[2], sid) for sid, value in self._entries.items()  # type: ignore[misc]
+            if value.__class__ is tuple and value[2]  # type: ignore[index]
+        ]
+        heapq.heapify(self._expiry_queue)
 
     def discard(self, sid: str, pod: str) -> bool:
         """Remove the entry only while it still names `pod`."""
@@ -201,12 +268,22 @@ class NearCache:
         now = time.monotonic() if now is None else now
         dropped = 0
         queue = self._expiry_queue
+        entries = self._entries
         while queue and queue[0][0] <= now and dropped < limit:
             expires_at, sid = heapq.heappop(queue)
-            value = self._entries.get(sid)
-            if value is not None and value.__class__ is tuple and value[2] == expires_at:
+            value = entries.get(sid)
+            if value is not None and value.__class__ is tuple and value[2] == expires_at:  # type: ignore[index]
                 self._remove(sid)
                 dropped += 1
+        self.evictions["expired"] += dropped
+        # Ended sessions expire in the order they ended (one retention for all): what they
+        # left at the head of the terminal queue goes now, so it stays as long as they are.
+        terminal = self._terminal_order
+        while terminal:
+            value = entries.get(terminal[0])
+            if value is not None and value.__class__ is tuple and value[1] in TERMINAL_STATES:  # type: ignore[index]
+                break
+            terminal.popleft()
         return dropped
 
     def sessions_of(self, pod: str) -> list[tuple[str, str]]:
@@ -246,6 +323,8 @@ class Locator(SessionOwnership):
         protocol: str = "macp",
         probe_timeout_s: float = 0.25,
         negative_ttl_s: float = 1.0,
+        negative_max: int = 100_000,
+        cache_max_sessions: int = 0,
         retention_s: float = 600.0,
         reservation_grace_s: float = 30.0,
         on_silent: Callable[[str, str], None] | None = None,
@@ -262,11 +341,15 @@ class Locator(SessionOwnership):
         self.reservation_grace_s = reservation_grace_s
         self.on_silent = on_silent
         """Told (pod, reason) when a probe got no answer within the deadline."""
-        self.near = NearCache()
+        self.near = NearCache(cache_max_sessions)
         self.also_on: dict[str, dict[str, str]] = {}
         """sid -> {other pod: state it reported} for sessions more than one pod reported."""
-        self._negative: dict[str, float] = {}
+        self.negative_max = negative_max
+        self._negative: collections.OrderedDict[str, float] = collections.OrderedDict()
+        """sid -> when "on no pod" expires, in expiry order (one TTL for all): at most
+        `negative_max` entries, the oldest dropped first; the sweeper drops expired ones."""
         self._inflight: dict[str, asyncio.Task[Located]] = {}
+        """sid -> its single-flight look-up; an entry leaves when its task ends, however."""
         self._recent_placements: dict[str, float] = {}
         self._pending_writes: dict[str, Location] = {}
         self._write_wakeup = asyncio.Event()
@@ -280,6 +363,8 @@ class Locator(SessionOwnership):
         """This locator's mark on the reservations it writes: `release` removes only a reservation
         carrying it, never another router's reservation of the same sid on the same pod."""
         metrics.watch_cached_sessions(self.near.counts, protocol)
+        metrics.watch_locator(protocol, evictions=self.near.evictions,
+                              negative=self._negative.__len__, inflight=self._inflight.__len__)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, supervisor: Supervisor | None = None) -> None:
@@ -342,6 +427,7 @@ class Locator(SessionOwnership):
         task: asyncio.Task[Located] = asyncio.create_task(
             tracing.traced("locate", self._shared_lookup(sid), sid), name=f"locate:{sid[:8]}")
         self._inflight[sid] = task
+        task.add_done_callback(functools.partial(self._lookup_done, sid))
         self._tasks.add(task)  # type: ignore[arg-type]
         task.add_done_callback(self._tasks.discard)  # type: ignore[arg-type]
         task.add_done_callback(_log_failure)  # type: ignore[arg-type]
@@ -352,6 +438,12 @@ class Locator(SessionOwnership):
             return await self._locate_uncached(sid)
         finally:
             self._inflight.pop(sid, None)
+
+    def _lookup_done(self, sid: str, task: asyncio.Task[Located]) -> None:
+        """The look-up's task ended, however (also cancelled before it ever ran, when its
+        `finally` never ran): it leaves the in-flight table, unless a newer one took its place."""
+        if self._inflight.get(sid) is task:
+            del self._inflight[sid]
 
     async def _locate_uncached(self, sid: str) -> Located:
         location = await tracing.traced("store.get", self._store_get(sid))
@@ -367,11 +459,20 @@ class Locator(SessionOwnership):
             self._enqueue_write(sid, Location(result.pod, OPEN, "", now_ms()))
             self.metrics.record_locate(self.protocol, "probe_hit")
         elif result.status == NOT_FOUND:
-            self._negative[sid] = time.monotonic() + self.negative_ttl_s
+            self._remember_not_found(sid)
             self.metrics.record_locate(self.protocol, "not_found")
         else:
             self.metrics.record_locate(self.protocol, "unknown")
         return result
+
+    def _remember_not_found(self, sid: str) -> None:
+        if self.negative_ttl_s <= 0 or self.negative_max <= 0:
+            return
+        negative = self._negative
+        negative[sid] = time.monotonic() + self.negative_ttl_s
+        negative.move_to_end(sid)
+        if len(negative) > self.negative_max:
+            negative.popitem(last=False)
 
     async def probe_now(self, sid: str) -> Located:
         """Ask every pod now, bypassing the near-cache and the store (operators' fresh look)."""
@@ -600,7 +701,17 @@ class Locator(SessionOwnership):
             self.near.sweep()
             for sid in [sid for sid in self.also_on if self.near.get(sid) is None]:
                 del self.also_on[sid]
-            now = time.monotonic()
-            if len(self._negative) > 1000:
-                for sid in [s for s, t in self._negative.items() if t <= now]:
-                    del self._negative[sid]
+            self.sweep_negative()
+
+    def sweep_negative(self, now: float | None = None) -> int:
+        """Drop the expired negative-cache entries (oldest first); returns how many."""
+        now = time.monotonic() if now is None else now
+        negative = self._negative
+        dropped = 0
+        while negative:
+            sid, expires_at = next(iter(negative.items()))
+            if expires_at > now:
+                break
+            del negative[sid]
+            dropped += 1
+        return dropped

@@ -34,7 +34,7 @@ from typing import NamedTuple, Protocol
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from router.logs import log_call
@@ -94,6 +94,64 @@ class _CachedSessionsCollector(Collector):
                 if pod in self.known_pods:
                     family.add_metric([protocol, pod, state], count)
         yield family
+
+
+SIZE_GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "macp_router_negative_cache_entries": (
+        "Session ids remembered as held by no pod (the negative cache: bounded by "
+        "--negative-cache-max-sessions, each for --negative-cache-ms), by protocol",
+        ("protocol",)),
+    "macp_router_inflight_lookups": (
+        "Single-flight look-ups in flight (one per session id being located past the "
+        "near-cache), by protocol",
+        ("protocol",)),
+    "macp_router_store_entries": (
+        "Entries in the in-memory location store (the embedded default; ended sessions "
+        "leave it after --retention-s), by protocol; none with a Redis store",
+        ("protocol",)),
+    "macp_router_acp_connections": (
+        "Open ACP WebSocket connections: side=client (clients of the front door), "
+        "side=upstream (the router's pooled connections to ACP pods)",
+        ("side",)),
+    "macp_router_acp_session_streams": (
+        "ACP sessions with per-connection routing state (client side: sessions a client "
+        "connection used; upstream: sessions a pod connection carries)",
+        ("side",)),
+}
+"""Gauges read from the router's own structures at scrape time (`Metrics.watch_size`)."""
+
+CACHE_EVICTION_REASONS = ("expired", "terminal", "live")
+
+
+class _SizesCollector(Collector):
+    """The sizes of the router's bounded in-memory structures (`SIZE_GAUGES`) and
+    `macp_router_cache_evictions_total{protocol,reason}`, read from the structures themselves
+    at scrape time: the hot path touches no metric. A family with no source yet has no series.
+    """
+
+    def __init__(self) -> None:
+        self.sources: dict[str, dict[tuple[str, ...], Callable[[], float]]] = {
+            name: {} for name in SIZE_GAUGES}
+        self.evictions: dict[str, Mapping[str, int]] = {}
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        for name, (text, labels) in SIZE_GAUGES.items():
+            family = GaugeMetricFamily(name, text, labels=list(labels))
+            for values, read in sorted(self.sources[name].items()):
+                family.add_metric(list(values), read())
+            yield family
+        evictions = CounterMetricFamily(
+            "macp_router_cache_evictions",
+            "Sessions removed from the near-cache, by reason: expired (an ended session's "
+            "--retention-s or a reservation's TTL passed), terminal / live (evicted to make "
+            "room at --cache-max-sessions: ended sessions first, then the oldest live ones, "
+            "which their next call finds again through the store or a probe)",
+            labels=["protocol", "reason"],
+        )
+        for protocol, counts in sorted(self.evictions.items()):
+            for reason in CACHE_EVICTION_REASONS:
+                evictions.add_metric([protocol, reason], counts.get(reason, 0))
+        yield evictions
 
 
 class _AsyncioTasksCollector(Collector):
@@ -326,6 +384,8 @@ class Metrics:
         r.register(self._cached_sessions)
         self._asyncio_tasks = _AsyncioTasksCollector()
         r.register(self._asyncio_tasks)
+        self._sizes = _SizesCollector()
+        r.register(self._sizes)
         self._admission = _AdmissionCollector()
         r.register(self._admission)
         self.recent_placements: deque[Placement] = deque(maxlen=RECENT_PLACEMENTS)
@@ -418,6 +478,22 @@ class Metrics:
         """
         self._cached_sessions.sources[bounded(protocol, PROTOCOLS)] = source
         self._start_protocol(protocol)
+
+    def watch_size(self, name: str, labels: tuple[str, ...],
+                   read: Callable[[], float]) -> None:
+        """Export `read()` (e.g. a dict's `__len__`) as gauge `name`, one of `SIZE_GAUGES`,
+        with these label values; read at scrape time on the metrics thread."""
+        if name not in SIZE_GAUGES or len(labels) != len(SIZE_GAUGES[name][1]):
+            raise ValueError(f"{name}{labels} is no size gauge of SIZE_GAUGES")
+        self._sizes.sources[name][labels] = read
+
+    def watch_locator(self, protocol: str, *, evictions: Mapping[str, int],
+                      negative: Callable[[], float], inflight: Callable[[], float]) -> None:
+        """A locator's near-cache eviction counts, negative-cache and in-flight sizes."""
+        protocol = bounded(protocol, PROTOCOLS)
+        self._sizes.evictions[protocol] = evictions
+        self.watch_size("macp_router_negative_cache_entries", (protocol,), negative)
+        self.watch_size("macp_router_inflight_lookups", (protocol,), inflight)
 
     def pod_label(self, pod: str | None) -> str:
         if not pod:

@@ -169,6 +169,13 @@ _RETENTION_HELP = (
     "nothing the router already knows); after that the pod answers NOT_FOUND. Keep this at or "
     "below the runtime's retention: longer only remembers a pod that no longer has the session"
 )
+_CACHE_MAX_SESSIONS_HELP = (
+    "most sessions the in-process near-cache holds (per protocol). An open session costs about "
+    "130 bytes, an ended one about 250 (loadtest/RESULTS.md): the default 1,000,000 is about "
+    "130-250 MB. When full, ended sessions are evicted first, then the oldest live ones; an "
+    "evicted live session is found again through the store or a probe on its next call "
+    "(macp_router_cache_evictions_total{reason})"
+)
 _REDIS_URL_HELP = (
     "share the session->pod store with other router replicas: redis://HOST:PORT/DB (rediss:// "
     "for TLS), redis+cluster://HOST:PORT[,HOST:PORT...] (Redis Cluster seeds; "
@@ -250,8 +257,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("negative_cache_ms", "int", 1000,
             "how long 'no pod holds this session' is remembered",
             group="locating and placing sessions", metavar="MS", check=v.at_least(0)),
+    Setting("negative_cache_max_sessions", "int", 100_000,
+            "most session ids remembered as held by no pod (the negative cache); past it the "
+            "oldest is forgotten first (its next call probes again)",
+            group="locating and placing sessions", metavar="N", check=v.between(0, 10_000_000)),
     Setting("retention_s", "float", 600.0, _RETENTION_HELP,
             group="locating and placing sessions", metavar="SECONDS", check=v.positive),
+    Setting("cache_max_sessions", "int", 1_000_000, _CACHE_MAX_SESSIONS_HELP,
+            group="locating and placing sessions", metavar="N", check=v.between(1, 100_000_000)),
     Setting("placement", "str", "least-sessions-p2c", "placement policy for new sessions",
             group="locating and placing sessions", choices=tuple(POLICIES)),
     Setting("health_interval_ms", "int", 1000,
@@ -270,6 +283,15 @@ SETTINGS: tuple[Setting, ...] = (
             "receive limit for one pod's whole ListSessions reply (the runtime does not page it; "
             "~300 bytes per in-memory session)", group="connections to pods", metavar="N",
             check=v.between(MIB, 2**31 - 1, low_text="1 MiB", high_text="2 GiB - 1")),
+    Setting("list_snapshot_bytes", "int", 256 * MIB,
+            "most bytes of ListSessions listings kept for paging (a listing's first page fans "
+            "out once; its later pages read that snapshot); past it the least recently read "
+            "listing is dropped (its next page is INVALID_ARGUMENT: list again)",
+            group="security and limits", metavar="N",
+            check=v.between(MIB, 2**40, low_text="1 MiB", high_text="1 TiB")),
+    Setting("list_snapshot_idle_s", "float", 60.0,
+            "a ListSessions listing whose next page is not asked for this long is dropped",
+            group="security and limits", metavar="SECONDS", check=v.positive),
     # -- serve: processes and shutdown ------------------------------------------------------------
     Setting("workers", "int", 1,
             "router processes sharing the listen port (SO_REUSEPORT); auto = cores",

@@ -20,17 +20,24 @@ Invariants every implementation keeps (checked by one conformance suite for all 
 - Drain flags are shared: a pod drained through one router is drained for every router that
   shares the store.
 - Terminal entries (`resolved`, `expired`, `cancelled`) expire after the retention window;
-  reservations expire after `reservation_ttl_s` unless a feed confirms them.
+  reservations expire after `reservation_ttl_s` unless a feed confirms them. An expired entry
+  is gone whether or not it is ever read again (Redis: key TTLs; `MemoryStore`: its sweeper), so
+  a store holds the open sessions plus those that ended within the retention, under any churn.
 - A failing backend raises `StoreUnavailable` (never a library exception) and sets `degraded`;
   callers keep routing without the store and the store reports recovery through `on_recovered`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import heapq
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from router.supervisor import Supervisor
 
 RESERVED = "reserved"
 OPEN = "open"
@@ -105,14 +112,37 @@ class LocationStore(Protocol):
     async def draining_pods(self) -> set[str]: ...
 
 
+SWEEP_PER_WRITE = 2
+"""Expired entries a `MemoryStore` write removes besides its own: more than the one entry a
+write can add, so a store that is written is swept at least as fast as it fills."""
+
+
 class MemoryStore:
-    """The embedded default: one process, no I/O, never degraded."""
+    """The embedded default: one process, no I/O, never degraded.
+
+    Entries that expire (ended sessions after the retention, reservations after their TTL)
+    wait in a heap on their deadline and leave the store, whichever comes first: when read
+    past it, on a write (each removes up to `SWEEP_PER_WRITE` expired entries), or when the
+    sweeper runs (`sweep`, every `sweep_interval_s` as the service `service` of the supervisor
+    given, e.g. `store_sweeper:macp`). The heap keeps stale items of entries renewed or removed
+    since (lazy deletion) and is rebuilt once it holds twice the expiring entries (+1024), so
+    memory stays proportional to the entries and each write costs O(log n) amortized.
+    """
 
     name = "memory"
 
-    def __init__(self, *, retention_s: float = 600.0, reservation_ttl_s: float = 300.0) -> None:
+    def __init__(self, *, retention_s: float = 600.0, reservation_ttl_s: float = 300.0,
+                 supervisor: Supervisor | None = None, service: str = "store_sweeper:memory",
+                 sweep_interval_s: float = 1.0) -> None:
         self._entries: dict[str, Location] = {}
         self._expires: dict[str, float] = {}
+        self._deadlines: list[tuple[float, str]] = []  # a heap on the deadline
+        self._supervisor = supervisor
+        self.service = service
+        """The sweeper's name in the supervisor (with none given, writes and reads sweep)."""
+        self._sweep_interval_s = sweep_interval_s
+        self.expired = 0
+        """Entries removed because their deadline passed (read, write or sweeper)."""
         self._by_pod: dict[str, set[str]] = {}
         self._broadcasts: dict[str, BroadcastRecord] = {}
         self._draining: set[str] = set()
@@ -124,11 +154,35 @@ class MemoryStore:
     def degraded(self) -> bool:
         return False
 
+    def __len__(self) -> int:
+        """Entries held, the expired ones not swept yet included (`macp_router_store_entries`)."""
+        return len(self._entries)
+
     async def start(self) -> None:
-        return None
+        if self._supervisor is not None and not self._supervisor.running(self.service):
+            self._supervisor.spawn(self.service, self._sweep_loop)
 
     async def aclose(self) -> None:
-        return None
+        if self._supervisor is not None:
+            await self._supervisor.stop(self.service)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_interval_s)
+            self.sweep()
+
+    def sweep(self, now: float | None = None, limit: int = 100_000) -> int:
+        """Remove entries past their deadline (earliest first, at most `limit`); how many."""
+        now = time.monotonic() if now is None else now
+        heap = self._deadlines
+        removed = 0
+        while heap and heap[0][0] <= now and removed < limit:
+            deadline, sid = heapq.heappop(heap)
+            if self._expires.get(sid) == deadline:
+                self._remove(sid, self._entries[sid].pod)
+                removed += 1
+        self.expired += removed
+        return removed
 
     def _live(self, sid: str) -> Location | None:
         location = self._entries.get(sid)
@@ -137,6 +191,7 @@ class MemoryStore:
         deadline = self._expires.get(sid)
         if deadline is not None and deadline <= time.monotonic():
             self._remove(sid, location.pod)
+            self.expired += 1
             return None
         return location
 
@@ -155,10 +210,16 @@ class MemoryStore:
             self._remove(sid, previous.pod)
         self._entries[sid] = location
         self._by_pod.setdefault(location.pod, set()).add(sid)
+        now = time.monotonic()
         if ttl_s is None:
             self._expires.pop(sid, None)
         else:
-            self._expires[sid] = time.monotonic() + ttl_s
+            deadline = self._expires[sid] = now + ttl_s
+            heapq.heappush(self._deadlines, (deadline, sid))
+            if len(self._deadlines) > 2 * len(self._expires) + 1024:
+                self._deadlines = [(d, s) for s, d in self._expires.items()]
+                heapq.heapify(self._deadlines)
+        self.sweep(now, SWEEP_PER_WRITE)
 
     def _ttl_for(self, location: Location) -> float | None:
         if location.terminal:

@@ -64,7 +64,7 @@ def parse_acp_pod_list(text: str) -> list[AcpPodSpec]:
 
 
 SHARED_SETTINGS = ("placement", "probe_timeout_ms", "negative_cache_ms", "retention_s",
-                   "health_interval_ms")
+                   "health_interval_ms", "cache_max_sessions", "negative_cache_max_sessions")
 """`serve` settings that configure both front doors: one flag, one check, two configs."""
 
 
@@ -80,6 +80,8 @@ class AcpConfig:
     negative_cache_ms: int = setting("negative_cache_ms").default
     retention_s: float = setting("retention_s").default
     health_interval_ms: int = setting("health_interval_ms").default
+    cache_max_sessions: int = setting("cache_max_sessions").default
+    negative_cache_max_sessions: int = setting("negative_cache_max_sessions").default
     connect_timeout_ms: int = 2000
     fanout_timeout_ms: int = 5000
     """Per-pod bound on each `session/list` page of a fan-out."""

@@ -170,6 +170,8 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
             protocol=PROTOCOL,
             probe_timeout_s=config.probe_timeout_s,
             negative_ttl_s=config.negative_cache_ms / 1000,
+            negative_max=config.negative_cache_max_sessions,
+            cache_max_sessions=config.cache_max_sessions,
             retention_s=config.retention_s,
         )
         self.core = SessionRouter(self.locator, AcpBackend(self.roster))

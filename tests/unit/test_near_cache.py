@@ -107,3 +107,95 @@ def test_a_long_ttl_queued_first_does_not_hold_back_shorter_ones() -> None:
     assert all(near.get(f"ended{i}") is None for i in range(5))
     assert near.sweep(now=now + 301) == 1
     assert len(near) == 0
+
+
+# -- the bound: --cache-max-sessions ---------------------------------------------------------
+def test_a_full_cache_evicts_an_ended_session_before_any_live_one() -> None:
+    near = NearCache(max_entries=4)
+    near.set("live1", "a", OPEN)
+    near.set("ended1", "a", RESOLVED, ttl_s=600)
+    near.set("live2", "b", OPEN)
+    near.set("ended2", "b", CANCELLED, ttl_s=600)
+    near.set("new1", "a", OPEN)
+    near.set("new2", "b", RESERVED, ttl_s=300)
+    assert len(near) == 4
+    assert near.get("ended1") is None and near.get("ended2") is None
+    assert {sid for sid, _, _ in near.items()} == {"live1", "live2", "new1", "new2"}
+    assert near.evictions == {"expired": 0, "terminal": 2, "live": 0}
+    assert dict(near.counts()) == {("a", OPEN): 2, ("b", OPEN): 1, ("b", RESERVED): 1}
+    assert dict(near.open_counts()) == {"a": 2, "b": 2}
+
+
+def test_with_no_ended_session_a_full_cache_evicts_the_oldest_live_one() -> None:
+    near = NearCache(max_entries=3)
+    for sid in ("s1", "s2", "s3"):
+        near.set(sid, "a", OPEN)
+    near.set("s1", "a", SUSPENDED)  # updating an entry does not make room or evict
+    assert len(near) == 3 and near.evictions["live"] == 0
+    near.set("s4", "a", OPEN)
+    near.set("s5", "a", OPEN)
+    assert [sid for sid, _, _ in near.items()] == ["s3", "s4", "s5"]
+    assert near.evictions == {"expired": 0, "terminal": 0, "live": 2}
+    assert dict(near.open_counts()) == {"a": 3}
+
+
+def test_an_entry_removed_before_the_cache_filled_is_not_evicted_again() -> None:
+    """Queues keep stale references (lazy deletion): evicting skips them, so every eviction
+    removes one entry that is really there and the cache stays exactly at its bound."""
+    near = NearCache(max_entries=3)
+    near.set("gone", "a", RESOLVED, ttl_s=600)
+    near.discard("gone", "a")
+    near.set("s1", "a", OPEN)
+    near.set("s2", "a", OPEN)
+    near.set("s3", "a", OPEN)
+    near.set("s4", "a", OPEN)
+    assert len(near) == 3 and near.get("s1") is None and near.get("s4") == "a"
+    assert near.evictions == {"expired": 0, "terminal": 0, "live": 1}
+
+
+def test_under_endless_churn_the_cache_and_its_queues_stay_within_the_bound() -> None:
+    """1M-scale behaviour at a small bound: 20 000 sessions through a 1 000-entry cache, each
+    reserved, opened, ended (the life a session has in the router). The dict never exceeds
+    the bound, and the age, terminal and expiry queues stay within 2x + 1024 of it."""
+    bound = 1000
+    near = NearCache(max_entries=bound)
+    peak_queue = 0
+    for i in range(20_000):
+        sid = f"s{i}"
+        near.set(sid, "a", RESERVED, ttl_s=300)
+        near.set(sid, "a", OPEN)
+        near.set(sid, "a", RESOLVED, ttl_s=600)
+        assert len(near) <= bound
+        peak_queue = max(peak_queue, len(near._order), len(near._terminal_order),
+                         len(near._expiry_queue))
+    assert len(near) == bound
+    assert peak_queue <= 2 * bound + 1024 + 1, peak_queue
+    assert near.evictions["terminal"] == 20_000 - bound and near.evictions["live"] == 0
+    assert sum(near.counts().values()) == bound
+
+
+def test_eviction_cost_does_not_grow_with_the_number_of_stale_references() -> None:
+    """O(1) amortized: filling a full 20 000-entry cache with 20 000 more costs about what the
+    first 20 000 inserts cost (no scan of the whole cache per insert)."""
+    bound = 20_000
+    near = NearCache(max_entries=bound)
+    started = time.perf_counter()
+    for i in range(bound):
+        near.set(f"a{i}", "a", OPEN)
+    fill_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for i in range(bound):
+        near.set(f"b{i}", "a", OPEN)
+    evict_s = time.perf_counter() - started
+    assert len(near) == bound and near.evictions["live"] == bound
+    assert evict_s < 10 * fill_s + 0.05, (fill_s, evict_s)
+
+
+def test_sweep_counts_expiries_and_trims_the_ended_queue() -> None:
+    near = NearCache(max_entries=100)
+    now = time.monotonic()
+    for i in range(10):
+        near.set(f"e{i}", "a", RESOLVED, ttl_s=30)
+    assert near.sweep(now=now + 31) == 10
+    assert near.evictions["expired"] == 10
+    assert len(near._terminal_order) == 0 and len(near) == 0
