@@ -24,6 +24,7 @@ from loadtest import payloads
 from loadtest.benchcache import bench_memory, bench_near_cache
 from loadtest.hist import LatencyHistogram
 from loadtest.nginx import nginx_support
+from loadtest.overload import KNEE_CONCURRENCY
 from loadtest.passthrough import Passthrough
 from router.sim import SimPod
 from tests.pod_auth import pod_options
@@ -310,6 +311,10 @@ def test_overload_steps_against_router_bare_hop_and_direct(tmp_path: Path) -> No
                           "--step-seconds", "0.5", "--overload-steps", "1,2")
     o = report["results"]["overload"]
     assert o["saturation_target"] == "router" and o["saturation_rps"] > 0
+    knee = o["knee"]  # the closed-loop sweep the --max-inflight-calls default comes from
+    assert [r["concurrency"] for r in knee["rows"]] == list(KNEE_CONCURRENCY)
+    assert knee["knee"] in KNEE_CONCURRENCY
+    assert o["saturation_rps"] >= max(r["ok_rps"] for r in knee["rows"])
     assert set(o["steps"]) == {"router", "passthrough", "direct"}
     for leg, rows in o["steps"].items():
         assert [r["multiplier"] for r in rows] == [1.0, 2.0]
