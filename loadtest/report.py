@@ -74,6 +74,12 @@ def quality_bars(results: dict[str, Any]) -> list[Bar]:
              "run with --redis embedded or --redis-url"
              if _get(r, "hit", "redis_commands_per_hit") is None
              else "during the phase: " + json.dumps(_get(r, "hit", "redis_commands"))),
+        _bar("stream: whole stream p50 at c=1, router - passthrough",
+             _get(r, "stream", "stream_router_minus_passthrough_ms", "c1", "p50"), "ms",
+             "<= 2", lambda v: v <= 2.0, "open, round trips, half-close, end"),
+        _bar("stream: whole stream p99 at c=1, router - passthrough",
+             _get(r, "stream", "stream_router_minus_passthrough_ms", "c1", "p99"), "ms",
+             "(info)", None),
         _bar("miss: p50 - probe RTT p50", _get(r, "miss", "miss_minus_probe_rtt_p50_ms"), "ms",
              "<= 2", lambda v: v <= 2.0),
         _bar("miss: p50 - router hit p50 (same GetSession)",

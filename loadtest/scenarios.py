@@ -564,6 +564,21 @@ class Run:
             if t != "direct":
                 summary[f"ratio_{t}_direct"] = round(r.throughput / d, 4)
         summary["cpu_split"] = {t: cpu_split(r) for t, r in sat.items()}
+        # Whole-stream latency (open, round trips, half-close, end) at c=1 and c=--concurrency:
+        # what a relayed stream costs over the bare hop, the router's goal (<= 2 ms at p50).
+        one = await self.interleaved("stream", "c1", ops, concurrency=1,
+                                     duration=max(0.5, s.duration / 2))
+        summary["stream_ms"] = {
+            "c1": {t: r.hist.summary() for t, r in one.items()},
+            f"c{s.concurrency}": {t: r.hist.summary() for t, r in sat.items()},
+        }
+        if "router" in sat and "passthrough" in sat:
+            summary["stream_router_minus_passthrough_ms"] = {
+                level: {f"p{p}": round(legs["router"].hist.percentile_ms(p)
+                                       - legs["passthrough"].hist.percentile_ms(p), 4)
+                        for p in (50, 99)}
+                for level, legs in (("c1", one), (f"c{s.concurrency}", sat))
+            }
         self.results["stream"] = summary
 
     async def scenario_start(self) -> None:
