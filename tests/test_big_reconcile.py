@@ -45,7 +45,7 @@ async def test_a_pod_with_60000_sessions_reconciles_and_clients_get_router_pages
         stub = core_pb2_grpc.MACPRuntimeServiceStub(channel)
         first = await stub.ListSessions(core_pb2.ListSessionsRequest(page_size=500),
                                         metadata=METADATA, timeout=60)
-        assert len(first.sessions) == 500 and first.next_page_token.startswith("r1.")
+        assert len(first.sessions) == 500 and first.next_page_token.startswith("r2.")
         second = await stub.ListSessions(
             core_pb2.ListSessionsRequest(page_size=500, page_token=first.next_page_token),
             metadata=METADATA, timeout=60)

@@ -468,7 +468,7 @@ async def test_list_sessions_merges_dedupes_and_pages_with_router_tokens(sim_pod
             if not token:
                 break
             tokens.append(token)
-        assert len(tokens) == 2 and all(t.startswith("r1.") for t in tokens), tokens
+        assert len(tokens) == 2 and all(t.startswith("r2.") for t in tokens), tokens
         assert len(seen) == 12 and set(seen) == sids, seen  # no duplicates, no gaps
 
         whole = await stub.ListSessions(core_pb2.ListSessionsRequest(), metadata=METADATA,

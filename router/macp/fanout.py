@@ -5,8 +5,10 @@ Invariants:
 - A list is never partial: a pod that does not answer fails the call naming it (a partial
   list would hide its sessions); a pod that refuses the caller's credentials fails it with
   that pod's own status.
-- Pages are the router's own (keyset tokens over (started_at, session_id)), whatever the pods'
-  own paging; a token the router did not issue is INVALID_ARGUMENT.
+- Pages are the router's own, whatever the pods' own paging: a listing fans out once (its
+  first page) and every later page is a slice of that listing's snapshot
+  (`router.macp.listing`: bounded, expiring, bound to the caller's credentials); a token
+  this process did not issue, or whose listing it no longer holds, is INVALID_ARGUMENT.
 - A merged stream adds pods that become healthy while it is open, and ends (with that pod's
   status) when one pod's stream fails, so the client resubscribes instead of missing events.
 - A frame that does not parse never opens N streams (INVALID_ARGUMENT).
@@ -15,7 +17,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 from collections.abc import Callable
 
@@ -27,6 +28,7 @@ from router import tracing
 from router.core.call import Call
 from router.core.errors import Abort
 from router.macp.backend import forwardable, no_pod_message, upstream_abort
+from router.macp.listing import Listings, caller_digest, encode_page, frame_session
 from router.pods import Pod, PodSet
 from router.scope import DiscoveryScope
 from router.watch import is_too_large, too_large
@@ -40,15 +42,37 @@ LIST_PAGE_DEFAULT = 1000
 class FanOutCalls:
     """ListSessions (paged, merged) and the merged watch streams."""
 
-    def __init__(self, pods: PodSet, scope: DiscoveryScope | None) -> None:
+    def __init__(self, pods: PodSet, scope: DiscoveryScope | None,
+                 listings: Listings | None = None) -> None:
         self.pods = pods
         self.scope = scope
+        self.listings = listings if listings is not None else Listings()
 
     async def list_sessions(self, call: Call, request: bytes) -> bytes:
+        """One page of the merged list: the first page fans out to every pod and keeps the
+        sorted result as the listing's snapshot; a page token reads that snapshot."""
         try:
             query = core_pb2.ListSessionsRequest.FromString(request)
         except Exception as exc:  # protobuf's DecodeError
             raise WireError(str(exc)) from None
+        context: grpc.aio.ServicerContext = call.context
+        caller = caller_digest(context.invocation_metadata())
+        size = query.page_size if query.page_size > 0 else LIST_PAGE_DEFAULT
+        if query.page_token:
+            listing, offset = self.listings.parse(query.page_token)
+            entries = self.listings.get(listing, caller).entries
+        else:
+            entries = await self._fan_out(call)
+            if len(entries) <= size:
+                return encode_page(entries, "")  # one page: nothing to keep
+            listing, offset = self.listings.add(caller, entries), 0
+        end = offset + size
+        next_token = self.listings.token(listing, end) if end < len(entries) else ""
+        return encode_page(entries[offset:end], next_token)
+
+    async def _fan_out(self, call: Call) -> tuple[bytes, ...]:
+        """Every pod's sessions, merged, filtered for the caller and sorted by (started_at,
+        session_id), each framed for a ListSessionsResponse."""
         pods = list(self.pods)
         if not pods:
             raise Abort(grpc.StatusCode.UNAVAILABLE, no_pod_message(self.pods, call.method))
@@ -64,15 +88,7 @@ class FanOutCalls:
             if visible is not None:
                 merged = {sid: s for sid, s in merged.items() if visible(s)}
         ordered = sorted(merged.values(), key=lambda s: (s.started_at_unix_ms, s.session_id))
-        start = _decode_page_token(query.page_token, ordered) if query.page_token else 0
-        size = query.page_size if query.page_size > 0 else LIST_PAGE_DEFAULT
-        page = ordered[start : start + size]
-        next_token = ""
-        if start + size < len(ordered) and page:
-            next_token = _encode_page_token(page[-1])
-        return core_pb2.ListSessionsResponse(
-            sessions=page, next_page_token=next_token
-        ).SerializeToString()
+        return tuple(frame_session(session.SerializeToString()) for session in ordered)
 
     async def merged(self, call: Call, request: bytes) -> None:
         """WatchSessions / WatchSignals: every pod's stream, with the caller's credentials."""
@@ -223,26 +239,3 @@ class _Merge:
             upstream.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
-
-def _encode_page_token(last: core_pb2.SessionMetadata) -> str:
-    raw = f"{last.started_at_unix_ms}:{last.session_id}".encode()
-    return "r1." + base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_page_token(token: str, ordered: list[core_pb2.SessionMetadata]) -> int:
-    """Index of the first session after the one the token names (keyset paging)."""
-    if not token.startswith("r1."):
-        raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                    "ListSessions: page_token was not issued by this router")
-    body = token[3:]
-    try:
-        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
-        started, _, sid = raw.partition(":")
-        key = (int(started), sid)
-    except (ValueError, UnicodeDecodeError):
-        raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                    "ListSessions: page_token is malformed") from None
-    for index, session in enumerate(ordered):
-        if (session.started_at_unix_ms, session.session_id) > key:
-            return index
-    return len(ordered)

@@ -47,6 +47,7 @@ from router.macp.any import AnyCalls, client_stream_handler
 from router.macp.backend import MacpBackend
 from router.macp.broadcast import BroadcastCalls
 from router.macp.fanout import FanOutCalls
+from router.macp.listing import Listings
 from router.macp.session import SessionCalls
 from router.macp.streams import FIRST_ANSWER_WARN_S, StreamCalls
 from router.metrics import Metrics
@@ -76,6 +77,7 @@ class MacpProxy:
         broadcast_timeout_s: float = 5.0,
         scope: DiscoveryScope | None = None,
         admission: Admission | None = None,
+        listings: Listings | None = None,
     ) -> None:
         self.pods = pods
         self.admission = admission if admission is not None else Admission(metrics=metrics)
@@ -89,7 +91,9 @@ class MacpProxy:
                                   why_not_placeable=self._why_not_placeable)
         self.sessions = SessionCalls(self.core, self.backend)
         self.any = AnyCalls(self.backend)
-        self.fanout = FanOutCalls(pods, scope)
+        self.fanout = FanOutCalls(pods, scope, listings)
+        """ListSessions paging keeps one snapshot per listing in `listings` (bounded, expiring;
+        the default bounds when none is given)."""
         self.broadcasts = BroadcastCalls(
             pods=pods, store=store, metrics=metrics, routes_by_path=self.routes,
             router_metadata=router_metadata, broadcast_timeout_s=broadcast_timeout_s)
