@@ -10,7 +10,9 @@ fails silently.
 Invariants:
 - Every exception a call ends with maps to exactly one status; an unexpected one is logged
   with its traceback and counted once, and the caller is told it is a router error.
-- `asyncio.CancelledError` is not an outcome: callers handle cancellation themselves.
+- `asyncio.CancelledError` is not an outcome: callers handle cancellation themselves, and
+  label it with `cancelled_code` (DEADLINE_EXCEEDED when the call's deadline had run out,
+  else CANCELLED) so a call that ended by its deadline is never counted as cancelled.
 - Status codes are gRPC's (`grpc.StatusCode`): the router's common status vocabulary (the ACP
   front door labels its JSON-RPC errors with the same names).
 """
@@ -39,6 +41,21 @@ class Abort(Exception):
         self.trailing = trailing
         self.never_sent = False
         """The request provably never reached the pod (a connect failure)."""
+
+
+DEADLINE_SLACK_S = 0.05
+"""A cancel this close to the call's deadline is the deadline's. The client cancels at its own
+deadline, which comes a hop earlier than the server's copy of it (the server's clock starts
+when the request arrives), and the handler sees the cancel a loop turn or two later."""
+
+
+def cancelled_code(time_remaining: float | None) -> str:
+    """The status name a cancelled call is recorded with: DEADLINE_EXCEEDED when its deadline
+    had (all but) run out (`time_remaining`: seconds left, None for no deadline), else
+    CANCELLED (the client cancelled, or the router is ending the call)."""
+    if time_remaining is not None and time_remaining <= DEADLINE_SLACK_S:
+        return "DEADLINE_EXCEEDED"
+    return "CANCELLED"
 
 
 class _UnexpectedCounter(Protocol):

@@ -18,7 +18,8 @@ frame that does not parse, or an unexpected exception, logged and counted) and i
 Invariants:
 - A frame the router routes on (session, start, fan-out, broadcast) that does not parse is
   answered INVALID_ARGUMENT and never forwarded; `any`-class requests go to one pod unread.
-- Every call records exactly one request metric, with the pod it last went to.
+- Every call records exactly one request metric, with the pod it last went to; a call that
+  ends cancelled is recorded DEADLINE_EXCEEDED when its deadline ran out, else CANCELLED.
 - On shutdown (`end_streams`) every open stream ends UNAVAILABLE so clients reconnect to
   another replica; unary calls are left to finish.
 - Admission control (`router.admission`) comes first: a call or stream past its kind's bound
@@ -39,7 +40,7 @@ import grpc
 from router import routes, tracing
 from router.admission import CALL, PUSHBACK_KEY, STREAM, Admission
 from router.core.call import Call
-from router.core.errors import outcome_of
+from router.core.errors import cancelled_code, outcome_of
 from router.core.session_router import SessionRouter
 from router.credentials import FIX_HINT
 from router.locator import Locator
@@ -220,6 +221,9 @@ class MacpProxy:
                 except grpc.aio.AbortError:
                     call.finish(metrics, "UNKNOWN")
                     raise
+                except asyncio.CancelledError:  # the client cancelled, or the deadline passed
+                    call.finish(metrics, cancelled_code(context.time_remaining()))
+                    raise
                 except Exception as exc:
                     abort = outcome_of(exc, PROTOCOL, method, what, metrics)
                     call.finish(metrics, abort.code.name)
@@ -286,8 +290,8 @@ class MacpProxy:
         task = self._track_stream()
         try:
             await body
-        except asyncio.CancelledError:
-            call.code = "CANCELLED"
+        except asyncio.CancelledError:  # the client cancelled, the deadline passed, or shutdown
+            call.code = cancelled_code(context.time_remaining())
             if not self._closing:
                 raise
             call.code = "UNAVAILABLE"
