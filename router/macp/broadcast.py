@@ -12,12 +12,22 @@ Invariants:
 - A pod that missed a call (no answer) is marked `registry_synced = False` and gets it on
   its next (re)connect; a pod that lists its registry is replayed only what it lacks.
 - A store outage never stops placement: the replay is deferred until the store is back.
+- A registry call the pods hold whose store write (record or forget) failed is never reported
+  as remembered: one warning line names the store and what to do,
+  `macp_router_broadcast_record_failures_total{method}` counts it, and the caller is told.
+  When every pod holds it, the caller still gets the pods' own OK (the call is in effect on
+  every pod now; an error would read as "not applied", and the retry it invites is answered
+  "already registered") with trailing metadata ``macp-router-replay: unconfirmed`` and
+  ``macp-router-warning: <why and what to do>``; when some pods missed it, the UNAVAILABLE
+  detail says so. "Unconfirmed", not "lost": a write that timed out may still land when a
+  hung server wakes up; one that was refused (or never sent) did not. Either way the caller's
+  remedy is the same: call again once the store answers (pods that hold it answer "already
+  registered", which counts as held, and the router records it then).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
@@ -29,7 +39,7 @@ from router import routes
 from router.core.call import Call
 from router.core.errors import Abort
 from router.macp.backend import forwardable, no_pod_message
-from router.metrics import Metrics
+from router.metrics import Metrics, bounded
 from router.pods import Pod, PodSet
 from router.routes import Route
 from router.store import BroadcastRecord, LocationStore, StoreUnavailable
@@ -39,6 +49,12 @@ log = logging.getLogger("macp_router.proxy")
 
 _Outcome = tuple[Pod, object, str]
 """(pod, its answer or exception, why) of one pod's answer to a broadcast."""
+
+REPLAY_HEADER = "macp-router-replay"
+"""Trailing metadata of a registry call answered OK whose record for replay the store did not
+confirm (value `UNCONFIRMED`); `WARNING_HEADER` says why and what to do."""
+UNCONFIRMED = "unconfirmed"
+WARNING_HEADER = "macp-router-warning"
 
 
 class BroadcastCalls:
@@ -93,19 +109,47 @@ class BroadcastCalls:
             pod.registry_synced = False  # it may have missed this call: replay when it is back
             log.warning("pod %s: %s %s got no answer (%s); it is replayed to the pod when its "
                         "feed reconnects", pod.name, route.method, key, why)
+        unrecorded = ""
         if held and not refused:
-            with contextlib.suppress(StoreUnavailable):
-                if adds:
-                    await self.store.record_broadcast(BroadcastRecord(key, route.method, request))
-                else:
-                    await self.store.forget_broadcast(key)
-        return self._answer(route.method, key, held, refused, failed)
+            unrecorded = await self._remember(route.method, key, adds, request)
+        if unrecorded and not failed:
+            context.set_trailing_metadata(
+                ((REPLAY_HEADER, UNCONFIRMED), (WARNING_HEADER, _header_value(unrecorded))))
+        return self._answer(route.method, key, held, refused, failed, unrecorded)
+
+    async def _remember(self, method: str, key: str, adds: bool, request: bytes) -> str:
+        """Record (or forget) a call every answering pod holds; "" when the store did, else
+        what the caller must be told (logged once and counted here)."""
+        try:
+            if adds:
+                await self.store.record_broadcast(BroadcastRecord(key, method, request))
+            else:
+                await self.store.forget_broadcast(key)
+            return ""
+        except StoreUnavailable as exc:
+            where = getattr(self.store, "url", "") or "in this router"
+            if adds:
+                consequence = (f"{method} {key} is in effect on the pods that answered, but the "
+                               f"{self.store.name} store ({where}) did not record it for replay "
+                               f"({exc}): pods that join or restart will NOT get it unless the "
+                               "write landed late; call it again once the store answers (pods "
+                               "answer 'already registered', and it is recorded then)")
+            else:
+                consequence = (f"{method} {key} is in effect on the pods that answered, but the "
+                               f"{self.store.name} store ({where}) did not forget the earlier "
+                               f"registration ({exc}): pods that join or restart may get it "
+                               "again; call it again once the store answers")
+            log.warning("%s (macp_router_broadcast_record_failures_total)", consequence)
+            self.metrics.broadcast_record_failures.labels(
+                bounded(method, self.metrics.known_methods)).inc()
+            return consequence
 
     def _answer(
         self, method: str, key: str, held: list[_Outcome], refused: list[_Outcome],
-        failed: list[_Outcome],
+        failed: list[_Outcome], unrecorded: str = "",
     ) -> bytes:
-        """The caller's answer to a broadcast from the pods' outcomes (metric recorded)."""
+        """The caller's answer to a broadcast from the pods' outcomes (metric recorded);
+        `unrecorded` says why the store did not remember it ("" when it did)."""
         if held and not refused and not failed:
             self.metrics.record_broadcast(method, "ok")
             accepted = [result for _pod, result, why in held if not why]
@@ -132,6 +176,12 @@ class BroadcastCalls:
         self.metrics.record_broadcast(method, "partial" if held else "failed")
         if held:
             done = ", ".join(pod.name for pod, _r, _w in held)
+            if unrecorded:
+                raise Abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"{method} {key}: applied on {done}; failed on {described_failed}. It is "
+                    f"NOT remembered for replay to those pods: {unrecorded} (retry is safe)",
+                )
             raise Abort(
                 grpc.StatusCode.UNAVAILABLE,
                 f"{method} {key}: applied on {done}; failed on {described_failed}. It is "
@@ -293,6 +343,12 @@ def _pass_through(result: object) -> bytes:
     if isinstance(result, grpc.aio.AioRpcError):
         raise Abort(result.code(), result.details() or "", forwardable(result.trailing_metadata()))
     raise Abort(grpc.StatusCode.INTERNAL, f"unexpected answer {result!r}")
+
+
+def _header_value(text: str, limit: int = 2048) -> str:
+    """`text` as a valid ASCII metadata value: printable characters only, at most `limit`."""
+    clean = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return clean if len(clean) <= limit else clean[: limit - 3] + "..."
 
 
 def _describe(error: object) -> str:
