@@ -110,13 +110,14 @@ SIZE_GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
         "leave it after --retention-s), by protocol; none with a Redis store",
         ("protocol",)),
     "macp_router_acp_connections": (
-        "Open ACP WebSocket connections: side=client (clients of the front door), "
-        "side=upstream (the router's pooled connections to ACP pods)",
+        "Open ACP connections: side=client (client connections of the front door, HTTP and "
+        "WebSocket), side=upstream (their connections to ACP pods; the per-pod control "
+        "connections not counted)",
         ("side",)),
     "macp_router_acp_session_streams": (
-        "ACP sessions with per-connection routing state (client side: sessions a client "
-        "connection used; upstream: sessions a pod connection carries)",
-        ("side",)),
+        "ACP session streams held by client connections (one per session a connection used; "
+        "gone when the session is closed or deleted, or the connection closes)",
+        ()),
 }
 """Gauges read from the router's own structures at scrape time (`Metrics.watch_size`)."""
 
@@ -133,6 +134,7 @@ class _SizesCollector(Collector):
         self.sources: dict[str, dict[tuple[str, ...], Callable[[], float]]] = {
             name: {} for name in SIZE_GAUGES}
         self.evictions: dict[str, Mapping[str, int]] = {}
+        self.idle_closed: Mapping[str, int] | None = None
 
     def collect(self):  # type: ignore[no-untyped-def]
         for name, (text, labels) in SIZE_GAUGES.items():
@@ -152,6 +154,17 @@ class _SizesCollector(Collector):
             for reason in CACHE_EVICTION_REASONS:
                 evictions.add_metric([protocol, reason], counts.get(reason, 0))
         yield evictions
+        idle = CounterMetricFamily(
+            "macp_router_acp_idle_closed",
+            "ACP connections the router closed after --acp-idle-timeout-s without traffic: "
+            "side=client (a client connection, HTTP or WebSocket), side=upstream (a client's "
+            "connection to a pod holding none of its sessions)",
+            labels=["side"],
+        )
+        if self.idle_closed is not None:
+            for side in ("client", "upstream"):
+                idle.add_metric([side], self.idle_closed.get(side, 0))
+        yield idle
 
 
 class _AsyncioTasksCollector(Collector):
@@ -494,6 +507,10 @@ class Metrics:
         self._sizes.evictions[protocol] = evictions
         self.watch_size("macp_router_negative_cache_entries", (protocol,), negative)
         self.watch_size("macp_router_inflight_lookups", (protocol,), inflight)
+
+    def watch_idle_closed(self, counts: Mapping[str, int]) -> None:
+        """The ACP front door's idle-connection reaper counts, by side (client, upstream)."""
+        self._sizes.idle_closed = counts
 
     def pod_label(self, pod: str | None) -> str:
         if not pod:

@@ -382,6 +382,13 @@ SETTINGS: tuple[Setting, ...] = (
             "WebSocket on the pod's endpoint; stock acp 0.12.1 pods need it for prompts after "
             "session/load) or http", group="ACP front door", choices=("ws", "http"),
             config=False),
+    Setting("acp_idle_timeout_s", "float", 300.0,
+            "close an ACP client connection (HTTP or WebSocket) that had no open stream, no "
+            "call in flight and no message either way for this long, and a client's "
+            "connection to a pod that carried nothing this long and holds none of its "
+            "sessions (a client that vanished without closing; a stock acp pod ends a "
+            "connection's sessions with it, so keep it above your clients' quiet periods)",
+            group="ACP front door", metavar="SECONDS", check=v.positive, config=False),
     Setting("acp", "AcpConfig | None", None, "the ACP front door; None = MACP only",
             cli=INTERNAL, why_no_flag="built from --acp-listen, --acp-pods, --acp-upstream"),
     # -- pod, acp-pod: simulated pods -------------------------------------------------------------

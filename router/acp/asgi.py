@@ -11,12 +11,15 @@ Invariants:
 - The serving task is owned by this object; `aclose()` first ends every open WebSocket (the
   app sees `websocket.disconnect`, hypercorn sends the close frame), then asks hypercorn to shut
   down and waits for it (bounded by the graceful timeout plus a margin), then cancels it.
+- The app can end one WebSocket the same way: code running for that socket's handler reads
+  `websocket_ender()` (e.g. to close an idle client's socket later).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -33,6 +36,15 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
+_WEBSOCKET_END: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "websocket_end", default=None)
+
+
+def websocket_ender() -> Callable[[], None] | None:
+    """Inside a WebSocket's handler: a function that ends this socket (the app's next receive
+    is a disconnect, then hypercorn sends the close frame); None outside one."""
+    return _WEBSOCKET_END.get()
+
 
 class _EndWebSocketsOnClose:
     """ASGI middleware: once `closing` is set, every WebSocket's next receive is a disconnect.
@@ -43,29 +55,44 @@ class _EndWebSocketsOnClose:
 
     def __init__(self, app: Any) -> None:
         self.app = app
-        self.closing = asyncio.Event()
+        self.closing = False
+        self._sockets: set[asyncio.Event] = set()
+
+    def end_all(self) -> None:
+        """Every open WebSocket's next receive is a disconnect (and every later one's)."""
+        self.closing = True
+        for ending in self._sockets:
+            ending.set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "websocket":
             await self.app(scope, receive, send)
             return
-        closing = self.closing
+        ending = asyncio.Event()  # this socket's: set on shutdown, or by the app (idle)
+        if self.closing:
+            ending.set()
 
-        async def receive_until_closing() -> dict[str, Any]:
-            if closing.is_set():
+        async def receive_until_ending() -> dict[str, Any]:
+            if ending.is_set():
                 return {"type": "websocket.disconnect", "code": 1001}
             message = asyncio.ensure_future(receive())
-            closed = asyncio.ensure_future(closing.wait())
+            ended = asyncio.ensure_future(ending.wait())
             try:
-                await asyncio.wait({message, closed}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({message, ended}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                closed.cancel()
+                ended.cancel()
             if message.done():
                 return message.result()
             message.cancel()
             return {"type": "websocket.disconnect", "code": 1001}
 
-        await self.app(scope, receive_until_closing, send)
+        self._sockets.add(ending)
+        token = _WEBSOCKET_END.set(ending.set)
+        try:
+            await self.app(scope, receive_until_ending, send)
+        finally:
+            _WEBSOCKET_END.reset(token)
+            self._sockets.discard(ending)
 
 
 class AsgiServer:
@@ -124,7 +151,7 @@ class AsgiServer:
         if task is None:
             return
         if self._wrapper is not None:
-            self._wrapper.closing.set()
+            self._wrapper.end_all()
             await asyncio.sleep(0)  # let the WebSocket handlers see their disconnect
         self._stop.set()
         try:

@@ -1,16 +1,17 @@
 """ACP front door configuration: one frozen, validated dataclass.
 
 Nothing here reads flags or the environment: `acp_config_from_options` builds it from `serve`'s
-parsed `--acp-listen/--acp-pods/--acp-upstream` and the settings it shares with the MACP side
-(placement, probe timeout, negative cache, retention, health interval), whose checks are the
-settings table's (`router.settings.check_setting`), so they exist once.
+parsed `--acp-listen/--acp-pods/--acp-upstream/--acp-idle-timeout-s` and the settings it shares
+with the MACP side (placement, probe timeout, negative cache and its bound, retention, health
+interval, near-cache bound), whose checks are the settings table's
+(`router.settings.check_setting`), so they exist once.
 
 Invariants:
 - This module imports only the standard library and `router` leaf modules (`router.settings`,
   `router.validate`), never `router.config`, so `RouterConfig` can hold an `AcpConfig` without
   an import cycle and without the `acp` extra installed.
-- The fields without a flag (connect and fan-out timeouts, list pages, idle connection bound,
-  shutdown grace) are fixed tuning values of the front door; tests and the demo set them.
+- The fields without a flag (connect and fan-out timeouts, list pages, shutdown grace) are
+  fixed tuning values of the front door; tests and the demo set them.
 """
 
 from __future__ import annotations
@@ -86,9 +87,10 @@ class AcpConfig:
     fanout_timeout_ms: int = 5000
     """Per-pod bound on each `session/list` page of a fan-out."""
     list_max_pages: int = 20
-    connection_idle_s: float = 300.0
-    """A client connection with no open stream, no call in flight and no traffic for this long
-    is closed (a client that vanished without DELETE)."""
+    connection_idle_s: float = setting("acp_idle_timeout_s").default
+    """`--acp-idle-timeout-s`: a client connection with no open stream, no call in flight and
+    no traffic for this long is closed (a client that vanished without DELETE), and so is a
+    client's upstream that carried nothing this long to a pod holding none of its sessions."""
     shutdown_grace_s: float = 1.0
 
     def __post_init__(self) -> None:
@@ -135,5 +137,7 @@ def acp_config_from_options(options: Mapping[str, Any],
         listen=listen,
         pods=tuple(parse_acp_pod_list(pods)),
         upstream_transport=options.get("acp_upstream") or WS,
+        connection_idle_s=(options.get("acp_idle_timeout_s")
+                           or setting("acp_idle_timeout_s").default),
         **{name: shared[name] for name in SHARED_SETTINGS if name in shared},
     )

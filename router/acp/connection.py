@@ -17,7 +17,15 @@ Invariants:
   resume or session-scoped request for it arrives, or when the locator already knows it:
   registered sessions are the ones whose `Acp-Session-Id` POSTs and GET streams are accepted.
 - Every task the connection starts is owned by it and cancelled by `aclose()`, which also
-  closes its upstreams and ends its streams.
+  closes its upstreams, ends its streams, forgets its sessions and (a WebSocket client) ends
+  the client's socket.
+- Bounded: a connection holds at most one upstream per pod and one session stream per session
+  it uses; a session's stream goes when the session is closed or deleted through it
+  (`forget`), or, not being read, once the router no longer knows the session (`prune`).
+  `ConnectionTable.reap_idle` closes client connections (WebSocket ones too) and upstreams
+  that carried nothing for the idle timeout (`--acp-idle-timeout-s`); an upstream to a pod
+  that holds a session of the client is kept while the client connection lives (a stock acp
+  pod ends a connection's sessions with it).
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ class VirtualConnection:
         dispatch: Dispatch,
         cached_pod: Callable[[str], str | None],
         multiplex: bool = False,
+        end_transport: Callable[[], None] | None = None,
     ) -> None:
         self.connection_id = connection_id
         self.init_params = init_params or {}
@@ -70,6 +79,8 @@ class VirtualConnection:
         self._open_streams = 0
         self.last_active = time.monotonic()
         self.multiplex = multiplex
+        self._end_transport = end_transport
+        """Ends the client's WebSocket (its next receive is a disconnect); None for HTTP."""
         self.closed = False
 
     def __repr__(self) -> str:
@@ -97,11 +108,43 @@ class VirtualConnection:
             return True
         return False
 
+    def forget(self, sid: str) -> None:
+        """The client closed or deleted `sid` through this connection: drop its stream (a GET
+        still reading it ends)."""
+        stream = self.session_streams.pop(sid, None)
+        self._attached.pop(sid, None)
+        if stream is not None:
+            stream.close()
+
+    def prune(self) -> int:
+        """Drop the streams nobody reads of sessions the router no longer knows (ended and
+        expired, or forgotten with their pod); returns how many. A later call naming one
+        registers it again once the router finds it."""
+        gone = [sid for sid in self.session_streams
+                if sid not in self._attached and self._cached_pod(sid) is None]
+        for sid in gone:
+            self.session_streams.pop(sid).close()
+        return len(gone)
+
     def idle_for(self, now: float) -> float:
         """Seconds without an open stream, a call in flight or any traffic (0 while busy)."""
-        if self._open_streams or self._tasks or self.multiplex:
+        if self._open_streams or self._tasks:
             return 0.0
         return now - self.last_active
+
+    async def reap_idle_upstreams(self, now: float, idle_s: float) -> int:
+        """Close upstreams idle for more than `idle_s` to pods holding none of this client's
+        sessions; returns how many."""
+        busy = {upstream for upstream, _ in self._agent_requests.values()}
+        holding = {self._cached_pod(sid) for sid in self.session_streams}
+        idle = [upstream for pod, upstream in self.upstreams.items()
+                if upstream not in busy and pod not in holding
+                and upstream.idle_for(now) > idle_s]
+        for upstream in idle:
+            log.info("closing idle ACP upstream of client connection %s to pod %s",
+                     self.connection_id[:8], upstream.pod)
+            await upstream.aclose(f"idle for more than {idle_s:g} s")
+        return len(idle)
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
@@ -130,6 +173,7 @@ class VirtualConnection:
         """Push a message to the client on the stream it is reading for `sid`."""
         if self.closed:
             return
+        self.last_active = time.monotonic()
         if self._multiplex is not None:
             await self._multiplex.push(message)
         elif sid is not None and sid in self._attached:
@@ -229,6 +273,7 @@ class VirtualConnection:
 
     # -- the WebSocket face (acp.ws.server drives these) ---------------------------------------
     async def deliver_to_agent(self, message: dict[str, Any]) -> None:
+        self.last_active = time.monotonic()
         await self._dispatch(self, message, None)
 
     async def iter_all_outbound(self) -> AsyncIterator[dict[str, Any]]:
@@ -254,8 +299,12 @@ class VirtualConnection:
         self.connection_stream.close()
         for stream in self.session_streams.values():
             stream.close()
+        self.session_streams.clear()
+        self._attached.clear()
         if self._multiplex is not None:
             self._multiplex.close()
+        if self._end_transport is not None:
+            self._end_transport()
 
 
 class ConnectionTable:
@@ -263,9 +312,19 @@ class ConnectionTable:
 
     def __init__(self) -> None:
         self._connections: dict[str, VirtualConnection] = {}
+        self.reaped = {"client": 0, "upstream": 0}
+        """Connections closed for being idle, by side (`macp_router_acp_idle_closed_total`)."""
 
     def __len__(self) -> int:
         return len(self._connections)
+
+    def upstream_count(self) -> int:
+        """Open upstreams of every client connection (read on the metrics thread)."""
+        return sum(len(c.upstreams) for c in list(self._connections.values()))
+
+    def session_stream_count(self) -> int:
+        """Session streams of every client connection (read on the metrics thread)."""
+        return sum(len(c.session_streams) for c in list(self._connections.values()))
 
     def add(self, connection: VirtualConnection) -> None:
         self._connections[connection.connection_id] = connection
@@ -277,12 +336,18 @@ class ConnectionTable:
         return list(self._connections.values())
 
     async def reap_idle(self, idle_s: float) -> int:
-        """Close connections idle for more than `idle_s`; returns how many."""
+        """Close client connections idle for more than `idle_s` (HTTP and WebSocket), then the
+        idle upstreams and unread streams of unknown sessions of the others; returns how many
+        client connections were closed."""
         now = time.monotonic()
         idle = [c.connection_id for c in self._connections.values() if c.idle_for(now) > idle_s]
         for connection_id in idle:
             log.info("closing idle ACP client connection %s", connection_id[:8])
             await self.remove(connection_id)
+        self.reaped["client"] += len(idle)
+        for connection in list(self._connections.values()):
+            connection.prune()
+            self.reaped["upstream"] += await connection.reap_idle_upstreams(now, idle_s)
         return len(idle)
 
     async def remove(self, connection_id: str) -> None:

@@ -74,6 +74,8 @@ class AcpForwarding:
             return
         scoped = sid if method_requires_session_header(request["method"]) else None
         await call.context.deliver(rpc.reply_to(request["id"], reply), scoped)
+        if sid is not None and "error" not in reply and request["method"] in routes.ENDS_SESSION:
+            call.context.forget(sid)
 
     async def _reject(self, call: Call, code: int, message: str, data: Any = None) -> None:
         await self._answer(call, rpc.error(None, code, message, data))

@@ -63,7 +63,7 @@ from acp.http.server import SSE_KEEPALIVE_INTERVAL_SECONDS, PostResult
 from router import __version__
 from router.acp import jsonrpc as rpc
 from router.acp import routes
-from router.acp.asgi import AsgiServer
+from router.acp.asgi import AsgiServer, websocket_ender
 from router.acp.backend import AcpBackend
 from router.acp.config import AcpConfig
 from router.acp.connection import ConnectionTable, VirtualConnection
@@ -177,6 +177,13 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
         self.core = SessionRouter(self.locator, AcpBackend(self.roster))
         """Locate, relocate, place and settle: the session flow MACP uses too."""
         self.connections = ConnectionTable()
+        self.metrics.watch_size("macp_router_acp_connections", ("client",),
+                                self.connections.__len__)
+        self.metrics.watch_size("macp_router_acp_connections", ("upstream",),
+                                self.connections.upstream_count)
+        self.metrics.watch_size("macp_router_acp_session_streams", (),
+                                self.connections.session_stream_count)
+        self.metrics.watch_idle_closed(self.connections.reaped)
         self._http = AsgiServer(
             AcpAsgiApp(self),  # type: ignore[arg-type]  # duck-typed AcpServer core
             config.listen, name="acp-frontdoor", graceful_timeout_s=config.shutdown_grace_s,
@@ -397,17 +404,18 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
         await self.connections.close_all()
 
     def create_websocket_connection(self) -> VirtualConnection:
-        connection = self._new_connection(None, multiplex=True)
+        connection = self._new_connection(None, multiplex=True, end_transport=websocket_ender())
         self.connections.add(connection)
         return connection
 
     # -- initialize ----------------------------------------------------------------------------
     def _new_connection(
-        self, init_params: dict[str, Any] | None, *, multiplex: bool = False
+        self, init_params: dict[str, Any] | None, *, multiplex: bool = False,
+        end_transport: Callable[[], None] | None = None,
     ) -> VirtualConnection:
         return VirtualConnection(
             uuid.uuid4().hex, init_params, roster=self.roster, dispatch=self._admitted_dispatch,
-            cached_pod=self.locator.try_cached, multiplex=multiplex,
+            cached_pod=self.locator.try_cached, multiplex=multiplex, end_transport=end_transport,
         )
 
     async def _initialize_post(self, message: Message) -> PostResult:

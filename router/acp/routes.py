@@ -70,6 +70,8 @@ ROUTES: dict[str, str] = {
 ESTABLISHING = frozenset({AGENT_METHODS["session_load"], AGENT_METHODS["session_resume"]})
 # A successful reply means the session is no longer live there.
 ENDING = frozenset({AGENT_METHODS["session_close"]})
+# A successful reply ends the session for the client: its stream on the connection goes.
+ENDS_SESSION = ENDING | {AGENT_METHODS["session_delete"]}
 
 
 def route_of(method: str, has_session: bool) -> str | None:

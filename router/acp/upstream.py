@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -131,9 +132,15 @@ class Upstream:
         self.closed = False
         self.close_reason = ""
         self.init_result: dict[str, Any] = {}
+        self.last_active = time.monotonic()
+        """When a message last went to or came from the pod."""
 
     def __repr__(self) -> str:
         return f"Upstream({self.pod}, closed={self.closed}, pending={len(self._pending)})"
+
+    def idle_for(self, now: float) -> float:
+        """Seconds since the last message either way; 0 while a call waits for its answer."""
+        return 0.0 if self._pending else now - self.last_active
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def open(self, init_params: dict[str, Any]) -> dict[str, Any]:
@@ -205,6 +212,7 @@ class Upstream:
         message: Message = {"jsonrpc": "2.0", "id": request_id, "method": method}
         if params is not None:
             message["params"] = params
+        self.last_active = time.monotonic()
         try:
             await self._transport.send(message)
         except Exception as exc:
@@ -238,6 +246,7 @@ class Upstream:
         """Send a notification or a reply to the agent's own request, as is."""
         if self.closed or self._transport is None:
             raise UpstreamClosed(self.pod, self.close_reason or "not connected")
+        self.last_active = time.monotonic()
         try:
             await self._transport.send(message)
         except Exception as exc:
@@ -256,6 +265,7 @@ class Upstream:
                 message = await self._transport.receive()
                 if message is None:
                     break
+                self.last_active = time.monotonic()
                 if not isinstance(message, dict):
                     continue
                 if is_response(message):
