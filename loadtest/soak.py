@@ -14,12 +14,18 @@ What runs (all on loopback, all started and stopped by the soak):
 Every `--sample-s` seconds it samples the router: RSS, open fds (psutil over the router's
 process tree), asyncio task count (`macp_router_asyncio_tasks` from `/metrics`, "n/a" when the
 router does not export it), near-cache size (`macp_router_cached_sessions`, summed), store
-keys (Redis DBSIZE) and the `/metrics` body size in bytes.
+keys (Redis DBSIZE), the negative cache and in-flight look-ups
+(`macp_router_negative_cache_entries`, `macp_router_inflight_lookups`, both protocols), ACP
+connections and session streams (`macp_router_acp_connections`, client and upstream;
+`macp_router_acp_session_streams`) and the `/metrics` body size in bytes.
 
 Verdict (printed as PASS/MISS; informational on short runs): after the warm-up (`--warmup-s`,
 default a quarter of the run, at most 5 minutes) the RSS slope by least squares must be below
 1 MiB per 10 minutes, and every size must stay bounded: its value at the end <= its value
-right after the warm-up x `TOLERANCE` (+ a small absolute slack), or its slope is flat.
+right after the warm-up x `TOLERANCE` (+ a small absolute slack), or its slope is flat. The
+near-cache must also be bounded by retention: in every sample at least `--retention-s` + two
+sampling intervals into the run it holds at most the sessions started within that window
+(+ the ACP sessions, + `SLACK`), never the whole history.
 Writes `soak-<stamp>.json` and `soak-<stamp>.html` (with a plot of every series) under
 `--out`, and `latest-soak.*` copies.
 """
@@ -50,9 +56,19 @@ from loadtest.gen import run_open
 
 TOLERANCE = 1.5  # a size may grow to 1.5x its post-warm-up value and still count as bounded
 SLACK = {"fds": 16, "asyncio_tasks": 64, "cached_sessions": 64, "store_keys": 64,
-         "metrics_bytes": 8192}
+         "metrics_bytes": 8192, "negative_cache": 64, "inflight_lookups": 64,
+         "acp_connections": 8, "acp_session_streams": 16}
 RSS_GOAL_MIB_PER_10MIN = 1.0
-SIZES = ("fds", "asyncio_tasks", "cached_sessions", "store_keys", "metrics_bytes")
+SIZES = ("fds", "asyncio_tasks", "cached_sessions", "store_keys", "metrics_bytes",
+         "negative_cache", "inflight_lookups", "acp_connections", "acp_session_streams")
+RETENTION_SLACK = 16
+"""Cached sessions allowed above those started within the retention window (in flight)."""
+OPTIONAL = {"asyncio_tasks": "macp_router_asyncio_tasks",
+            "negative_cache": "macp_router_negative_cache_entries",
+            "inflight_lookups": "macp_router_inflight_lookups",
+            "acp_connections": "macp_router_acp_connections",
+            "acp_session_streams": "macp_router_acp_session_streams"}
+"""Sizes read from metrics an older router may not export (then "n/a", not a MISS)."""
 T = CALL_TIMEOUT_S
 MD = payloads.METADATA
 
@@ -95,7 +111,29 @@ def slope_per_10min(points: list[tuple[float, float]]) -> float | None:
     return sum((t - mt) * (v - mv) for t, v in points) / den * 600.0
 
 
-def verdict(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
+def retention_check(samples: list[dict[str, Any]], retention_s: float,
+                    sample_s: float) -> dict[str, Any]:
+    """Is the near-cache bounded by retention? (see the module docstring)"""
+    window = retention_s + 2 * sample_s
+    worst: dict[str, Any] | None = None
+    checked = 0
+    for s in samples:
+        earlier = [e for e in samples if e["t_s"] <= s["t_s"] - window]
+        if not earlier:
+            continue
+        checked += 1
+        recent = s["started"] - earlier[-1]["started"] + s["acp_sessions"]
+        excess = s["cached_sessions"] - recent
+        if worst is None or excess > worst["excess"]:
+            worst = {"t_s": s["t_s"], "cached": s["cached_sessions"],
+                     "started_within_window": recent, "excess": excess}
+    return {"window_s": window, "samples_checked": checked, "worst": worst,
+            "status": "n/a" if worst is None
+            else "PASS" if worst["excess"] <= RETENTION_SLACK else "MISS"}
+
+
+def verdict(samples: list[dict[str, Any]], warmup_s: float, retention_s: float | None = None,
+            sample_s: float = 10.0) -> dict[str, Any]:
     """RSS slope after warm-up and boundedness of every size (see the module docstring)."""
     after = [s for s in samples if s["t_s"] >= warmup_s]
     out: dict[str, Any] = {"warmup_s": warmup_s, "samples_after_warmup": len(after)}
@@ -107,8 +145,9 @@ def verdict(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
     for name in SIZES:
         pts = [(s["t_s"], float(s[name])) for s in after if s.get(name) is not None]
         if len(pts) < 2:
-            sizes[name] = {"status": "n/a", "why": "not exported by the router"
-                           if name == "asyncio_tasks" else "fewer than 2 samples after warm-up"}
+            sizes[name] = {"status": "n/a", "why": f"{OPTIONAL[name]} not exported by the router"
+                           if name in OPTIONAL and not pts
+                           else "fewer than 2 samples after warm-up"}
             continue
         first, last = pts[0][1], pts[-1][1]
         limit = first * TOLERANCE + SLACK[name]
@@ -119,6 +158,9 @@ def verdict(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
                        "status": "PASS" if last <= limit or flat else "MISS"}
     out["sizes"] = sizes
     out["bounded_pass"] = all(v["status"] != "MISS" for v in sizes.values())
+    if retention_s is not None:
+        out["retention"] = retention_check(samples, retention_s, sample_s)
+        out["bounded_pass"] = out["bounded_pass"] and out["retention"]["status"] != "MISS"
     return out
 
 
@@ -154,16 +196,20 @@ async def sample(router: Router, cluster: Cluster, t0: float) -> dict[str, Any]:
         if key.startswith("macp_router_cached_sessions{"):
             state = key.partition('state="')[2].partition('"')[0]
             by_state[state] += int(value)
-    has_tasks = any(k.split("{")[0] == "macp_router_asyncio_tasks" for k in flat)
+    exported = {k.split("{")[0] for k in flat}
+    optional = {name: metric_sum(flat, metric) if metric in exported else None
+                for name, metric in OPTIONAL.items()}
     return {
         "t_s": round(time.perf_counter() - t0, 2),
         "rss_bytes": router.proc.rss_bytes(),
         "fds": _fds(router),
-        "asyncio_tasks": metric_sum(flat, "macp_router_asyncio_tasks") if has_tasks else None,
         "cached_sessions": metric_sum(flat, "macp_router_cached_sessions"),
         "cached_by_state": dict(by_state),
         "store_keys": await cluster.redis.dbsize() if cluster.redis else None,
         "metrics_bytes": len(text.encode("utf-8")),
+        **optional,
+        "acp_upstreams": (metric_sum(flat, "macp_router_acp_connections", side="upstream")
+                          if optional["acp_connections"] is not None else None),
     }
 
 
@@ -272,6 +318,9 @@ async def run_soak(s: SoakSettings) -> dict[str, Any]:
                         log(f"soak t={snap['t_s']:.0f}s rss={snap['rss_bytes'] / 2**20:.1f}MiB "
                             f"fds={snap['fds']} tasks={snap['asyncio_tasks']} "
                             f"cached={snap['cached_sessions']:.0f} keys={snap['store_keys']} "
+                            f"negative={snap['negative_cache']} "
+                            f"inflight={snap['inflight_lookups']} "
+                            f"acp_conns={snap['acp_connections']} "
                             f"metrics={snap['metrics_bytes']}B started={churn.started}")
                     if time.perf_counter() - t0 >= s.seconds:
                         return
@@ -301,7 +350,7 @@ async def run_soak(s: SoakSettings) -> dict[str, Any]:
                       "acp": dict(acp_counts), "schedule_lag_ms": load.extra["schedule_lag_ms"],
                       "in_flight_bound_hits": load.extra["in_flight_bound_hits"]}
     result["samples"] = samples
-    result["verdict"] = verdict(samples, s.warmup)
+    result["verdict"] = verdict(samples, s.warmup, s.retention_s, s.sample_s)
     result["asyncio_tasks_metric"] = (
         "macp_router_asyncio_tasks" if any(x["asyncio_tasks"] is not None for x in samples)
         else "n/a: the router exports no macp_router_asyncio_tasks")
@@ -323,6 +372,18 @@ def verdict_lines(v: dict[str, Any], seconds: float) -> list[str]:
             lines.append(f"{d['status']:<5} {name} bounded: after warm-up {d['after_warmup']:g}, "
                          f"end {d['end']:g}, limit {d['limit']:g}, slope "
                          f"{d['slope_per_10min']}/10 min")
+    r = v.get("retention")
+    if r is not None:
+        if r["worst"] is None:
+            lines.append(f"n/a   near-cache bounded by retention: no sample {r['window_s']:g} s "
+                         "into the run")
+        else:
+            w = r["worst"]
+            lines.append(f"{r['status']:<5} near-cache bounded by retention: at worst "
+                         f"{w['cached']:g} cached at t={w['t_s']:g}s vs "
+                         f"{w['started_within_window']} started in the {r['window_s']:g} s "
+                         f"before (+{RETENTION_SLACK} "
+                         f"allowed), {r['samples_checked']} samples checked")
     if seconds < 600:
         lines.append(f"(informational: a {seconds:g} s soak is too short for the RSS slope "
                      "to mean much; run --minutes 30)")
@@ -349,6 +410,8 @@ def write_soak(result: dict[str, Any], out: Path, stamp: str) -> dict[str, str]:
                   ("asyncio_tasks", "asyncio tasks", 1),
                   ("cached_sessions", "near-cache sessions", 1),
                   ("store_keys", "store keys (DBSIZE)", 1),
+                  ("negative_cache", "negative cache", 1),
+                  ("acp_connections", "ACP connections", 1),
                   ("metrics_bytes", "/metrics body (KiB)", 1024),
                   ("started", "sessions started (cumulative)", 1)]
         fig, axes = plt.subplots(len(series), 1, figsize=(8, 1.9 * len(series)), sharex=True)

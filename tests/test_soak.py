@@ -41,16 +41,29 @@ def test_soak_60s_samples_the_router_and_sizes_stay_bounded(tmp_path: Path) -> N
     assert not load["errors"], load["errors"]
     assert load["in_flight_bound_hits"] == 0  # the generator kept up at this rate
     acp_sessions = load["acp"].get("sessions", 0)
-    if result["acp"].startswith("trickle"):
+    trickle = result["acp"].startswith("trickle")
+    if trickle:
         assert acp_sessions > 0 and not [k for k in load["acp"] if k.startswith("error")]
     for s in samples:
         # the near-cache never holds more sessions than were ever started through the router
         assert s["cached_sessions"] <= s["started"] + s["acp_sessions"] + 1, s
         assert s["store_keys"] is not None
+        # a miss's negative entry lives --negative-cache-ms (1 s), a look-up a probe's time
+        assert s["negative_cache"] is not None and s["negative_cache"] <= 64, s
+        assert s["inflight_lookups"] is not None and s["inflight_lookups"] <= 64, s
+        if trickle:  # the ACP trickle opens and closes one client connection at a time
+            assert s["acp_connections"] is not None and s["acp_connections"] <= 4, s
     v = result["verdict"]
     assert v["rss_slope_mib_per_10min"] is not None and v["samples_after_warmup"] >= 2
     assert set(v["sizes"]) == {"fds", "asyncio_tasks", "cached_sessions", "store_keys",
-                               "metrics_bytes"}
+                               "metrics_bytes", "negative_cache", "inflight_lookups",
+                               "acp_connections", "acp_session_streams"}
+    # every size the router exports is sampled and judged ("n/a" only for ACP without it)
+    not_judged = {name for name, d in v["sizes"].items() if d["status"] == "n/a"}
+    assert not_judged == (set() if trickle else {"acp_connections", "acp_session_streams"}), (
+        v["sizes"])
+    assert v["retention"]["status"] == "PASS", v["retention"]
+    assert v["retention"]["samples_checked"] >= 2
     assert "RSS slope after warm-up" in proc.stdout and "bounded" in proc.stdout
     html = (out / "latest-soak.html").read_text()
     assert "data:image/png;base64," in html and "Verdict" in html
