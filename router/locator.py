@@ -617,6 +617,7 @@ class Locator(SessionOwnership):
         if cached is None:
             self.near.set(sid, owner, RESERVED, self.reservation_grace_s * 10)
         self._negative.pop(sid, None)
+        self._recent_placements.pop(sid, None)  # to the end: the dict stays in placement order
         self._recent_placements[sid] = time.monotonic()
         self.metrics.record_placement(self.protocol, owner, "placed" if won else "lost_race",
                                       sid)
@@ -702,6 +703,24 @@ class Locator(SessionOwnership):
             for sid in [sid for sid in self.also_on if self.near.get(sid) is None]:
                 del self.also_on[sid]
             self.sweep_negative()
+            self.sweep_recent_placements()
+
+    def sweep_recent_placements(self, now: float | None = None) -> int:
+        """Forget placements older than twice the reservation grace; returns how many.
+
+        Only a reconcile reads them (reservations within the grace are kept), and a MACP
+        feed's report of the session drops its entry; ACP sessions and starts whose feed never
+        reported them were kept for ever. The dict is in placement order, so this reads only
+        the entries it drops (and the first it keeps)."""
+        cutoff = (time.monotonic() if now is None else now) - 2 * self.reservation_grace_s
+        old = []
+        for sid, placed_at in self._recent_placements.items():
+            if placed_at > cutoff:
+                break
+            old.append(sid)
+        for sid in old:
+            del self._recent_placements[sid]
+        return len(old)
 
     def sweep_negative(self, now: float | None = None) -> int:
         """Drop the expired negative-cache entries (oldest first); returns how many."""

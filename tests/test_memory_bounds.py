@@ -14,6 +14,7 @@ import grpc
 from macp.v1 import envelope_pb2
 
 from router.app import Router
+from router.pods import PodSpec
 from router.sim import SimPod
 from tests.macp_calls import AGENT, MODE, get_session, proposal_envelope, send, start
 from tests.waiting import eventually
@@ -102,3 +103,18 @@ async def test_ended_sessions_leave_the_near_cache_and_the_memory_store_after_re
         assert value(router, "macp_router_cache_evictions_total", protocol="macp",
                      reason="expired") >= 3
         assert (await get_session(channel, sids[3])).metadata.session_id == sids[3]
+
+
+async def test_pods_that_left_leave_no_replay_lock_behind(sim_pods, make_router) -> None:
+    """Pod names churn with discovery; the registry replay kept one lock per pod ever seen."""
+    pods = await sim_pods(3)
+    router = await make_router(pods[:1])
+    locks = router.proxy.broadcasts._replay_locks
+    await eventually(lambda: set(locks) == {"a"}, timeout=10, what="pod a's replay ran")
+    for pod in pods[1:]:  # b joins and leaves, then c joins: its replay tidies up
+        router.pods.add(PodSpec(pod.name, pod.address))
+        await eventually(lambda name=pod.name: name in locks, timeout=10,
+                         what=f"pod {pod.name}'s replay ran")
+        if pod is pods[1]:
+            await router.pods.remove(pod.name)
+    assert set(locks) == {"a", "c"}

@@ -205,6 +205,11 @@ class BroadcastCalls:
         lock = self._replay_locks.setdefault(pod.name, asyncio.Lock())
         async with lock:
             await self._replay(pod)
+        # One lock per pod present: those of pods that left go (pod names churn with
+        # discovery), so the table never grows with every pod the router ever saw.
+        for name in [name for name, other in self._replay_locks.items()
+                     if not other.locked() and self.pods.get(name) is None]:
+            del self._replay_locks[name]
 
     async def replay_deferred(self) -> None:
         """The store is back: replay to the pods whose replay it prevented."""

@@ -222,3 +222,20 @@ async def test_the_memory_store_size_is_exported() -> None:
     assert sample(metrics, "macp_router_store_entries", protocol="macp") == 1
     with pytest.raises(ValueError, match="no size gauge"):
         metrics.watch_size("macp_router_made_up", ("macp",), store.__len__)
+
+
+# -- placements remembered for reconciles -----------------------------------------------------
+async def test_placements_are_forgotten_after_twice_the_reservation_grace(make) -> None:
+    """ACP sessions (no feed reports them) and starts a feed never reported were remembered
+    for ever; the sweeper forgets them once no reconcile can need them."""
+    locator = make(Roster("a", "b"), Probe(), reservation_grace_s=30)
+    for i in range(5):
+        await locator.adopt(f"acp{i}", "a")  # an ACP session/new: reserved and confirmed
+    last = max(locator._recent_placements.values())
+    assert locator.sweep_recent_placements(now=last + 59) == 0
+    await eventually(lambda: time.monotonic() > last, timeout=1, interval=0,
+                     what="the clock moved past the last placement")
+    await locator.place("late")
+    assert locator.sweep_recent_placements(now=last + 60) == 5  # placed at or before `last`
+    assert list(locator._recent_placements) == ["late"]
+
