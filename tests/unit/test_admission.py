@@ -113,6 +113,9 @@ class FakeContext:
         self.aborted = (code, details, trailing_metadata)
         raise AbortCalled(details)
 
+    def time_remaining(self) -> float | None:
+        return None  # no deadline: a cancel is the client's (recorded CANCELLED)
+
 
 def proxy_with(gate: Admission) -> Any:
     from router.locator import Locator
