@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-nginx", action="store_true",
                      help="leave out the nginx grpc_pass leg (run by default when nginx is "
                           "installed: apt-get install nginx-light)")
+    run.add_argument("--compare-router-args", default=None, metavar="FLAGS",
+                     help="hop legs: add `router-b`, a second router started with these flags "
+                          "instead of --router-args (\"\" for none), measured in the same "
+                          "interleaved rounds as the first")
     run.add_argument("--sync-passthrough", action="store_true",
                      help="hit legs: add `passthrough-sync`, the bare hop on grpc's "
                           "synchronous server and channel (issue 16 prototype)")
@@ -200,6 +204,8 @@ def settings_from(args: argparse.Namespace) -> Any:
     s.require_router = args.require_router
     s.nginx = not args.no_nginx
     s.sync_passthrough = args.sync_passthrough
+    if args.compare_router_args is not None:
+        s.compare_router_args = shlex.split(args.compare_router_args)
     s.router_args = shlex.split(args.router_args)
     for flag in ("step_seconds", "overload_steps", "max_in_flight"):
         if getattr(args, flag) is not None:

@@ -303,19 +303,17 @@ def hop_table(results: dict[str, Any]) -> str:
         return ""
     rps, cpu = hit["throughput_rps"], hit.get("cpu_ms_per_request", {})
     gen, c1 = hit.get("generator_cpu_ms_per_request", {}), hit.get("c1_p50_ms", {})
-    split = hit.get("cpu_split", {})
     rows = [("leg", "rps", "hop CPU ms/call", "hop CPU % core", "generator CPU ms/call",
              "p50 @ c=1 ms")]
-    for leg in ("router", "passthrough", "passthrough-sync", "nginx", "direct"):
+    for leg in ("router", "router-b", "passthrough", "passthrough-sync", "nginx", "direct"):
         if leg not in rps:
             why = hit.get("not_run", {}).get(leg)
             if why:
                 rows.append((leg, why, "", "", "", ""))
             continue
         hop = cpu.get(leg) if leg != "direct" else None
-        wall = _get(split, leg, "wall_s") or 0.0
-        group = "router" if leg == "router" else leg
-        share = (_get(split, leg, group) or 0.0) / wall * 100 if wall and hop is not None else None
+        # CPU ms per call x calls per second = the hop process's share of one core
+        share = hop * rps[leg] / 10 if hop is not None else None
         rows.append((leg, f"{rps[leg]:.0f}", "-" if hop is None else f"{hop:.3f}",
                      "-" if share is None else f"{share:.0f} %",
                      _fmt(gen.get(leg)), _fmt(c1.get(leg))))

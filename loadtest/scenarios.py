@@ -92,6 +92,7 @@ class Settings:
     nginx: bool = True  # the nginx grpc_pass leg, when nginx is installed (loadtest.nginx)
     sync_passthrough: bool = False  # the `passthrough-sync` leg (grpc's sync API, issue 16)
     router_args: list[str] = field(default_factory=list)  # extra `serve` flags (--router-args)
+    compare_router_args: list[str] | None = None  # leg `router-b`: flags instead of router_args
     step_seconds: float = 10.0  # `overload`: seconds per step (per leg)
     overload_steps: tuple[float, ...] = (1.0, 2.0, 4.0)  # `overload`: multipliers of saturation
     max_in_flight: int = 1024  # open loop: the generator's own bound on calls in flight
@@ -234,6 +235,7 @@ class Run:
     phases: list[PhaseResult] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     _hit_mids: dict[str, str] = field(default_factory=dict)
+    router_b: Router | None = None  # --compare-router-args: a second router, its own flags
     router_started: float = 0.0
 
     # ── helpers ─────────────────────────────────────────────────────────
@@ -252,6 +254,8 @@ class Run:
             legs["nginx"] = self.cluster.nginx_client
         if self.router is not None and self.router.client is not None:
             legs["router"] = self.router.client
+        if self.router_b is not None and self.router_b.client is not None:
+            legs["router-b"] = self.router_b.client
         return legs
 
     @staticmethod
@@ -368,15 +372,21 @@ class Run:
                     # a short retention makes it forget them again, so they are true misses
                     # (near-cache and store empty for them) by the time `miss` runs.
                     extra = ["--retention-s", str(MISS_RETENTION_S)]
-                extra += s.router_args
+                redis_url = cluster.redis.url if cluster.redis else None
                 self.router = await cluster.start_router(
-                    workers=1, redis_url=cluster.redis.url if cluster.redis else None,
-                    extra_args=extra,
-                )
+                    workers=1, redis_url=redis_url, extra_args=[*extra, *s.router_args])
                 self.router_started = time.monotonic()
                 assert self.router.client is not None
                 await self.router.client.ready()
                 await self.warm(self.router)
+                if s.compare_router_args is not None:
+                    log("starting router-b: " + (" ".join(s.compare_router_args) or "(no flags)"))
+                    self.router_b = await cluster.start_router(
+                        workers=1, redis_url=redis_url, name="router-b",
+                        extra_args=[*extra, *s.compare_router_args])
+                    assert self.router_b.client is not None
+                    await self.router_b.client.ready()
+                    await self.warm(self.router_b)
             elif s.require_router:
                 raise RuntimeError(support.reason)
             else:
@@ -485,7 +495,7 @@ class Run:
             if t != "direct":
                 summary[f"ratio_{t}_direct"] = round(r.throughput / d, 4)
         if "passthrough" in sat and sat["passthrough"].throughput:
-            for t in ("router", "passthrough-sync", "nginx"):
+            for t in ("router", "router-b", "passthrough-sync", "nginx"):
                 if t in sat:  # every hop over the bare aio hop (ratio_router_passthrough, ...)
                     summary[f"ratio_{t}_passthrough"] = round(
                         sat[t].throughput / sat["passthrough"].throughput, 4)
@@ -1040,7 +1050,9 @@ def cpu_per_request(phases: dict[str, PhaseResult]) -> dict[str, float]:
     for target, r in phases.items():
         if not r.ok:
             continue
-        if target.startswith("router"):
+        if target in ("router", "router-b"):  # the leg's own router process (and its workers)
+            cpu, name = r.cpu_s.get(f"router:{target}", 0.0), target
+        elif target.startswith("router"):
             cpu = sum(v for k, v in r.cpu_s.items() if k.startswith("router:"))
             name = target
         elif target in ("passthrough", "passthrough-sync", "nginx"):

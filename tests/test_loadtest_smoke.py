@@ -7,6 +7,7 @@ by `--max-wall` and a `timeout` on the wait; the whole file stays well under a m
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from loadtest.benchcache import bench_memory, bench_near_cache
 from loadtest.hist import LatencyHistogram
 from loadtest.nginx import nginx_support
 from loadtest.overload import KNEE_CONCURRENCY
-from loadtest.passthrough import Passthrough
+from loadtest.passthrough import Passthrough, SyncPassthrough
 from router.sim import SimPod
 from tests.pod_auth import pod_options
 
@@ -71,11 +72,17 @@ def test_payload_templates_carry_the_ids() -> None:
     assert core_pb2.GetSessionRequest.FromString(payloads.get_session(sid)).session_id == sid
 
 
-async def test_passthrough_forwards_unary_stream_status_and_trailers() -> None:
+@pytest.mark.parametrize("mode", ["aio", "sync"])
+async def test_passthrough_forwards_unary_stream_status_and_trailers(mode: str) -> None:
     pod = SimPod("p", "127.0.0.1:0", **pod_options())
     await pod.start()
-    proxy = Passthrough(pod.address)
-    await proxy.start()
+    proxy: Passthrough | SyncPassthrough
+    if mode == "aio":
+        proxy = Passthrough(pod.address)
+        await proxy.start()
+    else:  # grpc's sync server: its own threads, blocking calls to the pod on this loop
+        proxy = SyncPassthrough(pod.address, threads=8)
+        proxy.start()
     channel = grpc.aio.insecure_channel(proxy.address)
     try:
         md = payloads.METADATA
@@ -108,7 +115,10 @@ async def test_passthrough_forwards_unary_stream_status_and_trailers() -> None:
         assert pod.calls["Send"] == 1 and pod.calls["StreamSession"] == 1
     finally:
         await channel.close()
-        await proxy.stop()
+        if isinstance(proxy, SyncPassthrough):
+            await asyncio.to_thread(proxy.stop)
+        else:
+            await proxy.stop()
         await pod.stop()
 
 
@@ -180,6 +190,28 @@ def test_router_scenarios(tmp_path: Path) -> None:
     kill = r["pod-kill"]["router"]
     assert kill["misroutes"] == 0 and kill["non_retryable_errors"] == 0
     assert kill["ok"] > 0
+
+
+def test_sync_hop_and_second_router_legs_run_in_the_same_rounds(tmp_path: Path) -> None:
+    report = run_loadtest(
+        tmp_path, "--require-router", "--duration", "0.5", "--no-nginx", "--scenario", "hit",
+        "--sync-passthrough", "--compare-router-args", "--channels-per-pod 1",
+    )
+    hit = report["results"]["hit"]
+    legs = {"direct", "passthrough", "passthrough-sync", "router", "router-b"}
+    assert set(hit["throughput_rps"]) == legs and min(hit["throughput_rps"].values()) > 0
+    assert not hit["errors"]
+    for leg in ("router", "router-b", "passthrough-sync"):
+        assert 0 < hit[f"ratio_{leg}_passthrough"] < 5
+    # each router leg is charged its own process's CPU, not both routers'
+    sat = {p["target"]: p for p in report["phases"]
+           if p["phase"] == "sat" and p.get("scenario") == "hit"}
+    for leg in ("router", "router-b"):
+        own = sat[leg]["cpu_s"][f"router:{leg}"]
+        assert hit["cpu_ms_per_request"][leg] == round(own * 1000.0 / sat[leg]["ok"], 4)
+        assert hit["cpu_ms_per_request"][leg] > 0
+    assert hit["cpu_ms_per_request"]["passthrough-sync"] > 0
+    assert report["meta"]["settings"]["compare_router_args"] == ["--channels-per-pod", "1"]
 
 
 def test_scale_workers_memory(tmp_path: Path) -> None:
