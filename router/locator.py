@@ -18,7 +18,9 @@ Invariants:
   at least one unknown (or unhealthy) pod returns UNKNOWN and never places or guesses.
 - A probe that times out is reported (`on_silent`): the pod leaves probes and placement until
   it answers again, so later misses do not wait for it.
-- Concurrent lookups of one sid share one fan-out (single-flight).
+- Concurrent lookups of one sid share one fan-out (single-flight). The caller that starts it
+  may bring its own probe function (same answers: live / not_found / unknown); the others
+  share the result.
 - All pods not_found -> a short negative-cache entry, cleared by a CREATED event or placement.
   The negative cache holds at most `negative_max` ids and the sweeper drops expired ones
   every second, however few there are.
@@ -404,8 +406,14 @@ class Locator(SessionOwnership):
         return self.near.get(sid)
 
     # -- 2./3. store, then probes -----------------------------------------------------------
-    async def lookup(self, sid: str, *, use_negative: bool = True) -> Located:
-        """Locate `sid` past the near-cache: store, then a probe fan-out (single-flight)."""
+    async def lookup(self, sid: str, *, use_negative: bool = True,
+                     probe: ProbeFn | None = None) -> Located:
+        """Locate `sid` past the near-cache: store, then a probe fan-out (single-flight).
+
+        `probe` replaces the router's own probe for the fan-out this call starts (a front door
+        asking with the caller's request, so the holder's answer is the caller's reply); a
+        caller that joins a fan-out already in flight shares its result, not its probe.
+        """
         pod = self.near.get(sid)
         if pod is not None:
             self.metrics.record_locate(self.protocol, "hit")
@@ -425,7 +433,8 @@ class Locator(SessionOwnership):
         # a shield: one caller's cancel (or deadline) ends that caller's wait, never the shared
         # look-up the others wait on.
         task: asyncio.Task[Located] = asyncio.create_task(
-            tracing.traced("locate", self._shared_lookup(sid), sid), name=f"locate:{sid[:8]}")
+            tracing.traced("locate", self._shared_lookup(sid, probe or self.probe), sid),
+            name=f"locate:{sid[:8]}")
         self._inflight[sid] = task
         task.add_done_callback(functools.partial(self._lookup_done, sid))
         self._tasks.add(task)  # type: ignore[arg-type]
@@ -433,9 +442,9 @@ class Locator(SessionOwnership):
         task.add_done_callback(_log_failure)  # type: ignore[arg-type]
         return await asyncio.shield(task)
 
-    async def _shared_lookup(self, sid: str) -> Located:
+    async def _shared_lookup(self, sid: str, probe: ProbeFn) -> Located:
         try:
-            return await self._locate_uncached(sid)
+            return await self._locate_uncached(sid, probe)
         finally:
             self._inflight.pop(sid, None)
 
@@ -445,13 +454,13 @@ class Locator(SessionOwnership):
         if self._inflight.get(sid) is task:
             del self._inflight[sid]
 
-    async def _locate_uncached(self, sid: str) -> Located:
+    async def _locate_uncached(self, sid: str, probe: ProbeFn) -> Located:
         location = await tracing.traced("store.get", self._store_get(sid))
         if location is not None:
             self._cache(sid, location.pod, location.state)
             self.metrics.record_locate(self.protocol, "store_hit")
             return Located(LIVE, location.pod, SOURCE_STORE)
-        result = await tracing.traced("probe.fanout", self._probe_all(sid),
+        result = await tracing.traced("probe.fanout", self._probe_all(sid, probe),
                                       pods=len(self.roster.names()))
         if result.status == LIVE:
             assert result.pod is not None
@@ -500,7 +509,7 @@ class Locator(SessionOwnership):
         except StoreUnavailable:
             return None
 
-    async def _probe_all(self, sid: str) -> Located:
+    async def _probe_all(self, sid: str, probe: ProbeFn | None = None) -> Located:
         names = self.roster.names()
         silent = [name for name in names if not self.roster.is_healthy(name)]
         targets = [name for name in names if self.roster.is_healthy(name)]
@@ -509,7 +518,7 @@ class Locator(SessionOwnership):
         if not targets:
             return Located(UNKNOWN, None, SOURCE_PROBE, tuple(silent))
         tasks = {
-            asyncio.ensure_future(self._probe_one(name, sid)): name for name in targets
+            asyncio.ensure_future(self._probe_one(name, sid, probe)): name for name in targets
         }
         live: list[str] = []
         unknown = list(silent)
@@ -538,11 +547,12 @@ class Locator(SessionOwnership):
             return Located(UNKNOWN, None, SOURCE_PROBE, tuple(sorted(unknown)))
         return Located(NOT_FOUND, None, SOURCE_PROBE)
 
-    async def _probe_one(self, pod: str, sid: str) -> LocateStatus:
+    async def _probe_one(self, pod: str, sid: str, probe: ProbeFn | None = None
+                         ) -> LocateStatus:
         answer: object
         try:
             async with asyncio.timeout(self.probe_timeout_s):
-                answer = await self.probe(pod, sid)
+                answer = await (probe or self.probe)(pod, sid)
         except TimeoutError:
             answer = UNKNOWN
             if self.on_silent is not None:

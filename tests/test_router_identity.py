@@ -17,7 +17,7 @@ import uuid
 import grpc
 import pytest
 from macp.v1 import core_pb2_grpc, policy_pb2
-from macp_sdk import AsyncMacpClient, AuthConfig
+from macp_sdk import AsyncMacpClient, AuthConfig, MacpTransportError
 
 from router.cli import format_pod_table
 from router.v1 import router_pb2, router_pb2_grpc
@@ -77,10 +77,11 @@ async def test_a_token_the_pods_reject_is_named_in_pods_readyz_metric_log_and_cl
     assert all("--token or --token-file" in line for line in errors)
     assert all("not-a-configured-token" not in line for line in errors)
 
-    # A client with a valid token asks for a session: the miss names the cause.
+    # A client with a valid token sends to a session: the miss names the cause. (A GetSession
+    # miss is not asked with the router's token but with the client's own: the pods answer it.)
     async with grpc.aio.insecure_channel(router.address) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await macp_calls.get_session(channel, str(uuid.uuid4()))
+            await macp_calls.send(channel, macp_calls.proposal_envelope(str(uuid.uuid4())))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "rejects the router's credentials" in (err.value.details() or "")
     assert "did not answer within" not in (err.value.details() or "")
@@ -133,10 +134,12 @@ async def test_probe_credentials_miss_is_named_for_the_sdk_client(sim_pods, make
     client = AsyncMacpClient(target=router.address, allow_insecure=True,
                              auth=AuthConfig.for_dev_agent("coordinator"), default_timeout=T)
     try:
-        with pytest.raises(grpc.aio.AioRpcError) as err:  # the SDK passes the status through
-            await client.get_session(str(uuid.uuid4()))
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "rejects the router's credentials" in (err.value.details() or "")
+        # CancelSession (a GetSession miss is probed with the client's own token, which the
+        # pod accepts): the SDK wraps the status, and keeps its code and details.
+        with pytest.raises(MacpTransportError) as err:
+            await client.cancel_session(str(uuid.uuid4()), reason="test")
+        assert err.value.code == "UNAVAILABLE"
+        assert "rejects the router's credentials" in str(err.value)
     finally:
         await client.close()
 

@@ -77,13 +77,15 @@ async def test_a_routed_miss_is_a_server_span_with_locate_store_probe_and_forwar
         owner = holder(router, sid)
         await router.locator.invalidate(sid, owner)  # forgotten: the next call is a miss
         spans.clear()
-        await macp_calls.stub(channel).GetSession(
-            core_pb2.GetSessionRequest(session_id=sid), metadata=metadata, timeout=10)
+        # A Send: a GetSession miss is answered by its own probe (no forward; the next test)
+        await macp_calls.stub(channel).Send(
+            core_pb2.SendRequest(envelope=macp_calls.proposal_envelope(sid)),
+            metadata=metadata, timeout=10)
     finished = list(spans.get_finished_spans())
-    server = one([s for s in finished if s.kind is SpanKind.SERVER], f"{SERVICE}/GetSession")
+    server = one([s for s in finished if s.kind is SpanKind.SERVER], f"{SERVICE}/Send")
     assert server.context.trace_id == trace_id, "the client's trace is continued"
     assert server.parent is not None and server.parent.span_id == client_span_id
-    assert server.attributes["rpc.method"] == "GetSession"
+    assert server.attributes["rpc.method"] == "Send"
     assert server.attributes["rpc.grpc.status_code"] == 0
     assert all(s.context.trace_id == trace_id for s in finished)
 
@@ -101,10 +103,33 @@ async def test_a_routed_miss_is_a_server_span_with_locate_store_probe_and_forwar
         p.attributes["macp.pod"] for p in probes}
     assert forward.kind is SpanKind.CLIENT
     assert forward.attributes["macp.pod"] == owner
-    assert forward.attributes["rpc.method"] == "GetSession"
+    assert forward.attributes["rpc.method"] == "Send"
     assert locate.end_time <= forward.start_time, "located first, then forwarded"
     for span in finished:
         assert sid not in span.to_json(), "never a full session id"
+
+
+async def test_a_get_session_miss_is_answered_by_the_owners_probe_span_without_a_forward(
+    spans, sim_pods, make_router,
+):
+    pods = await sim_pods(3)
+    router = await make_router(pods)
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        sid = await macp_calls.start(channel)
+        owner = holder(router, sid)
+        await router.locator.invalidate(sid, owner)  # forgotten: the next call is a miss
+        spans.clear()
+        reply = await macp_calls.get_session(channel, sid)
+    assert reply.metadata.session_id == sid
+    finished = list(spans.get_finished_spans())
+    server = one([s for s in finished if s.kind is SpanKind.SERVER], f"{SERVICE}/GetSession")
+    top = children(finished, server)
+    assert [s.name for s in top] == ["locate"], "the owner's probe answer is the reply"
+    fanout = one(children(finished, top[0]), "probe.fanout")
+    probes = children(finished, fanout)
+    assert len(probes) == 3
+    answered = [p for p in probes if p.attributes["macp.pod"] == owner]
+    assert len(answered) == 1 and answered[0].attributes["rpc.grpc.status_code"] == 0
 
 
 async def test_a_session_no_pod_holds_leaves_no_full_session_id_in_any_span(
@@ -213,7 +238,9 @@ async def recording_pod() -> AsyncIterator[RecordingPod]:
     await pod.stop()
 
 
-async def test_pod_receives_the_traceparent_of_the_forward_span(spans, recording_pod):
+async def test_pod_receives_the_traceparent_of_the_routers_span_for_the_call(
+    spans, recording_pod
+):
     config = RouterConfig(listen="127.0.0.1:0", token="router", health_interval_ms=200,
                           pods=(PodSpec("rec", f"127.0.0.1:{recording_pod.port}"),))
     router = Router(config)
@@ -223,20 +250,21 @@ async def test_pod_receives_the_traceparent_of_the_forward_span(spans, recording
         sid = "0b6b5f36-3f7b-4d71-9d1e-2f0a9f8c1d2e"
         metadata = (("authorization", "Bearer client-token"), ("traceparent", traceparent))
         async with grpc.aio.insecure_channel(router.address) as channel:
-            await macp_calls.stub(channel).GetSession(
-                core_pb2.GetSessionRequest(session_id=sid), metadata=metadata, timeout=10)
+            # A miss: the client's own GetSession is the probe; then a hit: it is forwarded.
+            for _ in range(2):
+                await macp_calls.stub(channel).GetSession(
+                    core_pb2.GetSessionRequest(session_id=sid), metadata=metadata, timeout=10)
     finally:
         await router.stop(grace=0)
     finished = list(spans.get_finished_spans())
-    forward = one(finished, "forward")
-    assert forward.attributes["macp.pod"] == "rec"
-    forwarded = [m for m in recording_pod.received
-                 if m.get("authorization") == "Bearer client-token"]
-    assert len(forwarded) == 1, recording_pod.received
-    seen = forwarded[0]["traceparent"]
-    assert seen == f"00-{trace_id:032x}-{forward.context.span_id:016x}-01", seen
-    probes = [m for m in recording_pod.received if m.get("authorization") == "Bearer router"]
-    assert probes and all(m["traceparent"].split("-")[1] == f"{trace_id:032x}" for m in probes)
+    probe, forward = one(finished, "probe"), one(finished, "forward")
+    assert probe.attributes["macp.pod"] == forward.attributes["macp.pod"] == "rec"
+    calls = [m for m in recording_pod.received
+             if m.get("authorization") == "Bearer client-token"]
+    assert len(calls) == 2, recording_pod.received
+    assert [m["traceparent"] for m in calls] == [
+        f"00-{trace_id:032x}-{span.context.span_id:016x}-01" for span in (probe, forward)]
+    assert probe.context.trace_id == forward.context.trace_id == trace_id
 
 
 def test_tracing_off_leaves_handlers_untouched():

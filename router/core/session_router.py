@@ -8,6 +8,9 @@ whether a start was accepted) and to the `Locator` (near-cache, store, probes, r
 Hit:   `session`: near-cache -> `Backend.forward` -> answer (one dict lookup, no extra await).
 Miss:  `locate`: store, then a single-flight probe fan-out; LIVE -> forward; NOT_FOUND -> the
        backend's `not_found` answer; UNKNOWN -> `NotLocated` (UNAVAILABLE naming the pods).
+       A call that is itself a probe (MACP GetSession: `ForwardingBackend.answering_probe`)
+       probes with its own request and credentials, and the deciding pod's answer to that
+       probe is its reply: no forward after the fan-out.
 Stale: the cached pod answers "not here" -> `relocate`: invalidate (sid, pod), locate again
        bypassing the negative cache, forward once more to a *different* pod, else the first
        answer stands.
@@ -20,6 +23,8 @@ Minted: a start whose session id the pod mints (ACP `session/new`): `choose` a p
 Invariants:
 - A session is forwarded only to a pod that holds it (cache, store or its own probe answer);
   UNKNOWN is never placed and never guessed (`NotLocated`).
+- A probe's answer is a caller's reply only when the probe carried that caller's own request
+  and credentials; a caller that joined another's fan-out is forwarded with its own.
 - A stale route is retried at most once per call, and never on the pod that said "not here".
 - A reservation is released only when the pod provably did not accept the start
   (`StartOutcome.REFUSED`, or the request never left the router), and only by the call that
@@ -81,6 +86,23 @@ class ForwardingBackend(Backend, Protocol):
 
     async def not_found(self, call: Call, sid: str, request: Any) -> Any:
         """The caller's answer when no pod holds `sid`."""
+        ...
+
+    def answering_probe(self, call: Call, request: Any) -> AnsweringProbe | None:
+        """A probe that asks with `request` itself, when the call is one (else None)."""
+        ...
+
+
+class AnsweringProbe(Protocol):
+    """A probe sent with one caller's own request and credentials (see `_miss`): the locator
+    calls it as its probe function, and what the pods answered it can be that caller's reply."""
+
+    async def __call__(self, pod: str, sid: str) -> LocateStatus: ...
+
+    def reply(self, call: Call, located: Located) -> Any | None:
+        """The caller's answer from the answer of the pod that decided `located` (LIVE: the
+        holder's, NOT_FOUND: a pod's own not-found, raised as `Abort`); None when this probe
+        did not hear it (a store hit, a joined fan-out, a pod asked with the router's token)."""
         ...
 
 
@@ -148,11 +170,16 @@ class SessionRouter:
 
     # -- slow paths --------------------------------------------------------------------------
     async def _miss(self, call: Call, sid: str, request: Any) -> Any:
-        pod = await self.locate(call, sid)
         backend: ForwardingBackend = self.backend  # type: ignore[assignment]
-        if pod is None:
+        probe = backend.answering_probe(call, request)
+        located = await self.lookup(call, sid, probe=probe)
+        if probe is not None:
+            reply = probe.reply(call, located)  # the deciding pod's answer to this very call
+            if reply is not None:
+                return reply
+        if located.status != LIVE:
             return await backend.not_found(call, sid, request)
-        return await backend.forward(call, pod, request)
+        return await backend.forward(call, located.pod, request)  # type: ignore[arg-type]
 
     async def locate(self, call: Call, sid: str, *, use_negative: bool = True) -> str | None:
         """The pod holding `sid` (set on `call`), None when no pod holds it; `NotLocated` when
@@ -160,11 +187,13 @@ class SessionRouter:
         located = await self.lookup(call, sid, use_negative=use_negative)
         return located.pod if located.status == LIVE else None
 
-    async def lookup(self, call: Call, sid: str, *, use_negative: bool = True) -> Located:
+    async def lookup(self, call: Call, sid: str, *, use_negative: bool = True,
+                     probe: AnsweringProbe | None = None) -> Located:
         """`Locator.lookup` for a call: LIVE (pod set on `call`) or NOT_FOUND; `NotLocated`
-        (UNAVAILABLE naming the silent pods) for UNKNOWN."""
+        (UNAVAILABLE naming the silent pods) for UNKNOWN. `probe` is used for a fan-out this
+        call starts."""
         call.sid = sid
-        located = await self.locator.lookup(sid, use_negative=use_negative)
+        located = await self.locator.lookup(sid, use_negative=use_negative, probe=probe)
         if located.status == LIVE:
             call.pod = located.pod
             return located

@@ -10,6 +10,11 @@ error refused, an Ack with neither unknown).
 Invariants:
 - Client calls carry the client's own credentials upstream; the router's token is used only
   for its own probes and checks (`probe`, `answers`).
+- A client's GetSession on a session the router does not know is its own probe
+  (`answering_probe`): its bytes and credentials go to every pod, and the holder's answer
+  (OK, or PERMISSION_DENIED: here, not yours) is the client's reply. An answer that says
+  nothing about where the session is (UNAUTHENTICATED: the client's token) is asked again
+  with the router's token, and is never a reply.
 - A pod's status, details and trailing metadata reach the caller unchanged; a transport
   failure names the pod, marks it failed, and says retry.
 - A connect failure (nothing was sent) is tried once more on the next pooled channel, and is
@@ -30,7 +35,7 @@ from router.core.call import Call
 from router.core.errors import Abort
 from router.core.session_router import StartOutcome
 from router.core.status import LIVE, NOT_FOUND, UNKNOWN, LocateStatus
-from router.locator import Locator
+from router.locator import SOURCE_PROBE, Located, Locator
 from router.pods import Pod, PodSet
 
 log = logging.getLogger("macp_router.proxy")
@@ -213,6 +218,14 @@ class MacpBackend:
         call.pod = pod.name
         return await self.forward(call, pod.name, request)
 
+    def answering_probe(self, call: Call, request: bytes) -> CallerProbe | None:
+        """A GetSession miss probes with the client's own request and credentials, so the
+        holder's answer is its reply (one pod call and one round trip less than probe, then
+        forward); other methods are not probes (None)."""
+        if call.route.path != GET_SESSION_PATH:
+            return None
+        return CallerProbe(self, request, forwardable(call.context.invocation_metadata()))
+
     async def probe(self, pod_name: str, sid: str) -> LocateStatus:
         """GetSession with the router's credentials: OK/PERMISSION_DENIED live, NOT_FOUND not."""
         pod = self.pods.get(pod_name)
@@ -256,3 +269,70 @@ class MacpBackend:
             return exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED,
                                       grpc.StatusCode.UNAVAILABLE)
         return True
+
+
+class CallerProbe:
+    """One client's GetSession as the locator's probe function (`MacpBackend.answering_probe`).
+
+    Each pod gets the client's request bytes with the client's metadata, under the probe
+    deadline. OK and PERMISSION_DENIED mean live, NOT_FOUND not found: those answers are kept
+    per pod and one of them becomes the client's reply (`reply`). Any other answer says nothing
+    about the session for this client (UNAUTHENTICATED: its token; RESOURCE_EXHAUSTED: its
+    rate): the pod is asked again with the router's own probe, whose answer is never a reply.
+    A pod that is down or silent is read as the router's probe reads it (no second call).
+    """
+
+    __slots__ = ("answers", "backend", "metadata", "request")
+
+    def __init__(self, backend: MacpBackend, request: bytes,
+                 metadata: Sequence[tuple[str, str | bytes]]) -> None:
+        self.backend = backend
+        self.request = request
+        self.metadata = metadata
+        self.answers: dict[str, tuple[bytes, tuple] | Abort] = {}
+        """pod -> (response, trailing metadata) for OK, or the pod's status as an `Abort`."""
+
+    async def __call__(self, pod_name: str, sid: str) -> LocateStatus:
+        backend = self.backend
+        pod = backend.pods.get(pod_name)
+        if pod is None:
+            return UNKNOWN
+        try:
+            upstream, response = await unary_call(pod, GET_SESSION_PATH, self.request,
+                                                  self.metadata, backend.probe_timeout_s,
+                                                  span="probe")
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code is grpc.StatusCode.NOT_FOUND or code is grpc.StatusCode.PERMISSION_DENIED:
+                self.answers[pod_name] = upstream_abort(pod, exc)
+                return NOT_FOUND if code is grpc.StatusCode.NOT_FOUND else LIVE
+            if code is grpc.StatusCode.UNAVAILABLE or code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                return backend._probe_status(pod, exc)  # the pod's trouble, not the client's
+            return await backend.probe(pod_name, sid)
+        self.answers[pod_name] = (response, forwardable(await upstream.trailing_metadata()))
+        return LIVE
+
+    def reply(self, call: Call, located: Located) -> bytes | None:
+        """The pod's own answer to this client for `located`, set on `call` (an `Abort` is
+        raised); None when this probe did not hear the pod that decided it."""
+        if located.source != SOURCE_PROBE:
+            return None
+        if located.status == LIVE:
+            assert located.pod is not None
+            answer = self.answers.get(located.pod)
+            pod = located.pod
+        elif located.status == NOT_FOUND:
+            pod, answer = next(((name, a) for name, a in self.answers.items()
+                                if isinstance(a, Abort)
+                                and a.code is grpc.StatusCode.NOT_FOUND), ("", None))
+        else:
+            return None
+        if answer is None:
+            return None
+        call.pod = pod
+        if isinstance(answer, Abort):
+            raise answer
+        response, trailing = answer
+        if trailing:
+            call.context.set_trailing_metadata(trailing)
+        return response

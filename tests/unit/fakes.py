@@ -93,6 +93,9 @@ class FakeBackend:
     async def not_found(self, call: Call, sid: str, request: Any) -> Any:
         return f"not-found:{sid}"
 
+    def answering_probe(self, call: Call, request: Any) -> None:
+        return None  # no call of these fakes is a probe: a miss probes, then forwards
+
 
 def make_locator(roster: FakeRoster, backend: FakeBackend, **options: Any) -> Locator:
     return Locator(roster=roster, store=MemoryStore(), probe=backend.probe,
