@@ -171,8 +171,9 @@ _RETENTION_HELP = (
 )
 _CACHE_MAX_SESSIONS_HELP = (
     "most sessions the in-process near-cache holds (per protocol). An open session costs about "
-    "130 bytes, an ended one about 250 (loadtest/RESULTS.md): the default 1,000,000 is about "
-    "130-250 MB. When full, ended sessions are evicted first, then the oldest live ones; an "
+    "130 bytes, an ended one about 290, session id included (docs/operations.md, 'Memory "
+    "bounds'): the default 1,000,000 is 130-290 MB. When full, ended sessions are evicted "
+    "first, then the oldest live ones; an "
     "evicted live session is found again through the store or a probe on its next call "
     "(macp_router_cache_evictions_total{reason})"
 )
