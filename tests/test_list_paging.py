@@ -10,6 +10,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from macp.v1 import core_pb2, core_pb2_grpc
+from macp_sdk import AsyncMacpClient, AuthConfig
 
 from router.app import Router
 from router.macp.listing import TOKEN_PREFIX
@@ -70,6 +71,24 @@ async def test_a_client_reading_10_pages_costs_one_list_sessions_per_pod(sim_pod
         whole = await page(channel, size=1000)
         assert len(whole.sessions) == 31 and not whole.next_page_token
         assert snapshots(router) == 1
+
+
+async def test_the_sdk_lists_every_session_in_pages_with_one_fan_out(sim_pods, make_router):
+    pods = await sim_pods(3, start_limit_per_minute=1000)
+    router = await make_router(pods)
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        sids = {await start(channel) for _ in range(12)}
+    before = list_calls(pods)
+    client = AsyncMacpClient(target=router.address, allow_insecure=True,
+                             auth=AuthConfig.for_dev_agent("coordinator"),
+                             default_timeout=TIMEOUT)
+    try:
+        listed = await client.list_sessions(page_size=5)  # 3 pages, tokens followed by the SDK
+    finally:
+        await client.close()
+    assert sorted(s.session_id for s in listed) == sorted(sids)
+    assert {name: list_calls(pods)[name] - before[name] for name in before} == {
+        pod.name: 1 for pod in pods}
 
 
 async def test_a_listing_not_read_for_its_idle_time_expires(sim_pods, make_router):
