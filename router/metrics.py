@@ -535,7 +535,10 @@ class Metrics:
                 self.requests.labels(*labels),
                 self.request_duration.labels(labels[0], labels[1], labels[2]),
             )
-            self._request_children[key] = children
+            if labels == key:
+                # Cached only for known values: a client's made-up method names (or a pod
+                # that left) are exported as "unknown" and must not grow this table either.
+                self._request_children[key] = children
         counter, histogram = children
         counter.inc()  # type: ignore[attr-defined]
         histogram.observe(seconds)  # type: ignore[attr-defined]

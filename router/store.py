@@ -133,7 +133,8 @@ class MemoryStore:
 
     def __init__(self, *, retention_s: float = 600.0, reservation_ttl_s: float = 300.0,
                  supervisor: Supervisor | None = None, service: str = "store_sweeper:memory",
-                 sweep_interval_s: float = 1.0) -> None:
+                 sweep_interval_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._entries: dict[str, Location] = {}
         self._expires: dict[str, float] = {}
         self._deadlines: list[tuple[float, str]] = []  # a heap on the deadline
@@ -141,6 +142,8 @@ class MemoryStore:
         self.service = service
         """The sweeper's name in the supervisor (with none given, writes and reads sweep)."""
         self._sweep_interval_s = sweep_interval_s
+        self._clock = clock
+        """Where deadlines are read from (tests drive their own)."""
         self.expired = 0
         """Entries removed because their deadline passed (read, write or sweeper)."""
         self._by_pod: dict[str, set[str]] = {}
@@ -173,7 +176,7 @@ class MemoryStore:
 
     def sweep(self, now: float | None = None, limit: int = 100_000) -> int:
         """Remove entries past their deadline (earliest first, at most `limit`); how many."""
-        now = time.monotonic() if now is None else now
+        now = self._clock() if now is None else now
         heap = self._deadlines
         removed = 0
         while heap and heap[0][0] <= now and removed < limit:
@@ -189,7 +192,7 @@ class MemoryStore:
         if location is None:
             return None
         deadline = self._expires.get(sid)
-        if deadline is not None and deadline <= time.monotonic():
+        if deadline is not None and deadline <= self._clock():
             self._remove(sid, location.pod)
             self.expired += 1
             return None
@@ -210,7 +213,7 @@ class MemoryStore:
             self._remove(sid, previous.pod)
         self._entries[sid] = location
         self._by_pod.setdefault(location.pod, set()).add(sid)
-        now = time.monotonic()
+        now = self._clock()
         if ttl_s is None:
             self._expires.pop(sid, None)
         else:
