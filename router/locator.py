@@ -699,8 +699,10 @@ class Locator(SessionOwnership):
 
     async def resync_store(self) -> None:
         """The store came back (or was flushed): write the whole near-cache into it."""
-        entries = [
-            (sid, Location(pod, state, "", now_ms())) for sid, pod, state in self.near.items()
+        entries = [  # a reservation keeps this locator's token, so `release` can still undo it
+            (sid, Location(pod, state, self.reservation_token if state == RESERVED else "",
+                           now_ms()))
+            for sid, pod, state in self.near.items()
         ]
         log.info("store recovered: resyncing %d cached sessions", len(entries))
         with contextlib.suppress(StoreUnavailable):

@@ -387,6 +387,17 @@ async def test_release_by_a_router_that_lost_leaves_the_winners_reservation(make
     assert await store.get(SID) is None
 
 
+async def test_a_reservation_resynced_after_a_store_flush_can_still_be_released(make) -> None:
+    store = MemoryStore()
+    locator = make(Roster("a", "b"), Probe(), store=store, placement=_Always("a"))
+    assert await locator.place(SID) == ("a", True)
+    assert await store.delete(SID, "a")  # the store was flushed
+    await locator.resync_store()  # it came back: the near-cache is written into it
+    assert (await store.get(SID)).state == RESERVED  # type: ignore[union-attr]
+    await locator.release(SID, "a")  # the pod refused the start
+    assert await store.get(SID) is None
+
+
 async def test_confirm_by_another_pod_does_not_move_a_reservation(make) -> None:
     locator = make(Roster("a", "b"), Probe(), placement=_Always("a"))
     await locator.place(SID)
