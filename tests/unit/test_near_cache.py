@@ -176,19 +176,22 @@ def test_under_endless_churn_the_cache_and_its_queues_stay_within_the_bound() ->
 
 def test_eviction_cost_does_not_grow_with_the_number_of_stale_references() -> None:
     """O(1) amortized: filling a full 20 000-entry cache with 20 000 more costs about what the
-    first 20 000 inserts cost (no scan of the whole cache per insert)."""
+    first 20 000 inserts cost. A scan of the cache per insert would take 20 000 x 20 000 steps
+    (seconds); the bar (20x, best of three) leaves room for a loaded machine."""
     bound = 20_000
-    near = NearCache(max_entries=bound)
-    started = time.perf_counter()
-    for i in range(bound):
-        near.set(f"a{i}", "a", OPEN)
-    fill_s = time.perf_counter() - started
-    started = time.perf_counter()
-    for i in range(bound):
-        near.set(f"b{i}", "a", OPEN)
-    evict_s = time.perf_counter() - started
-    assert len(near) == bound and near.evictions["live"] == bound
-    assert evict_s < 10 * fill_s + 0.05, (fill_s, evict_s)
+    fills, evictions = [], []
+    for round_ in range(3):
+        near = NearCache(max_entries=bound)
+        started = time.perf_counter()
+        for i in range(bound):
+            near.set(f"a{round_}-{i}", "a", OPEN)
+        fills.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        for i in range(bound):
+            near.set(f"b{round_}-{i}", "a", OPEN)
+        evictions.append(time.perf_counter() - started)
+        assert len(near) == bound and near.evictions["live"] == bound
+    assert min(evictions) < 20 * min(fills) + 0.1, (fills, evictions)
 
 
 def test_sweep_counts_expiries_and_trims_the_ended_queue() -> None:
