@@ -670,9 +670,9 @@ class Run:
             summary["probes_per_miss"] = round(probes / real_misses, 3)
             summary["probes_per_miss_source"] = "router /metrics macp_router_probes_total"
         elif get_calls:
-            # each client GetSession is forwarded once; the rest are probes
-            summary["probes_per_miss"] = round((get_calls - n) / max(1, n), 3)
-            summary["probes_per_miss_source"] = "pod GetSession counters minus forwards"
+            # a GetSession miss is its own probes (the holder's answer is the reply, no forward)
+            summary["probes_per_miss"] = round(get_calls / max(1, n), 3)
+            summary["probes_per_miss_source"] = "pod GetSession counters"
         summary["pods"] = len(self.cluster.pods)
         summary["coalescing"] = await self._coalescing(coalesce)
 
