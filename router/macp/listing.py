@@ -20,7 +20,8 @@ Invariants:
 - A listing that fits in one page stores nothing.
 - A snapshot is bound to the caller's credentials (a digest of its ``authorization`` and
   ``x-macp-agent-id`` headers): the pods authenticated them on the fan-out, so a token is
-  only honoured for the same credentials (a leaked token does not list sessions to others).
+  only honoured for the same credentials (a leaked token does not list sessions to others;
+  credentials that change mid-listing, e.g. a refreshed JWT, must start a new listing).
 - A token this process cannot honour is INVALID_ARGUMENT, never a silent restart: a token from
   another router process (another replica or ``--workers`` sibling behind one address, or
   a router that restarted) fails its MAC; an expired or evicted listing is unknown. Restarting
