@@ -111,6 +111,10 @@ class FeedLandsDuringRelease(MemoryStore):
 
 Make = Callable[..., Locator]
 
+GATED_PROBE_TIMEOUT_S = 5.0
+"""Probe timeout of the tests that hold probes at a gate: the default 50 ms raced the gate, and
+a loop stalled that long on a loaded machine timed the held probes out (UNKNOWN)."""
+
 
 @pytest.fixture
 async def make() -> AsyncIterator[Make]:
@@ -171,7 +175,7 @@ async def test_a_miss_the_store_answers_sends_no_probe(make) -> None:
 async def test_concurrent_misses_for_one_session_probe_each_pod_once(make) -> None:
     probe = Probe(c={SID})
     probe.gate.clear()
-    locator = make(Roster("a", "b", "c"), probe)
+    locator = make(Roster("a", "b", "c"), probe, probe_timeout_s=GATED_PROBE_TIMEOUT_S)
     lookups = [asyncio.ensure_future(locator.lookup(SID)) for _ in range(20)]
     await eventually(lambda: len(probe.calls) == 3, timeout=2, what="one fan-out started")
     probe.gate.set()
@@ -185,7 +189,7 @@ async def test_the_first_callers_cancel_does_not_fail_the_others_sharing_its_loo
     look-up get the look-up's result, not CANCELLED."""
     probe = Probe(c={SID})
     probe.gate.clear()
-    locator = make(Roster("a", "b", "c"), probe)
+    locator = make(Roster("a", "b", "c"), probe, probe_timeout_s=GATED_PROBE_TIMEOUT_S)
     first = asyncio.ensure_future(locator.lookup(SID))
     await eventually(lambda: len(probe.calls) == 3, timeout=2, what="the fan-out started")
     others = [asyncio.ensure_future(locator.lookup(SID)) for _ in range(5)]
@@ -203,7 +207,7 @@ async def test_the_first_callers_cancel_does_not_fail_the_others_sharing_its_loo
 async def test_a_lookup_every_caller_abandoned_still_finishes_and_fills_the_cache(make) -> None:
     probe = Probe(b={SID})
     probe.gate.clear()
-    locator = make(Roster("a", "b"), probe)
+    locator = make(Roster("a", "b"), probe, probe_timeout_s=GATED_PROBE_TIMEOUT_S)
     caller = asyncio.ensure_future(locator.lookup(SID))
     await eventually(lambda: len(probe.calls) == 2, timeout=2, what="the fan-out started")
     caller.cancel()
