@@ -10,7 +10,8 @@ original JSON-RPC id (`_relay_reply`), and an error on a cached route whose pod'
 Invariants:
 - Answers carry the client's original JSON-RPC id (value and type), on the stream the client
   reads for that session.
-- Every call records exactly one request metric (`_record`).
+- Every call records exactly one request metric (`_answer`), also one whose answer's relay
+  raised an unexpected exception (the client gets INTERNAL naming it; logged and counted).
 - A stale route is re-routed at most once, and only on the pod's own not_found.
 """
 
@@ -31,6 +32,7 @@ from router.acp.jsonrpc import Message
 from router.acp.pods import AcpPodRoster
 from router.acp.upstream import Upstream, UpstreamClosed, UpstreamRefused
 from router.core.call import Call
+from router.core.errors import outcome_of
 from router.core.session_router import NotLocated, SessionRouter
 from router.core.status import NOT_FOUND
 from router.locator import SOURCE_PROBE, Located, Locator
@@ -158,6 +160,24 @@ class AcpForwarding:
                            name=f"acp-reply:{call.request['method']}")
 
     async def _relay_reply(
+        self, call: Call, pod: str, future: asyncio.Future[Message], sid: str | None,
+        on_reply: OnReply | None, check_stale: bool,
+    ) -> None:
+        """Relay one answer (a task of its own); a router bug on the way still answers the
+        client and records the call, as the front door's dispatch does for its own steps."""
+        try:
+            await self._relay_answer(call, pod, future, sid, on_reply, check_stale)
+        except Exception as exc:  # one mapping for both front doors: logged and counted
+            method = call.request["method"]
+            abort = outcome_of(exc, PROTOCOL, method, "the pod's answer does not parse",
+                               self.metrics)
+            if call.finished:
+                return  # the client has its answer: the bug came after it (logged, counted)
+            await self._answer(call, rpc.error(None, rpc.code_for_status(abort.code.name),
+                                               abort.details, {"details": repr(exc)}),
+                               pod=pod, sid=sid)
+
+    async def _relay_answer(
         self, call: Call, pod: str, future: asyncio.Future[Message], sid: str | None,
         on_reply: OnReply | None, check_stale: bool,
     ) -> None:
