@@ -82,6 +82,22 @@ async def test_a_registration_a_hung_store_did_not_confirm_is_ok_with_the_truth_
         assert REPLAY_HEADER not in trailing
         assert [r.key for r in await router.store.broadcasts()] == [
             "policy:p.kept", "policy:p.late"]
+
+        # A removal the store did not confirm: pods that join may get the old registration.
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            call = core_pb2_grpc.MACPRuntimeServiceStub(channel).UnregisterPolicy(
+                policy_pb2.UnregisterPolicyRequest(policy_id="p.kept"), metadata=METADATA,
+                timeout=TIMEOUT)
+            assert (await call).ok
+            trailing = dict(await call.trailing_metadata() or ())
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        assert "p.kept" not in a.policies and "p.kept" not in b.policies
+        assert trailing[REPLAY_HEADER] == UNCONFIRMED
+        assert "did not forget the earlier registration" in trailing[WARNING_HEADER]
+        assert "may get it again" in trailing[WARNING_HEADER]
+        assert failures(router, "UnregisterPolicy") == 1
     assert failures(router, "RegisterPolicy") == 1
 
 
