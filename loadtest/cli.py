@@ -10,6 +10,7 @@
     python -m loadtest profile [--seconds 10] [--concurrency 16] [--router-args "..."]
     python -m loadtest soak [--minutes 30 | --seconds 60] [--rate 20] [--sample-s 10]
     python -m loadtest bench-cache [--sizes 1000,1000000] [--lookups 200000] [--memory 100000]
+    python -m loadtest hopbench [--calls 3200] [--rounds 5] [--concurrency 8]
     python -m loadtest passthrough --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT
 
 Every run is bounded (`--max-wall`, per-phase durations, per-call deadlines), targets only
@@ -120,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--lookups", type=int, default=200_000)
     bench.add_argument("--memory", type=int, default=100_000,
                        help="entries for the tracemalloc bytes-per-session measurement")
+
+    hop = sub.add_parser("hopbench", help="CPU per call of a grpc.aio hop's pieces, in process")
+    hop.add_argument("--calls", type=int, default=3200, help="calls per round and variant")
+    hop.add_argument("--rounds", type=int, default=5, help="rounds; the median is reported")
+    hop.add_argument("--concurrency", type=int, default=8, help="calls in flight (8)")
+    hop.add_argument("--json", action="store_true", help="print the figures as JSON too")
 
     prof = sub.add_parser("profile", help="py-spy the router under hit load; CPU by bucket")
     prof.add_argument("--seconds", type=float, default=10.0, help="seconds recorded (10)")
@@ -361,6 +368,18 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench_cache(args)
     if args.command == "profile":
         return cmd_profile(args)
+    if args.command == "hopbench":
+        from loadtest.hopbench import hop_bench, hop_bench_table
+
+        if not (1 <= args.calls <= 200_000 and 1 <= args.rounds <= 50
+                and 1 <= args.concurrency <= 256):
+            raise SystemExit("--calls must be in [1, 200000], --rounds in [1, 50] and "
+                             "--concurrency in [1, 256]")
+        figures = hop_bench(args.calls, args.rounds, args.concurrency)
+        print(hop_bench_table(figures))
+        if args.json:
+            print(json.dumps(figures, indent=2))
+        return 0
     if args.command == "soak":
         from loadtest.soak import main_soak
 

@@ -24,6 +24,7 @@ from macp.v1 import core_pb2
 from loadtest import payloads
 from loadtest.benchcache import bench_memory, bench_near_cache
 from loadtest.hist import LatencyHistogram
+from loadtest.hopbench import hop_bench, hop_bench_table
 from loadtest.nginx import nginx_support
 from loadtest.overload import KNEE_CONCURRENCY
 from loadtest.passthrough import Passthrough, SyncPassthrough
@@ -122,6 +123,18 @@ async def test_passthrough_forwards_unary_stream_status_and_trailers(mode: str) 
         await pod.stop()
 
 
+def test_hopbench_times_both_call_paths_and_the_routers_own_steps() -> None:
+    figures = hop_bench(calls=160, rounds=1, concurrency=4)  # raises if an echo comes back wrong
+    for loop in ("uvloop", "asyncio"):
+        assert figures[loop]["aio"] > 0 and figures[loop]["cygrpc"] > 0
+    steps = figures["router_python"]
+    assert set(steps) >= {"envelope scan (classify_envelope)", "Call.finish (request metric)"}
+    assert steps["total"] == sum(v for k, v in steps.items() if k != "total")
+    # the router's own steps on a hit are a small part of one grpc.aio call
+    assert 0 < figures["router_python_share_of_aio_call"] < 0.5
+    assert "router's own Python per Send hit" in hop_bench_table(figures)
+
+
 def test_bench_cache_small_sizes() -> None:
     lookup = bench_near_cache([1_000, 20_000], lookups=20_000)
     assert set(lookup["sizes"]) == {"1000", "20000"}
@@ -129,6 +142,8 @@ def test_bench_cache_small_sizes() -> None:
     assert 0.2 < lookup["lookup_ratio_large_vs_small"] < 20
     memory = bench_memory(5_000)
     assert 20 < memory["bytes_per_session"] < 2_000
+    # an ended session also holds its expiry (tuple, heap item): it costs more than an open one
+    assert memory["bytes_per_session"] < memory["bytes_per_ended_session"] < 4_000
 
 
 def test_direct_passthrough_and_nginx_legs(tmp_path: Path) -> None:
