@@ -13,7 +13,9 @@ How it is measured:
   minus an empty loop over the same ids); ns per lookup, best of 3 rounds.
 - memory: `tracemalloc` traced bytes around inserting N entries, *including* the session-id
   strings (the cache keeps them alive; pod names are shared), so it is what one more cached
-  session costs the router process. Also RSS delta for the largest lookup size (coarser:
+  session costs the router process; once for open sessions and once for ended ones (kept
+  with an expiry for the retention window, so they cost more: what sizes
+  `--cache-max-sessions`). Also RSS delta for the largest lookup size (coarser:
   allocator arenas, page granularity).
 
 Bounded: 1M entries take ~0.3 GB and a few seconds; sizes above 5M are refused.
@@ -37,6 +39,7 @@ class CacheAdapter(Protocol):
     name: str
 
     def set(self, sid: str, pod: str) -> None: ...
+    def set_ended(self, sid: str, pod: str) -> None: ...
     def get(self, sid: str) -> str | None: ...
 
 
@@ -52,6 +55,9 @@ class DictCache:
     def set(self, sid: str, pod: str) -> None:
         self._d[sid] = pod
 
+    def set_ended(self, sid: str, pod: str) -> None:
+        self._d[sid] = pod
+
     def get(self, sid: str) -> str | None:  # replaced per instance by dict.get
         return self._d.get(sid)
 
@@ -63,14 +69,17 @@ class RouterNearCache:
 
     def __init__(self) -> None:
         from router.locator import NearCache
-        from router.store import OPEN
+        from router.store import OPEN, RESOLVED
 
-        self._open = OPEN
+        self._open, self._ended = OPEN, RESOLVED
         self._cache: Any = NearCache()
         self.get = self._cache.get  # type: ignore[method-assign]
 
     def set(self, sid: str, pod: str) -> None:
         self._cache.set(sid, pod, self._open)
+
+    def set_ended(self, sid: str, pod: str) -> None:
+        self._cache.set(sid, pod, self._ended, 600.0)  # the default --retention-s
 
     def get(self, sid: str) -> str | None:  # replaced per instance by NearCache.get
         return self._cache.get(sid)  # type: ignore[no-any-return]
@@ -89,9 +98,10 @@ def _sids(n: int) -> list[str]:
     return [str(uuid.UUID(int=rnd.getrandbits(128), version=4)) for _ in range(n)]
 
 
-def _fill(cache: CacheAdapter, sids: list[str]) -> None:
+def _fill(cache: CacheAdapter, sids: list[str], ended: bool = False) -> None:
+    put = cache.set_ended if ended else cache.set
     for i, sid in enumerate(sids):
-        cache.set(sid, POD_NAMES[i % len(POD_NAMES)])
+        put(sid, POD_NAMES[i % len(POD_NAMES)])
 
 
 def _time_lookups(cache: CacheAdapter, probe: list[str]) -> float:
@@ -152,10 +162,8 @@ def bench_near_cache(sizes: tuple[int, ...] | list[int], lookups: int = 200_000
     return out
 
 
-def bench_memory(n: int = 100_000) -> dict[str, Any]:
-    """tracemalloc bytes per cached session (with and without its session-id string)."""
-    if n > MAX_SIZE:
-        raise ValueError(f"{n} entries > {MAX_SIZE}: refused")
+def _traced_bytes(n: int, ended: bool) -> tuple[float, float]:
+    """(bytes per session, the same without its session-id string) for n sessions."""
     gc.collect()
     tracemalloc.start()
     try:
@@ -163,7 +171,7 @@ def bench_memory(n: int = 100_000) -> dict[str, Any]:
         cache = make_near_cache()
         sids = _sids(n)
         mid = tracemalloc.take_snapshot()
-        _fill(cache, sids)
+        _fill(cache, sids, ended)
         end = tracemalloc.take_snapshot()
     finally:
         tracemalloc.stop()
@@ -172,10 +180,23 @@ def bench_memory(n: int = 100_000) -> dict[str, Any]:
     # the list holding the ids is a benchmark artefact, not cache memory
     list_bytes = sys.getsizeof(sids)
     del cache, sids
+    return (with_keys - list_bytes) / n, (with_keys - keys_only) / n
+
+
+def bench_memory(n: int = 100_000) -> dict[str, Any]:
+    """tracemalloc bytes per cached session, open and ended (with and without its
+    session-id string)."""
+    if n > MAX_SIZE:
+        raise ValueError(f"{n} entries > {MAX_SIZE}: refused")
+    name = make_near_cache().name  # imports the cache's modules before anything is traced
+    open_bytes, open_no_sid = _traced_bytes(n, ended=False)
+    ended_bytes, ended_no_sid = _traced_bytes(n, ended=True)
     return {
-        "cache": make_near_cache().name,
+        "cache": name,
         "entries": n,
-        "bytes_per_session": round((with_keys - list_bytes) / n, 1),
-        "bytes_per_session_excluding_sid_string": round((with_keys - keys_only) / n, 1),
+        "bytes_per_session": round(open_bytes, 1),
+        "bytes_per_session_excluding_sid_string": round(open_no_sid, 1),
+        "bytes_per_ended_session": round(ended_bytes, 1),
+        "bytes_per_ended_session_excluding_sid_string": round(ended_no_sid, 1),
         "method": "tracemalloc, in process",
     }
