@@ -118,6 +118,7 @@ def _router_python_us(iterations: int = 20_000) -> dict[str, float]:
     request = payloads.send_proposal(str(uuid.uuid4()), str(uuid.uuid4()))
     metrics = Metrics()
     metrics.add_methods(r.method for r in route_table.values())
+    metrics.add_pod("pod0")  # a known pod: its request metric children are cached, as in serve
     hits = metrics.locate.labels("macp", "hit")
     invocation = ((":authority", "127.0.0.1"), ("authorization", "Bearer t"),
                   ("user-agent", "grpc-python"), ("content-type", "application/grpc"),
