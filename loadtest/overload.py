@@ -27,8 +27,10 @@ the generator's memory stays flat, and the report says so when it was the limit.
 The goal check (issue: hold up under overload) is printed as PASS/MISS lines: goodput at 2x and
 4x >= 90 % of the saturation throughput (the 1x rate), admitted p99 within 3x of its 1x
 value, router RSS flat over the steps.
-`--router-args "..."` passes extra flags to the router, so the same command compares runs with
-and without admission-control flags.
+`--router-args "..."` passes extra flags to the router; `--compare-router-args "..."` adds a
+second router leg (`router-b`) with other flags, measured in the same interleaved rounds, so one
+run compares the router with and without admission control
+(`--compare-router-args "--max-inflight-calls 0 --max-inflight-streams 0"`): goal lines for both.
 """
 
 from __future__ import annotations
@@ -176,11 +178,14 @@ async def scenario_overload(run: Any) -> None:
     """See the module docstring. `run` is the `loadtest.scenarios.Run`."""
     s = run.settings
     summary: dict[str, Any] = {"router_args": s.router_args, "step_seconds": s.step_seconds,
-                               "max_in_flight": s.max_in_flight}
+                               "max_in_flight": s.max_in_flight,
+                               "compare_router_args": getattr(s, "compare_router_args", None)}
     run.results["overload"] = summary
     requests = [run.hit_request(sid) for sid in run.hit_sids]
     timeout = 5.0
-    legs = {t: c for t, c in run.legs().items() if t in ("router", "passthrough", "direct")}
+    legs = {t: c for t, c in run.legs().items()
+            if t in ("router", "router-b", "passthrough", "direct")}
+    routers = {"router": run.router, "router-b": getattr(run, "router_b", None)}
     details: dict[str, dict[str, str]] = {t: {} for t in legs}
     ops = {t: refusable_send_op(c, requests, timeout, details[t]) for t, c in legs.items()}
     ref = "router" if "router" in ops else "passthrough"
@@ -199,14 +204,16 @@ async def scenario_overload(run: Any) -> None:
                            f"({dict(sat.errors)}); see the logs under {run.cluster.log_dir}")
     steps: dict[str, list[dict[str, Any]]] = {t: [] for t in ops}
     for mult in s.overload_steps:
-        rss_now: list[int] = []
+        rss_now: dict[str, list[int]] = {}
 
         @contextlib.asynccontextmanager
-        async def track(target: str, rss_now: list[int] = rss_now) -> AsyncIterator[None]:
-            if target == "router" and run.router is not None:
-                rss_now.append(run.router.proc.rss_bytes())
+        async def track(target: str,
+                        rss_now: dict[str, list[int]] = rss_now) -> AsyncIterator[None]:
+            router = routers.get(target)
+            if router is not None:
+                rss_now.setdefault(target, []).append(router.proc.rss_bytes())
                 yield
-                rss_now.append(run.router.proc.rss_bytes())
+                rss_now[target].append(router.proc.rss_bytes())
             else:
                 yield
 
@@ -214,12 +221,14 @@ async def scenario_overload(run: Any) -> None:
                                          rate=rate1 * mult, duration=s.step_seconds,
                                          max_in_flight=s.max_in_flight)
         for target, r in results.items():
-            pair = (rss_now[0], rss_now[-1]) if target == "router" and rss_now else None
-            steps[target].append(step_row(mult, r, pair))
+            seen = rss_now.get(target)
+            steps[target].append(step_row(mult, r, (seen[0], seen[-1]) if seen else None))
     summary["steps"] = steps
     summary["error_details"] = {t: d for t, d in details.items() if d}
     if "router" in steps:
         summary["goals"] = goal_checks(steps["router"], rate1)
+    if "router-b" in steps:  # --compare-router-args: e.g. the same router without admission
+        summary["goals_b"] = goal_checks(steps["router-b"], rate1)
     # the generator is what must NOT collapse: say when it was the limit
     summary["generator_limited"] = any(
         row["in_flight_bound_hits"] or (row["schedule_lag_ms"] or {}).get("max", 0) > 100
@@ -249,9 +258,16 @@ def overload_table(results: dict[str, Any]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     title = (f"overload: saturation of {o['saturation_target']} = {o['saturation_rps']:.0f} "
              f"OK calls/s; steps of {o['step_seconds']:g} s; router args: "
-             f"{' '.join(o['router_args']) or '(none)'}")
+             f"{' '.join(o['router_args']) or '(none)'}"
+             + (f"; router-b args: {' '.join(o['compare_router_args']) or '(none)'}"
+                if o.get("compare_router_args") is not None and "router-b" in o["steps"]
+                else ""))
     goals = [f"{'PASS' if g['pass'] else 'MISS'}  {g['name']}: {g['value']}"
              for g in o.get("goals", [])]
+    if o.get("goals_b"):
+        goals = [f"router: {g}" for g in goals] + [
+            f"router-b: {'PASS' if g['pass'] else 'MISS'}  {g['name']}: {g['value']}"
+            for g in o["goals_b"]]
     knee = o.get("knee")
     if knee:
         levels = "  ".join(f"c={r['concurrency']}: {r['ok_rps']:.0f}/s p50 {r['p50_ms']:.2f} "

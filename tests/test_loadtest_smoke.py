@@ -353,6 +353,28 @@ async def test_open_loop_generator_keeps_its_bound_and_reports_falling_behind() 
     assert r.extra["schedule_lag_ms"]["max"] >= 250  # and the report says it fell behind
 
 
+def test_overload_goodput_goal_is_against_the_saturation_throughput_not_the_1x_step() -> None:
+    from loadtest.overload import goal_checks, knee_of
+
+    def row(mult: float, goodput: float, p99: float) -> dict[str, Any]:
+        return {"multiplier": mult, "goodput_rps": goodput, "ok_p99_ms": p99}
+
+    # Already failing at 1x (450 of 1000/s), as much at 2x and 4x: not "holding up".
+    rows = [row(1, 450, 600), row(2, 640, 1300), row(4, 950, 1900)]
+    checks = {c["name"]: c for c in goal_checks(rows, saturation_rps=1000)}
+    assert checks["goodput at 2x >= 90% of 1x"] == {
+        "name": "goodput at 2x >= 90% of 1x", "value": 0.64, "pass": False}
+    assert checks["goodput at 4x >= 90% of 1x"]["pass"] is True  # 0.95
+    assert checks["admitted p99 at 2x within 3x of 1x"]["pass"] is True  # 2.17x
+    # Without a saturation figure the 1x step is the base (the old behaviour).
+    assert {c["name"]: c["pass"] for c in goal_checks(rows)}["goodput at 2x >= 90% of 1x"]
+    # The knee: the first level within 90 % of the best throughput.
+    levels = [{"concurrency": c, "ok_rps": t} for c, t in ((1, 300), (8, 850), (32, 1000),
+                                                          (128, 700))]
+    assert knee_of(levels) == 32
+    assert knee_of([{"concurrency": 1, "ok_rps": 0.0}]) is None
+
+
 def test_overload_steps_against_router_bare_hop_and_direct(tmp_path: Path) -> None:
     report = run_loadtest(tmp_path, "--require-router", "--scenario", "overload",
                           "--step-seconds", "0.5", "--overload-steps", "1,2")
