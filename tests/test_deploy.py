@@ -69,6 +69,13 @@ ROUTER_METRICS = frozenset(
         "macp_router_service_crashes_total",
         "macp_router_service_up",
         "macp_router_asyncio_tasks",
+        "macp_router_cache_evictions_total",
+        "macp_router_negative_cache_entries",
+        "macp_router_inflight_lookups",
+        "macp_router_store_entries",
+        "macp_router_acp_connections",
+        "macp_router_acp_session_streams",
+        "macp_router_acp_idle_closed_total",
     }
 )
 REQUIRED_ALERTS = {
