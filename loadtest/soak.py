@@ -9,7 +9,9 @@ What runs (all on loopback, all started and stopped by the soak):
   9 flows in 10 are a session's life through the router (SessionStart -> `--proposes`
   Proposals -> a Commitment that resolves it), 1 in 10 is a GetSession of an unknown id (a
   miss: NOT_FOUND expected); every `--acp-every` seconds one ACP session (connect, session/new,
-  one prompt, close) goes through the ACP front door.
+  one prompt, session/close, disconnect) goes through the ACP front door: every session
+  ends, as every MACP flow's does (an ACP session nobody closes stays live on its pod, and
+  the router rightly keeps its route).
 
 Every `--sample-s` seconds it samples the router: RSS, open fds (psutil over the router's
 process tree), asyncio task count (`macp_router_asyncio_tasks` from `/metrics`, "n/a" when the
@@ -24,8 +26,8 @@ default a quarter of the run, at most 5 minutes) the RSS slope by least squares 
 1 MiB per 10 minutes, and every size must stay bounded: its value at the end <= its value
 right after the warm-up x `TOLERANCE` (+ a small absolute slack), or its slope is flat. The
 near-cache must also be bounded by retention: in every sample at least `--retention-s` + two
-sampling intervals into the run it holds at most the sessions started within that window
-(+ the ACP sessions, + `SLACK`), never the whole history.
+sampling intervals into the run it holds at most the sessions (MACP and ACP) started within
+that window (+ `RETENTION_SLACK`), never the whole history.
 Writes `soak-<stamp>.json` and `soak-<stamp>.html` (with a plot of every series) under
 `--out`, and `latest-soak.*` copies.
 """
@@ -122,7 +124,8 @@ def retention_check(samples: list[dict[str, Any]], retention_s: float,
         if not earlier:
             continue
         checked += 1
-        recent = s["started"] - earlier[-1]["started"] + s["acp_sessions"]
+        recent = (s["started"] - earlier[-1]["started"]
+                  + s["acp_sessions"] - earlier[-1]["acp_sessions"])
         excess = s["cached_sessions"] - recent
         if worst is None or excess > worst["excess"]:
             worst = {"t_s": s["t_s"], "cached": s["cached_sessions"],
@@ -257,7 +260,8 @@ class Churn:
 
 async def acp_trickle(url: str, every_s: float, stop: asyncio.Event,
                       counts: Counter[str]) -> None:
-    """One ACP session per `every_s` through the front door: connect, new, prompt, close."""
+    """One ACP session per `every_s` through the front door: connect, new, prompt, session/close,
+    disconnect."""
     from loadtest.acpclient import AcpLoadConn, error_label
     from loadtest.acpscenario import DEFAULT_CHUNKS, PROMPT
 
@@ -266,8 +270,10 @@ async def acp_trickle(url: str, every_s: float, stop: asyncio.Event,
             conn = await AcpLoadConn.connect(url, timeout=T, name="soak")
             try:
                 sid = await conn.new_session(T)
-                await conn.prompt(sid, PROMPT, T, DEFAULT_CHUNKS)
                 counts["sessions"] += 1
+                await conn.prompt(sid, PROMPT, T, DEFAULT_CHUNKS)
+                await conn.call("session/close", {"sessionId": sid}, T)
+                counts["closed"] += 1
             finally:
                 await conn.close()
         except Exception as exc:  # counted and reported; the soak goes on
