@@ -286,6 +286,11 @@ class NearCache:
             if value is not None and value.__class__ is tuple and value[1] in TERMINAL_STATES:  # type: ignore[index]
                 break
             terminal.popleft()
+        # Likewise the age queue: the oldest sessions are the ones that expire first, and a
+        # reference left behind would keep a session-id string alive until the next rebuild.
+        order = self._order
+        while order and order[0] not in entries:
+            order.popleft()
         return dropped
 
     def sessions_of(self, pod: str) -> list[tuple[str, str]]:

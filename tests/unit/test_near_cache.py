@@ -201,4 +201,4 @@ def test_sweep_counts_expiries_and_trims_the_ended_queue() -> None:
         near.set(f"e{i}", "a", RESOLVED, ttl_s=30)
     assert near.sweep(now=now + 31) == 10
     assert near.evictions["expired"] == 10
-    assert len(near._terminal_order) == 0 and len(near) == 0
+    assert len(near._terminal_order) == 0 and len(near._order) == 0 and len(near) == 0
