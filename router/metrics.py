@@ -18,6 +18,9 @@ Series lifecycle (what dashboards and alerts rely on):
   writes for a removed pod's gauges are ignored.
 - `macp_router_pods` / `macp_router_healthy_pods` count pods per protocol, so "no healthy pod"
   is a series at 0 even when the router has no pod at all.
+- Admission control's refusals (`macp_router_admission_refused_total{protocol,kind}`) start at
+  0 for every protocol the router serves; its in-flight counts and limits
+  (`macp_router_admission_inflight` / `_limit{kind}`) are read from the gate at scrape time.
 - Background services (`router.supervisor`) are counted by kind (`watch`, `store_writer`, ...,
   a word fixed in code, never a pod or session): a kind's crash counter and `service_up` gauge
   exist from its first start.
