@@ -202,6 +202,10 @@ async def scenario_overload(run: Any) -> None:
     if rate1 <= 0:
         raise RuntimeError(f"overload: saturation of {ref} measured 0 OK calls/s "
                            f"({dict(sat.errors)}); see the logs under {run.cluster.log_dir}")
+    if "router-b" in ops:  # warm it up as the sweep warmed `router`: its RSS growth is load's
+        await run.phase("overload", "router-b", "warm-up", ops["router-b"],
+                        concurrency=s.concurrency, duration=min(3.0, s.step_seconds),
+                        record=False)
     steps: dict[str, list[dict[str, Any]]] = {t: [] for t in ops}
     for mult in s.overload_steps:
         rss_now: dict[str, list[int]] = {}
