@@ -14,6 +14,7 @@ import time
 import grpc
 from macp.v1 import core_pb2
 
+from router.store import OPEN
 from tests.macp_calls import METADATA, TIMEOUT, proposal_envelope, start, stub
 from tests.waiting import eventually
 
@@ -67,3 +68,29 @@ async def test_every_cancelled_stream_reaches_the_pod_as_a_cancel(sim_pods, make
             await eventually(lambda n=n: pod.cancelled_calls["StreamSession"] >= n,
                              what=f"the pod saw cancel {n} as a cancel")
         await eventually(lambda: not pod.sessions[sid].subs, what="the pod released every stream")
+
+
+async def test_a_stream_half_closed_before_a_stale_answer_is_moved_and_ends_on_the_holder(
+    sim_pods, make_router
+) -> None:
+    """The half-close goes upstream at once, before the stale pod's first answer: the moved
+    stream gets the kept frames and the half-close too, and ends OK on the holder."""
+    a, b = await sim_pods(2)
+    router = await make_router([a, b])
+    async with grpc.aio.insecure_channel(b.address) as direct:
+        sid = await start(direct)
+    for feed in router.feeds.values():  # no feed corrects the route: only the stream can
+        await feed.aclose()
+    router.locator.near.set(sid, "a", OPEN)
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        call = stub(channel).StreamSession(metadata=METADATA, timeout=TIMEOUT)
+        proposal = proposal_envelope(sid)
+        await call.write(core_pb2.StreamSessionRequest(envelope=proposal))
+        await call.done_writing()
+        answer = await call.read()
+        assert answer.envelope.message_id == proposal.message_id, answer  # the holder's echo
+        assert await call.read() is grpc.aio.EOF
+        assert await call.code() is grpc.StatusCode.OK
+    assert router.locator.try_cached(sid) == "b"
+    assert [env.message_id for env in b.sessions[sid].log[1:]] == [proposal.message_id]
+    assert a.calls["StreamSession"] == 1 and b.calls["StreamSession"] == 1
