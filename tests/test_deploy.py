@@ -76,6 +76,9 @@ ROUTER_METRICS = frozenset(
         "macp_router_acp_connections",
         "macp_router_acp_session_streams",
         "macp_router_acp_idle_closed_total",
+        "macp_router_admission_refused_total",
+        "macp_router_admission_inflight",
+        "macp_router_admission_limit",
     }
 )
 REQUIRED_ALERTS = {
