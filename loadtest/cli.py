@@ -7,11 +7,12 @@
         [--redis-url URL | --redis embedded | --redis standalone|cluster|sentinel (store)]
         [--acp-pods 3] [--acp-connections 16] [--acp-transport ws|http] [--acp-client lean|acp]
         [--quick] [--rounds 3] [--no-router | --require-router] [--max-wall 1800]
+        [--router-args "..."] [--compare-router-args "..."] [--sync-passthrough] [--no-nginx]
     python -m loadtest profile [--seconds 10] [--concurrency 16] [--router-args "..."]
     python -m loadtest soak [--minutes 30 | --seconds 60] [--rate 20] [--sample-s 10]
     python -m loadtest bench-cache [--sizes 1000,1000000] [--lookups 200000] [--memory 100000]
     python -m loadtest hopbench [--calls 3200] [--rounds 5] [--concurrency 8]
-    python -m loadtest passthrough --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT
+    python -m loadtest passthrough --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT [--mode sync]
 
 Every run is bounded (`--max-wall`, per-phase durations, per-call deadlines), targets only
 loopback, and kills every process it started before it exits.
