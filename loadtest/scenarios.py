@@ -3,7 +3,9 @@
 Every scenario measures the same traffic against up to four targets in one run:
 `direct` (the pod itself: the baseline), `passthrough` (the bare raw-bytes hop of
 `loadtest.passthrough`, upstream pod0), `nginx` (nginx `grpc_pass` to pod0, `loadtest.nginx`;
-when nginx is installed, else reported as not run) and `router` (`macp-router serve`). Traffic
+when nginx is installed, else reported as not run) and `router` (`macp-router serve`); on
+request also `passthrough-sync` (the bare hop on grpc's sync API, `--sync-passthrough`) and
+`router-b` (a second router with other flags, `--compare-router-args`). Traffic
 for the hop comparison goes to sessions on pod0, so the legs share the same upstream process.
 
 Scenarios (`SCENARIOS`): hit, stream, miss, start, mixed, pod-kill, scale, workers (1 vs N
