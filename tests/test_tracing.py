@@ -21,6 +21,7 @@ from router.app import Router
 from router.config import RouterConfig
 from router.pods import PodSpec
 from tests import macp_calls
+from tests.waiting import eventually
 
 pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
 
@@ -121,6 +122,9 @@ async def test_a_get_session_miss_is_answered_by_the_owners_probe_span_without_a
         spans.clear()
         reply = await macp_calls.get_session(channel, sid)
     assert reply.metadata.session_id == sid
+    # The reply came with the owner's answer; the other probes end after it.
+    await eventually(lambda: len([s for s in spans.get_finished_spans() if s.name == "probe"])
+                     == 3, what="all 3 probe spans ended")
     finished = list(spans.get_finished_spans())
     server = one([s for s in finished if s.kind is SpanKind.SERVER], f"{SERVICE}/GetSession")
     top = children(finished, server)

@@ -13,7 +13,7 @@ Miss:  `locate`: store, then a single-flight probe fan-out; LIVE -> forward; NOT
        probe is its reply: no forward after the fan-out.
 Stale: the cached pod answers "not here" -> `relocate`: invalidate (sid, pod), locate again
        bypassing the negative cache, forward once more to a *different* pod, else the first
-       answer stands.
+       answer stands (a GetSession's re-locate is its own probe, as for a miss).
 Start: `place` (reserve) -> forward -> `settle`: ACCEPTED confirms, REFUSED releases (only a
        reservation this call made), UNKNOWN keeps it until its TTL.
 Minted: a start whose session id the pod mints (ACP `session/new`): `choose` a pod (nothing to
@@ -42,7 +42,7 @@ import grpc
 from router.core.call import Call
 from router.core.errors import Abort
 from router.core.status import LIVE, NOT_FOUND, LocateStatus
-from router.locator import SOURCE_CACHE, Located, Locator, NoPlaceablePod
+from router.locator import SOURCE_CACHE, SOURCE_PROBE, Located, Locator, NoPlaceablePod
 
 
 class StartOutcome(enum.Enum):
@@ -205,14 +205,16 @@ class SessionRouter:
         return NotLocated(sid, located, located.describe_unknown(
             sid, self.locator.probe_timeout_s, self.unknown_causes()))
 
-    async def relocate(self, call: Call, sid: str, stale: str) -> str | None:
-        """`stale` said it does not hold `sid`: forget that route and locate once more.
+    async def relocate(self, call: Call, sid: str, stale: str, *,
+                       probe: AnsweringProbe | None = None) -> str | None:
+        """`stale` said it does not hold `sid`: forget that route and locate once more
+        (`probe`: the fan-out's probe, as for a miss).
 
         Returns another pod that holds it (set on `call`), or None when no other pod does;
         `NotLocated` when a pod did not answer.
         """
         await self.locator.invalidate(sid, stale)
-        located = await self.locator.lookup(sid, use_negative=False)
+        located = await self.locator.lookup(sid, use_negative=False, probe=probe)
         if located.status == LIVE:
             if located.pod == stale:
                 return None
@@ -223,9 +225,15 @@ class SessionRouter:
         raise self.not_located(sid, located)
 
     async def _stale(self, call: Call, sid: str, pod: str, request: Any, answer: Any) -> Any:
-        moved = await self.relocate(call, sid, pod)
+        backend: ForwardingBackend = self.backend  # type: ignore[assignment]
+        probe = backend.answering_probe(call, request)  # a GetSession: as for a miss
+        moved = await self.relocate(call, sid, pod, probe=probe)
         if moved is not None:
-            return await self.backend.forward(call, moved, request)  # type: ignore[union-attr]
+            if probe is not None:
+                reply = probe.reply(call, Located(LIVE, moved, SOURCE_PROBE))
+                if reply is not None:  # the new holder's answer to this call's own probe
+                    return reply
+            return await backend.forward(call, moved, request)
         if isinstance(answer, Abort):
             raise answer
         return answer
