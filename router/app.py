@@ -93,7 +93,8 @@ def make_store(config: RouterConfig, metrics: Metrics,
                supervisor: Supervisor | None = None, protocol: str = "macp") -> LocationStore:
     if not config.redis_url:
         store = MemoryStore(retention_s=config.retention_s, supervisor=supervisor,
-                            service=f"store_sweeper:{protocol}")
+                            service=f"store_sweeper:{protocol}",
+                            max_entries=config.cache_max_sessions)
         metrics.watch_size("macp_router_store_entries", (protocol,), store.__len__)
         return store
     from router.redis_store import RedisStore

@@ -30,6 +30,7 @@ Invariants every implementation keeps (checked by one conformance suite for all 
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -127,6 +128,13 @@ class MemoryStore:
     given, e.g. `store_sweeper:macp`). The heap keeps stale items of entries renewed or removed
     since (lazy deletion) and is rebuilt once it holds twice the expiring entries (+1024), so
     memory stays proportional to the entries and each write costs O(log n) amortized.
+
+    With `max_entries` (the router passes `--cache-max-sessions`), a write of a new sid into a
+    full store first removes the entry that expires soonest (an ended session or an old
+    reservation), else the oldest open one: the store is a cache of the pods' truth, and a
+    session it forgot is found again by a probe. Open sessions never expire on their own (an
+    ACP session nobody closes stays open on its pod), so without the bound they would only
+    leave with their pod.
     """
 
     name = "memory"
@@ -134,7 +142,12 @@ class MemoryStore:
     def __init__(self, *, retention_s: float = 600.0, reservation_ttl_s: float = 300.0,
                  supervisor: Supervisor | None = None, service: str = "store_sweeper:memory",
                  sweep_interval_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_entries: int = 0) -> None:
+        self.max_entries = max_entries
+        """The most entries held at once; 0 = unbounded."""
+        self.evicted = 0
+        """Entries removed to stay within `max_entries`."""
+        self._order: collections.deque[str] = collections.deque()  # sids, first stored first
         self._entries: dict[str, Location] = {}
         self._expires: dict[str, float] = {}
         self._deadlines: list[tuple[float, str]] = []  # a heap on the deadline
@@ -185,6 +198,9 @@ class MemoryStore:
                 self._remove(sid, self._entries[sid].pod)
                 removed += 1
         self.expired += removed
+        order = self._order  # references of entries gone keep their id strings alive
+        while order and order[0] not in self._entries:
+            order.popleft()
         return removed
 
     def _live(self, sid: str) -> Location | None:
@@ -209,6 +225,13 @@ class MemoryStore:
 
     def _set(self, sid: str, location: Location, ttl_s: float | None) -> None:
         previous = self._entries.get(sid)
+        if previous is None and self.max_entries:
+            if len(self._entries) >= self.max_entries:
+                self._evict_one()
+            self._order.append(sid)
+            if len(self._order) > 2 * len(self._entries) + 1024:
+                self._order = collections.deque(self._entries)
+                self._order.append(sid)
         if previous is not None and previous.pod != location.pod:
             self._remove(sid, previous.pod)
         self._entries[sid] = location
@@ -223,6 +246,24 @@ class MemoryStore:
                 self._deadlines = [(d, s) for s, d in self._expires.items()]
                 heapq.heapify(self._deadlines)
         self.sweep(now, SWEEP_PER_WRITE)
+
+    def _evict_one(self) -> None:
+        """Make room for one entry: the one that expires soonest, else the oldest open one."""
+        heap = self._deadlines
+        while heap:
+            deadline, sid = heapq.heappop(heap)
+            if self._expires.get(sid) == deadline:
+                self._remove(sid, self._entries[sid].pod)
+                self.evicted += 1
+                return
+        order = self._order
+        while order:
+            sid = order.popleft()
+            location = self._entries.get(sid)
+            if location is not None:
+                self._remove(sid, location.pod)
+                self.evicted += 1
+                return
 
     def _ttl_for(self, location: Location) -> float | None:
         if location.terminal:

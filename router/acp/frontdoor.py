@@ -147,7 +147,8 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
         unbounded one of its own for a front door built alone."""
         # A store of its own (a MemoryStore, or a RedisStore with its own prefix): ACP and MACP
         # pods may share names, and the store indexes sessions by pod name.
-        self.store = store or MemoryStore(retention_s=config.retention_s)
+        self.store = store or MemoryStore(retention_s=config.retention_s,
+                                          max_entries=config.cache_max_sessions)
         self._own_supervisor = supervisor is None
         self.supervisor = supervisor if supervisor is not None else Supervisor()
         """Runs the pods' health loops, the locator's loops and the idle-connection reaper:

@@ -253,3 +253,32 @@ def test_made_up_method_names_grow_neither_the_series_nor_the_metrics_cache() ->
                   route="any", pod="a", code="OK") == 500
     assert sample(metrics, "macp_router_requests_total", protocol="acp",
                   method="session/prompt", route="session", pod="a", code="OK") == 500
+
+
+async def test_a_full_memory_store_drops_the_soonest_to_expire_then_the_oldest_open() -> None:
+    """Open entries never expire on their own (an ACP session nobody closes): the bound keeps
+    the store at `max_entries`, ended sessions going first."""
+    store = MemoryStore(max_entries=3)
+    await store.put("open1", Location("a", OPEN))
+    await store.put("ended", Location("a", RESOLVED))
+    await store.put("open2", Location("b", OPEN))
+    await store.put("open3", Location("b", OPEN))  # full: the ended one goes
+    assert await store.get("ended") is None and len(store) == 3
+    await store.put("open2", Location("a", OPEN))  # an update makes no room
+    assert len(store) == 3 and store.evicted == 1
+    await store.put("open4", Location("a", OPEN))  # then the oldest open one
+    assert await store.get("open1") is None
+    assert {sid for sid in ("open2", "open3", "open4") if await store.get(sid)} == {
+        "open2", "open3", "open4"}
+    assert await store.pod_sessions("a") == {"open2", "open4"}
+    assert store.evicted == 2
+
+
+async def test_under_endless_open_sessions_the_memory_store_stays_at_its_bound() -> None:
+    store = MemoryStore(max_entries=1000)
+    for i in range(20_000):
+        await store.put(f"s{i}", Location("a", OPEN))
+        assert len(store) <= 1000
+    assert store.evicted == 19_000
+    assert len(store._order) <= 2 * 1000 + 1024 + 1
+    assert len(await store.pod_sessions("a")) == 1000
