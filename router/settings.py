@@ -170,7 +170,8 @@ _RETENTION_HELP = (
     "below the runtime's retention: longer only remembers a pod that no longer has the session"
 )
 _CACHE_MAX_SESSIONS_HELP = (
-    "most sessions the in-process near-cache holds (per protocol). An open session costs about "
+    "most sessions the in-process near-cache holds (per protocol; the in-memory store, without "
+    "--redis-url, holds as many at most). An open session costs about "
     "130 bytes, an ended one about 290, session id included (docs/operations.md, 'Memory "
     "bounds'): the default 1,000,000 is 130-290 MB. When full, ended sessions are evicted "
     "first, then the oldest live ones; an "
