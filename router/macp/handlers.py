@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -236,47 +237,34 @@ class MacpProxy:
         return behavior
 
     def _server_stream(self, route: Route, body: StreamBody):  # type: ignore[no-untyped-def]
-        gate, refuse = self.admission, self._refuse
+        async def run(request: bytes, context: grpc.aio.ServicerContext) -> None:
+            call = Call(PROTOCOL, route.method, route.route_class, route, context)
+            await self._run_stream(call, "request", body(call, request))
 
-        async def behavior(request: bytes, context: grpc.aio.ServicerContext) -> None:
-            if gate.streams >= gate.stream_limit:
-                await refuse(context, route, STREAM)
-            gate.streams += 1
-            try:
-                call = Call(PROTOCOL, route.method, route.route_class, route, context)
-                await self._run_stream(call, "request", body(call, request))
-            finally:
-                gate.streams -= 1
-
-        return behavior
+        return self._stream_gate(route, run)
 
     def _bidi(self, route: Route):  # type: ignore[no-untyped-def]
-        gate, refuse = self.admission, self._refuse
+        async def run(_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+            call = Call(PROTOCOL, route.method, route.route_class, route, context)
+            await self._run_stream(call, "first frame", self.streams.bidi(call))
 
-        async def behavior(request_iterator: AsyncIterator[bytes],
-                           context: grpc.aio.ServicerContext) -> None:
-            if gate.streams >= gate.stream_limit:
-                await refuse(context, route, STREAM)
-            gate.streams += 1
-            try:
-                call = Call(PROTOCOL, route.method, route.route_class, route, context)
-                await self._run_stream(call, "first frame", self.streams.bidi(call))
-            finally:
-                gate.streams -= 1
-
-        return behavior
+        return self._stream_gate(route, run)
 
     def _client_stream(self, route: Route, handler):  # type: ignore[no-untyped-def]
         """A client-streaming call counts as a stream (it is open while the client writes)."""
+        return self._stream_gate(route, handler)
+
+    def _stream_gate(self, route: Route, run):  # type: ignore[no-untyped-def]
+        """`run` behind the stream admission bound: refused at once past it, else it holds one
+        stream slot until it returns, whichever way."""
         gate, refuse = self.admission, self._refuse
 
-        async def behavior(request_iterator: AsyncIterator[bytes],
-                           context: grpc.aio.ServicerContext) -> bytes:
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if gate.streams >= gate.stream_limit:
                 await refuse(context, route, STREAM)
             gate.streams += 1
             try:
-                return await handler(request_iterator, context)
+                return await run(request, context)
             finally:
                 gate.streams -= 1
 
