@@ -68,7 +68,7 @@ class RouterNearCache:
     name = "router.locator.NearCache"
 
     def __init__(self) -> None:
-        from router.locator import NearCache
+        from router.near_cache import NearCache
         from router.store import OPEN, RESOLVED
 
         self._open, self._ended = OPEN, RESOLVED

@@ -8,7 +8,9 @@
    winner (ours, or the one another caller/router recorded first) is returned.
 
 What the pods' own feeds teach (observe, reconcile, sessions two pods report) is
-`router.ownership.SessionOwnership`, mixed into `Locator`.
+`router.ownership.SessionOwnership`, and placement with its reservations (place, adopt,
+confirm, release) is `router.reservation.SessionPlacement`, both mixed into `Locator`. The
+near-cache and the negative cache are `router.near_cache`.
 
 The locator is protocol-neutral: it knows pod names, session ids, a store and a probe function.
 MACP gRPC (probe = GetSession) and ACP (probe = session/status) plug into the same class.
@@ -46,22 +48,21 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
-import heapq
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 from router import tracing
 from router.core.status import LIVE, NOT_FOUND, UNKNOWN, LocateStatus
 from router.metrics import Metrics
+from router.near_cache import NearCache, NegativeCache
 from router.ownership import SessionOwnership
-from router.placement import PlacementPolicy, rendezvous
+from router.placement import PlacementPolicy
+from router.reservation import PodRoster, SessionPlacement
 from router.store import (
     OPEN,
     RESERVED,
@@ -91,14 +92,6 @@ ProbeFn = Callable[[str, str], Awaitable[str]]
 """(pod, sid) -> a `LocateStatus` (a plain "live" / "not_found" string is read the same)."""
 
 
-class PodRoster(Protocol):
-    """The locator's view of the pods: names and whether each answers."""
-
-    def names(self) -> list[str]: ...
-    def is_healthy(self, name: str) -> bool: ...
-    def placeable_names(self) -> list[str]: ...
-
-
 @dataclass(frozen=True, slots=True)
 class Located:
     status: LocateStatus
@@ -122,203 +115,7 @@ class Located:
         )
 
 
-class NoPlaceablePod(Exception):
-    """No healthy, non-draining pod can take a new session."""
-
-
-class NearCache:
-    """sid -> pod in process memory, holding at most `max_entries` sessions.
-
-    An open session costs one dict slot whose value is the (shared) pod-name string, plus one
-    slot in the age queue. Any other state is a small tuple `(pod, state, expires_at)`
-    (expires_at 0.0 = never). Per-(pod, state) counts are kept exact for placement and metrics.
-    Expiries wait in a heap, not a FIFO: TTLs differ (a reservation's is ten times a
-    retention), and a long one queued first must not hold back the shorter ones behind it.
-
-    The bound: inserting a new sid into a full cache evicts one entry first, an ended (terminal)
-    session if there is one (the oldest ended first), else the oldest cached live one. An
-    evicted live session is not lost: the next call on it misses and finds it through the
-    store or a probe. Every queue (age, terminal, expiry heap) holds plain references with
-    lazy deletion and is rebuilt from the dict once it holds twice the entries (+1024), so
-    each stays O(`max_entries`) and every insert costs O(1) amortized (O(log n) for a TTL).
-    `evictions` counts removals by reason: "expired" (retention or reservation TTL), and, to
-    make room, "terminal" and "live".
-    """
-
-    __slots__ = ("_counts", "_entries", "_expiry_queue", "_open_counts", "_order",
-                 "_terminal_order", "evictions", "max_entries")
-
-    def __init__(self, max_entries: int = 0) -> None:
-        self.max_entries = max_entries
-        """The most sessions held at once; 0 = unbounded (tests and benchmarks only)."""
-        self._entries: dict[str, str | tuple[str, str, float]] = {}
-        self._counts: collections.Counter[tuple[str, str]] = collections.Counter()
-        self._open_counts: collections.Counter[str] = collections.Counter()
-        self._expiry_queue: list[tuple[float, str]] = []  # a heap on expires_at
-        self._order: collections.deque[str] = collections.deque()  # sids, first cached first
-        self._terminal_order: collections.deque[str] = collections.deque()  # ended, oldest first
-        self.evictions: dict[str, int] = {"expired": 0, "terminal": 0, "live": 0}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, sid: str) -> str | None:
-        value = self._entries.get(sid)
-        if value is None or value.__class__ is str:
-            return value  # type: ignore[return-value]
-        pod, _state, expires_at = value  # type: ignore[misc]
-        if expires_at and expires_at <= time.monotonic():
-            self._remove(sid)
-            self.evictions["expired"] += 1
-            return None
-        return pod
-
-    def entry(self, sid: str) -> tuple[str, str] | None:
-        """(pod, state) of a cached session, or None."""
-        pod = self.get(sid)
-        if pod is None:
-            return None
-        value = self._entries[sid]
-        return (pod, OPEN) if value.__class__ is str else (pod, value[1])  # type: ignore[index]
-
-    def set(self, sid: str, pod: str, state: str, ttl_s: float = 0.0) -> None:
-        entries = self._entries
-        if sid in entries:
-            self._remove(sid)
-        else:
-            if self.max_entries and len(entries) >= self.max_entries:
-                self._evict_one()
-            self._order.append(sid)
-            if len(self._order) > 2 * len(entries) + 1024:
-                self._order = collections.deque(entries)
-                self._order.append(sid)
-        if state == OPEN:
-            entries[sid] = pod
-        else:
-            expires_at = time.monotonic() + ttl_s if ttl_s else 0.0
-            entries[sid] = (pod, state, expires_at)
-            if expires_at:
-                queue = self._expiry_queue
-                heapq.heappush(queue, (expires_at, sid))
-                if len(queue) > 2 * len(entries) + 1024:
-                    self._rebuild_expiry_queue()
-            if state in TERMINAL_STATES:
-                self._terminal_order.append(sid)
-                if len(self._terminal_order) > 2 * len(entries) + 1024:
-                    self._terminal_order = collections.deque(
-                        s for s, v in entries.items()
-                        if v.__class__ is tuple and v[1] in TERMINAL_STATES)  # type: ignore[index]
-        self._counts[(pod, state)] += 1
-        if state == OPEN or state == RESERVED:
-            self._open_counts[pod] += 1
-
-    def _evict_one(self) -> None:
-        """Make room for one entry: the oldest ended session, else the oldest live one."""
-        entries = self._entries
-        terminal = self._terminal_order
-        while terminal:
-            sid = terminal.popleft()
-            value = entries.get(sid)
-            if value is not None and value.__class__ is tuple and value[1] in TERMINAL_STATES:  # type: ignore[index]
-                self._remove(sid)
-                self.evictions["terminal"] += 1
-                return
-        order = self._order
-        while order:
-            sid = order.popleft()
-            if sid in entries:
-                self._remove(sid)
-                self.evictions["live"] += 1
-                return
-
-    def _rebuild_expiry_queue(self) -> None:
-        """Drop the heap's stale items (entries renewed, moved or removed since queued)."""
-        self._expiry_queue = [
-            (value[2], sid) for sid, value in self._entries.items()  # type: ignore[misc]
-            if value.__class__ is tuple and value[2]  # type: ignore[index]
-        ]
-        heapq.heapify(self._expiry_queue)
-
-    def discard(self, sid: str, pod: str) -> bool:
-        """Remove the entry only while it still names `pod`."""
-        value = self._entries.get(sid)
-        if value is None:
-            return False
-        owner = value if value.__class__ is str else value[0]  # type: ignore[index]
-        if owner != pod:
-            return False
-        self._remove(sid)
-        return True
-
-    def _remove(self, sid: str) -> None:
-        value = self._entries.pop(sid)
-        if value.__class__ is str:
-            pod, state = value, OPEN
-        else:
-            pod, state, _ = value  # type: ignore[misc]
-        key = (pod, state)  # type: ignore[assignment]
-        self._counts[key] -= 1  # type: ignore[index]
-        if self._counts[key] <= 0:  # type: ignore[index]
-            del self._counts[key]  # type: ignore[arg-type]
-        if state == OPEN or state == RESERVED:
-            self._open_counts[pod] -= 1  # type: ignore[index]
-            if self._open_counts[pod] <= 0:  # type: ignore[index]
-                del self._open_counts[pod]  # type: ignore[arg-type]
-
-    def sweep(self, now: float | None = None, limit: int = 10_000) -> int:
-        """Drop expired entries (oldest first, at most `limit`); returns how many."""
-        now = time.monotonic() if now is None else now
-        dropped = 0
-        queue = self._expiry_queue
-        entries = self._entries
-        while queue and queue[0][0] <= now and dropped < limit:
-            expires_at, sid = heapq.heappop(queue)
-            value = entries.get(sid)
-            if value is not None and value.__class__ is tuple and value[2] == expires_at:  # type: ignore[index]
-                self._remove(sid)
-                dropped += 1
-        self.evictions["expired"] += dropped
-        # Ended sessions expire in the order they ended (one retention for all): what they
-        # left at the head of the terminal queue goes now, so it stays as long as they are.
-        terminal = self._terminal_order
-        while terminal:
-            value = entries.get(terminal[0])
-            if value is not None and value.__class__ is tuple and value[1] in TERMINAL_STATES:  # type: ignore[index]
-                break
-            terminal.popleft()
-        # Likewise the age queue: the oldest sessions are the ones that expire first, and a
-        # reference left behind would keep a session-id string alive until the next rebuild.
-        order = self._order
-        while order and order[0] not in entries:
-            order.popleft()
-        return dropped
-
-    def sessions_of(self, pod: str) -> list[tuple[str, str]]:
-        """(sid, state) of every entry on `pod`. O(cache size): reconcile only."""
-        result = []
-        for sid, value in self._entries.items():
-            if value.__class__ is str:
-                if value == pod:
-                    result.append((sid, OPEN))
-            elif value[0] == pod:  # type: ignore[index]
-                result.append((sid, value[1]))  # type: ignore[index]
-        return result
-
-    def items(self) -> Iterable[tuple[str, str, str]]:
-        for sid, value in list(self._entries.items()):
-            if value.__class__ is str:
-                yield sid, value, OPEN  # type: ignore[misc]
-            else:
-                yield sid, value[0], value[1]  # type: ignore[misc, index]
-
-    def counts(self) -> Mapping[tuple[str, str], int]:
-        return self._counts
-
-    def open_counts(self) -> Mapping[str, int]:
-        return self._open_counts
-
-
-class Locator(SessionOwnership):
+class Locator(SessionOwnership, SessionPlacement):
     def __init__(
         self,
         *,
@@ -343,18 +140,14 @@ class Locator(SessionOwnership):
         self.metrics = metrics
         self.protocol = protocol
         self.probe_timeout_s = probe_timeout_s
-        self.negative_ttl_s = negative_ttl_s
         self.retention_s = retention_s
         self.reservation_grace_s = reservation_grace_s
         self.on_silent = on_silent
         """Told (pod, reason) when a probe got no answer within the deadline."""
         self.near = NearCache(cache_max_sessions)
+        self.negative = NegativeCache(negative_ttl_s, negative_max)
         self.also_on: dict[str, dict[str, str]] = {}
         """sid -> {other pod: state it reported} for sessions more than one pod reported."""
-        self.negative_max = negative_max
-        self._negative: collections.OrderedDict[str, float] = collections.OrderedDict()
-        """sid -> when "on no pod" expires, in expiry order (one TTL for all): at most
-        `negative_max` entries, the oldest dropped first; the sweeper drops expired ones."""
         self._inflight: dict[str, asyncio.Task[Located]] = {}
         """sid -> its single-flight look-up; an entry leaves when its task ends, however."""
         self._recent_placements: dict[str, float] = {}
@@ -371,7 +164,7 @@ class Locator(SessionOwnership):
         carrying it, never another router's reservation of the same sid on the same pod."""
         metrics.watch_cached_sessions(self.near.counts, protocol)
         metrics.watch_locator(protocol, evictions=self.near.evictions,
-                              negative=self._negative.__len__, inflight=self._inflight.__len__)
+                              negative=self.negative.__len__, inflight=self._inflight.__len__)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, supervisor: Supervisor | None = None) -> None:
@@ -423,13 +216,9 @@ class Locator(SessionOwnership):
         if pod is not None:
             self.metrics.record_locate(self.protocol, "hit")
             return Located(LIVE, pod, SOURCE_CACHE)
-        if use_negative:
-            expires_at = self._negative.get(sid)
-            if expires_at is not None:
-                if expires_at > time.monotonic():
-                    self.metrics.record_locate(self.protocol, "negative_hit")
-                    return Located(NOT_FOUND, None, SOURCE_NEGATIVE)
-                del self._negative[sid]
+        if use_negative and self.negative.hit(sid):
+            self.metrics.record_locate(self.protocol, "negative_hit")
+            return Located(NOT_FOUND, None, SOURCE_NEGATIVE)
         inflight = self._inflight.get(sid)
         if inflight is not None:
             self.metrics.coalesced_misses.labels(self.protocol).inc()
@@ -473,20 +262,11 @@ class Locator(SessionOwnership):
             self._enqueue_write(sid, Location(result.pod, OPEN, "", now_ms()))
             self.metrics.record_locate(self.protocol, "probe_hit")
         elif result.status == NOT_FOUND:
-            self._remember_not_found(sid)
+            self.negative.remember(sid)
             self.metrics.record_locate(self.protocol, "not_found")
         else:
             self.metrics.record_locate(self.protocol, "unknown")
         return result
-
-    def _remember_not_found(self, sid: str) -> None:
-        if self.negative_ttl_s <= 0 or self.negative_max <= 0:
-            return
-        negative = self._negative
-        negative[sid] = time.monotonic() + self.negative_ttl_s
-        negative.move_to_end(sid)
-        if len(negative) > self.negative_max:
-            negative.popitem(last=False)
 
     async def probe_now(self, sid: str) -> Located:
         """Ask every pod now, bypassing the near-cache and the store (operators' fresh look)."""
@@ -570,95 +350,6 @@ class Locator(SessionOwnership):
         self.metrics.record_probe(self.protocol, pod, answer)
         return answer
 
-    # -- placement -----------------------------------------------------------------------------
-    async def place(self, sid: str) -> tuple[str, bool]:
-        """Reserve `sid` on a chosen pod. Returns (owner, won): the owner is final.
-
-        If the sid is already known (near-cache or store), that pod is returned with
-        won=False and nothing is reserved. Raises `NoPlaceablePod` when no pod can take it.
-        """
-        cached = self.near.get(sid)
-        if cached is not None:
-            return cached, False
-        candidates = self.roster.placeable_names()
-        return await self._reserve(sid, self.choose(candidates), candidates)
-
-    def choose(self, candidates: list[str] | None = None) -> str:
-        """The placement policy's pod for a new session among `candidates` (default: every
-        placeable pod). Raises `NoPlaceablePod` when there is none."""
-        if candidates is None:
-            candidates = self.roster.placeable_names()
-        choice = self.placement.select(candidates, self.near.open_counts())
-        if choice is None:
-            names = self.roster.names()
-            raise NoPlaceablePod(
-                "no pod can take a new session: "
-                + (", ".join(names) + " are unhealthy or draining" if names else "no pods")
-            )
-        return choice
-
-    async def adopt(self, sid: str, pod: str) -> tuple[str, bool]:
-        """`pod` minted `sid` answering a start (ACP `session/new`: the pod names the session,
-        so no reservation can precede the call): reserve it for `pod` now, atomically in the
-        store, and confirm it open. Returns (owner, won) as `place` does; an id the store
-        already gives another pod keeps that owner (logged)."""
-        owner, won = await self._reserve(sid, pod, None)
-        if owner == pod:
-            self.confirm(sid, pod)
-        else:
-            log.warning("pod %s created session %s, which is already %s's; keeping %s",
-                        pod, sid, owner, owner)
-        return owner, won
-
-    async def _reserve(self, sid: str, choice: str, candidates: list[str] | None
-                       ) -> tuple[str, bool]:
-        """Reserve `sid` for `choice` in the store. Without a store, the pod every replica
-        takes for this sid among `candidates` (None: `choice`, the pod already has it)."""
-        try:
-            owner = await tracing.traced(
-                "store.reserve", self.store.reserve(sid, choice, self.reservation_token),
-                pod=choice)
-        except StoreUnavailable:
-            # No shared reservation: take the pod every replica takes for this sid, so a start
-            # racing through two routers meets on one pod (the runtime answers the second).
-            if candidates is not None:
-                choice = rendezvous(sid, candidates) or choice
-            owner = choice
-        cached = self.near.get(sid)
-        if cached is not None and cached != owner and owner == choice:
-            # Another caller in this process reserved it while we awaited the store.
-            owner = cached
-        won = owner == choice and cached is None
-        if cached is None:
-            self.near.set(sid, owner, RESERVED, self.reservation_grace_s * 10)
-        self._negative.pop(sid, None)
-        self._recent_placements.pop(sid, None)  # to the end: the dict stays in placement order
-        self._recent_placements[sid] = time.monotonic()
-        self.metrics.record_placement(self.protocol, owner, "placed" if won else "lost_race",
-                                      sid)
-        return owner, won
-
-    def confirm(self, sid: str, pod: str) -> None:
-        """The pod accepted the start: the session is open there (before its feed says so)."""
-        if self.near.entry(sid) == (pod, RESERVED):
-            self.near.set(sid, pod, OPEN)
-            self._enqueue_write(sid, Location(pod, OPEN, "", now_ms()))
-
-    async def release(self, sid: str, pod: str) -> None:
-        """Undo a reservation the pod provably did not accept.
-
-        One compare-and-set in the store (`LocationStore.release`): the entry goes only while
-        it is still this locator's reservation on `pod`. An OPEN written meanwhile (the pod's
-        feed, a confirm through another router) or another router's reservation of the same
-        sid on the same pod stays (a get-then-delete here removed them).
-        """
-        self.metrics.record_placement(self.protocol, pod, "released", sid)
-        if self.near.entry(sid) == (pod, RESERVED):
-            self.near.discard(sid, pod)
-        self._recent_placements.pop(sid, None)
-        with contextlib.suppress(StoreUnavailable):
-            await self.store.release(sid, pod, self.reservation_token)
-
     # -- invalidation --------------------------------------------------------------------------
     async def invalidate(self, sid: str, pod: str) -> None:
         """`pod` said it does not hold `sid`: forget that route, near-cache first, then store."""
@@ -719,35 +410,5 @@ class Locator(SessionOwnership):
             self.near.sweep()
             for sid in [sid for sid in self.also_on if self.near.get(sid) is None]:
                 del self.also_on[sid]
-            self.sweep_negative()
+            self.negative.sweep()
             self.sweep_recent_placements()
-
-    def sweep_recent_placements(self, now: float | None = None) -> int:
-        """Forget placements older than twice the reservation grace; returns how many.
-
-        Only a reconcile reads them (reservations within the grace are kept), and a MACP
-        feed's report of the session drops its entry; ACP sessions and starts whose feed never
-        reported them were kept for ever. The dict is in placement order, so this reads only
-        the entries it drops (and the first it keeps)."""
-        cutoff = (time.monotonic() if now is None else now) - 2 * self.reservation_grace_s
-        old = []
-        for sid, placed_at in self._recent_placements.items():
-            if placed_at > cutoff:
-                break
-            old.append(sid)
-        for sid in old:
-            del self._recent_placements[sid]
-        return len(old)
-
-    def sweep_negative(self, now: float | None = None) -> int:
-        """Drop the expired negative-cache entries (oldest first); returns how many."""
-        now = time.monotonic() if now is None else now
-        negative = self._negative
-        dropped = 0
-        while negative:
-            sid, expires_at = next(iter(negative.items()))
-            if expires_at > now:
-                break
-            del negative[sid]
-            dropped += 1
-        return dropped

@@ -21,10 +21,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Mapping, Sequence
-from typing import Protocol
 
 from router.core.status import LIVE, NOT_FOUND, LocateStatus
 from router.metrics import Metrics
+from router.near_cache import NearCache, NegativeCache
 from router.store import (
     OPEN,
     RESERVED,
@@ -38,30 +38,17 @@ from router.store import (
 log = logging.getLogger("macp_router.locator")
 
 
-class RouteCache(Protocol):
-    """What ownership needs of the locator's near-cache (`router.locator.NearCache`); a
-    protocol here so this module does not import the locator that mixes it in."""
-
-    def entry(self, sid: str) -> tuple[str, str] | None: ...
-
-    def set(self, sid: str, pod: str, state: str, ttl_s: float = 0.0) -> None: ...
-
-    def discard(self, sid: str, pod: str) -> bool: ...
-
-    def sessions_of(self, pod: str) -> list[tuple[str, str]]: ...
-
-
 class SessionOwnership:
     """Ownership learned from the pods (see the module docstring); mixed into `Locator`."""
 
-    near: RouteCache
+    near: NearCache
     store: LocationStore
     metrics: Metrics
     protocol: str
     retention_s: float
     reservation_grace_s: float
     also_on: dict[str, dict[str, str]]
-    _negative: dict[str, float]
+    negative: NegativeCache
     _recent_placements: dict[str, float]
 
     def _enqueue_write(self, sid: str, location: Location) -> None:
@@ -153,7 +140,7 @@ class SessionOwnership:
                 and current[1] != RESERVED):
             self._second_holder(sid, current[0], pod, state)
             return
-        self._negative.pop(sid, None)
+        self.negative.forget(sid)
         self._recent_placements.pop(sid, None)
         if current == (pod, state):
             # Nothing new: every reconnect's snapshot repeats every session the pod holds

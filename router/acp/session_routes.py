@@ -27,7 +27,8 @@ from router.acp.upstream import UpstreamClosed
 from router.core.call import Call
 from router.core.errors import Abort
 from router.core.session_router import NotLocated, StartOutcome
-from router.locator import SOURCE_PROBE, Located, NoPlaceablePod
+from router.locator import SOURCE_PROBE, Located
+from router.reservation import NoPlaceablePod
 from router.store import OPEN
 
 

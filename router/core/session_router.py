@@ -42,7 +42,8 @@ import grpc
 from router.core.call import Call
 from router.core.errors import Abort
 from router.core.status import LIVE, NOT_FOUND, LocateStatus
-from router.locator import SOURCE_CACHE, SOURCE_PROBE, Located, Locator, NoPlaceablePod
+from router.locator import SOURCE_CACHE, SOURCE_PROBE, Located, Locator
+from router.reservation import NoPlaceablePod
 
 
 class StartOutcome(enum.Enum):

@@ -15,9 +15,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from router.core.status import LIVE, NOT_FOUND, UNKNOWN, LocateStatus
-from router.locator import Locator, NoPlaceablePod
+from router.locator import Locator
 from router.metrics import Metrics
 from router.placement import RoundRobin, rendezvous
+from router.reservation import NoPlaceablePod
 from router.store import OPEN, RESERVED, RESOLVED, Location, MemoryStore, StoreUnavailable
 from tests.waiting import eventually
 

@@ -56,7 +56,7 @@ async def test_the_negative_cache_holds_at_most_its_bound_forgetting_the_oldest(
     locator = make(Roster("a", "b"), probe, negative_max=3, negative_ttl_s=60)
     for i in range(5):
         assert (await locator.lookup(f"gone{i}")).status == NOT_FOUND
-    assert list(locator._negative) == ["gone2", "gone3", "gone4"]
+    assert list(locator.negative) == ["gone2", "gone3", "gone4"]
     probes = len(probe.calls)
     assert (await locator.lookup("gone4")).source == "negative_cache"
     assert len(probe.calls) == probes
@@ -71,17 +71,17 @@ async def test_expired_negative_entries_are_swept_however_few_there_are(make) ->
     for i in range(3):
         await locator.lookup(f"gone{i}")
     now = time.monotonic()
-    assert locator.sweep_negative(now=now + 1) == 0 and len(locator._negative) == 3
-    assert locator.sweep_negative(now=now + 31) == 3
-    assert len(locator._negative) == 0
+    assert locator.negative.sweep(now=now + 1) == 0 and len(locator.negative) == 3
+    assert locator.negative.sweep(now=now + 31) == 3
+    assert len(locator.negative) == 0
 
 
 async def test_the_sweeper_service_empties_the_negative_cache_on_its_own(make) -> None:
     locator = make(Roster("a"), Probe(), negative_ttl_s=0.01)
     await locator.start()
     await locator.lookup("gone")
-    assert len(locator._negative) == 1
-    await eventually(lambda: not locator._negative, timeout=5, what="negative entry swept")
+    assert len(locator.negative) == 1
+    await eventually(lambda: not locator.negative, timeout=5, what="negative entry swept")
 
 
 # -- the single-flight table ------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from router.locator import NearCache
+from router.near_cache import NearCache
 from router.store import CANCELLED, OPEN, RESERVED, RESOLVED, SUSPENDED
 
 

@@ -15,7 +15,7 @@ import pytest
 from router.core.errors import Abort
 from router.core.session_router import NotLocated, SessionRouter
 from router.core.status import LIVE, NOT_FOUND, UNKNOWN
-from router.locator import NoPlaceablePod
+from router.reservation import NoPlaceablePod
 from router.store import OPEN, RESERVED
 from tests.unit.fakes import FakeBackend, FakeRoster, call, make_locator
 
