@@ -44,7 +44,6 @@ from router.locator import Locator
 from router.macp import MacpProxy
 from router.macp.listing import Listings
 from router.metrics import Metrics
-from router.placement import make_policy
 from router.pods import Pod, PodSet
 from router.readiness import Readiness
 from router.scope import DiscoveryScope
@@ -128,20 +127,9 @@ class Router:
         """Runs every background service of this router (see the module docstring)."""
         self.store = make_store(config, self.metrics, self.supervisor)
         self.pods = make_pods(config, self.supervisor)
-        self.locator = Locator(
-            roster=self.pods,
-            store=self.store,
-            probe=self._probe,
-            placement=make_policy(config.placement),
-            metrics=self.metrics,
-            protocol="macp",
-            probe_timeout_s=config.probe_timeout_s,
-            negative_ttl_s=config.negative_cache_ms / 1000,
-            negative_max=config.negative_cache_max_sessions,
-            cache_max_sessions=config.cache_max_sessions,
-            retention_s=config.retention_s,
-            on_silent=self.pods.report_silent,
-        )
+        self.locator = Locator.configured(
+            config, roster=self.pods, store=self.store, probe=self._probe, metrics=self.metrics,
+            protocol="macp", on_silent=self.pods.report_silent)
         self.admission = Admission(config.max_inflight_calls, config.max_inflight_streams,
                                    config.admission_pushback_ms, metrics=self.metrics)
         """The process's client in-flight bounds, shared by the MACP and ACP front doors."""

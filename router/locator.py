@@ -55,13 +55,14 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from router import tracing
 from router.core.status import LIVE, NOT_FOUND, UNKNOWN, LocateStatus
 from router.metrics import Metrics
 from router.near_cache import NearCache, NegativeCache
 from router.ownership import SessionOwnership
-from router.placement import PlacementPolicy
+from router.placement import PlacementPolicy, make_policy
 from router.reservation import PodRoster, SessionPlacement
 from router.store import (
     OPEN,
@@ -115,6 +116,17 @@ class Located:
         )
 
 
+class LocatorConfig(Protocol):
+    """The settings a locator is built from (both front doors' configs have them)."""
+
+    placement: str
+    probe_timeout_s: float
+    negative_cache_ms: float
+    negative_cache_max_sessions: int
+    cache_max_sessions: int
+    retention_s: float
+
+
 class Locator(SessionOwnership, SessionPlacement):
     def __init__(
         self,
@@ -165,6 +177,20 @@ class Locator(SessionOwnership, SessionPlacement):
         metrics.watch_cached_sessions(self.near.counts, protocol)
         metrics.watch_locator(protocol, evictions=self.near.evictions,
                               negative=self.negative.__len__, inflight=self._inflight.__len__)
+
+    @classmethod
+    def configured(cls, config: LocatorConfig, *, roster: PodRoster, store: LocationStore,
+                   probe: ProbeFn, metrics: Metrics, protocol: str,
+                   on_silent: Callable[[str, str], None] | None = None) -> Locator:
+        """A locator with a front door's settings (placement policy, probe timeout, cache
+        bounds, retention)."""
+        return cls(roster=roster, store=store, probe=probe,
+                   placement=make_policy(config.placement), metrics=metrics, protocol=protocol,
+                   probe_timeout_s=config.probe_timeout_s,
+                   negative_ttl_s=config.negative_cache_ms / 1000,
+                   negative_max=config.negative_cache_max_sessions,
+                   cache_max_sessions=config.cache_max_sessions, retention_s=config.retention_s,
+                   on_silent=on_silent)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, supervisor: Supervisor | None = None) -> None:

@@ -11,7 +11,7 @@ near-cache -> store -> parallel `session/status` probes over the router's contro
 connections, placement, reservations). This module is the transport, lifecycle and dispatch;
 the routes are `router.acp.session_routes` (session, load, new, fork, status, any) and
 `router.acp.fanout` (authenticate, list), over `router.acp.forwarding` (send, relay, stale
-re-route).
+re-route); the `initialize` answer is `router.acp.initialize`.
 
 The hot path: a session-scoped POST whose sid is in the near-cache is one dict lookup, then the
 message goes to the client's upstream to that pod; the POST returns 202 once the pod has it.
@@ -60,7 +60,6 @@ from acp.http.protocol import (
 )
 from acp.http.server import SSE_KEEPALIVE_INTERVAL_SECONDS, PostResult
 
-from router import __version__
 from router.acp import jsonrpc as rpc
 from router.acp import routes
 from router.acp.asgi import AsgiServer, websocket_ender
@@ -69,6 +68,7 @@ from router.acp.config import AcpConfig
 from router.acp.connection import ConnectionTable, VirtualConnection
 from router.acp.fanout import AcpFanOutRoutes
 from router.acp.forwarding import PROTOCOL
+from router.acp.initialize import initialize_answer
 from router.acp.jsonrpc import Message
 from router.acp.pods import AcpPod, AcpPodRoster
 from router.acp.session_routes import AcpSessionRoutes
@@ -78,53 +78,13 @@ from router.core.errors import outcome_of
 from router.core.session_router import SessionRouter
 from router.locator import Locator
 from router.metrics import Metrics
-from router.placement import make_policy
 from router.store import LocationStore, MemoryStore
 from router.supervisor import Supervisor
 
 log = logging.getLogger("macp_router.acp")
 
-_DROP = object()
 REAPER = "acp_reaper"
 """The idle-connection reaper's service name."""
-
-
-def merge_capabilities(results: list[dict[str, Any]], client_version: Any) -> dict[str, Any]:
-    """What every pod supports: the intersection of their `initialize` results.
-
-    Dicts keep the keys all pods have (ACP capabilities are "present = supported"), booleans
-    are AND-ed, other values survive only when equal; `protocolVersion` is the lowest, capped
-    by the client's. The router adds `sessionCapabilities.status`: it answers it itself.
-    """
-
-    def intersect(values: list[Any]) -> Any:
-        first = values[0]
-        if all(isinstance(v, dict) for v in values):
-            merged = {}
-            for key in first:
-                if all(key in v for v in values):
-                    value = intersect([v[key] for v in values])
-                    if value is not _DROP:
-                        merged[key] = value
-            return merged
-        if all(isinstance(v, bool) for v in values):
-            return all(values)
-        return first if all(v == first for v in values) else _DROP
-
-    merged = intersect(results) if results else {}
-    versions = [r.get("protocolVersion") for r in results]
-    ints = [v for v in versions if isinstance(v, int)]
-    if isinstance(client_version, int):
-        ints.append(client_version)
-    merged["protocolVersion"] = min(ints) if ints else 1
-    caps = merged.setdefault("agentCapabilities", {})
-    session_caps = caps.get("sessionCapabilities")
-    if not isinstance(session_caps, dict):
-        session_caps = caps["sessionCapabilities"] = {}
-    session_caps["status"] = {}
-    meta = merged.get("_meta") if isinstance(merged.get("_meta"), dict) else {}
-    merged["_meta"] = {**meta, "macpRouter": {"version": __version__, "pods": len(results)}}
-    return merged
 
 
 class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
@@ -162,29 +122,13 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
             health_interval_s=config.health_interval_ms / 1000,
             health_timeout_s=max(config.connect_timeout_s, 0.5),
         )
-        self.locator = Locator(
-            roster=self.roster,
-            store=self.store,
-            probe=self.roster.probe,
-            placement=make_policy(config.placement),
-            metrics=self.metrics,
-            protocol=PROTOCOL,
-            probe_timeout_s=config.probe_timeout_s,
-            negative_ttl_s=config.negative_cache_ms / 1000,
-            negative_max=config.negative_cache_max_sessions,
-            cache_max_sessions=config.cache_max_sessions,
-            retention_s=config.retention_s,
-        )
+        self.locator = Locator.configured(
+            config, roster=self.roster, store=self.store, probe=self.roster.probe,
+            metrics=self.metrics, protocol=PROTOCOL)
         self.core = SessionRouter(self.locator, AcpBackend(self.roster))
         """Locate, relocate, place and settle: the session flow MACP uses too."""
         self.connections = ConnectionTable()
-        self.metrics.watch_size("macp_router_acp_connections", ("client",),
-                                self.connections.__len__)
-        self.metrics.watch_size("macp_router_acp_connections", ("upstream",),
-                                self.connections.upstream_count)
-        self.metrics.watch_size("macp_router_acp_session_streams", (),
-                                self.connections.session_stream_count)
-        self.metrics.watch_idle_closed(self.connections.reaped)
+        self._watch_connections()
         self._http = AsgiServer(
             AcpAsgiApp(self),  # type: ignore[arg-type]  # duck-typed AcpServer core
             config.listen, name="acp-frontdoor", graceful_timeout_s=config.shutdown_grace_s,
@@ -208,6 +152,14 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
         self.roster.on_health_change.append(self._pod_health_changed)
         self.roster.on_disconnect.append(self._pod_disconnected)
         self.started = False
+
+    def _watch_connections(self) -> None:
+        """Export the connection table's sizes, read at scrape time."""
+        table, metrics = self.connections, self.metrics
+        metrics.watch_size("macp_router_acp_connections", ("client",), table.__len__)
+        metrics.watch_size("macp_router_acp_connections", ("upstream",), table.upstream_count)
+        metrics.watch_size("macp_router_acp_session_streams", (), table.session_stream_count)
+        metrics.watch_idle_closed(table.reaped)
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -421,41 +373,13 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
 
     async def _initialize_post(self, message: Message) -> PostResult:
         call = Call(PROTOCOL, "initialize", routes.INITIALIZE)
-        answer = await self._initialize_answer(message)
+        answer = await initialize_answer(self.roster, message, self.config.connect_timeout_s)
         call.finish(self.metrics, rpc.code_label(answer))
         if "error" in answer:
             return PostResult(503, {"error": answer["error"]["message"]})
         connection = self._new_connection(rpc.params_of(message))
         self.connections.add(connection)
         return PostResult(200, answer, {CONNECTION_ID_HEADER: connection.connection_id})
-
-    async def _initialize_answer(self, message: Message) -> Message:
-        pods = [pod for pod in self.roster if pod.healthy and pod.init_result]
-        if not pods:
-            await self._wait_any_healthy(self.config.connect_timeout_s)
-            pods = [pod for pod in self.roster if pod.healthy and pod.init_result]
-        if not pods:
-            return rpc.unavailable(
-                message.get("id"),
-                "no ACP pod answers: " + ", ".join(
-                    f"{pod.name} ({pod.last_error or 'down'})" for pod in self.roster
-                ) + " (retry)",
-            )
-        client_version = rpc.params_of(message).get("protocolVersion")
-        merged = merge_capabilities([pod.init_result for pod in pods], client_version)
-        return rpc.result(message.get("id"), merged)
-
-    async def _wait_any_healthy(self, timeout: float) -> None:
-        waits = [asyncio.ensure_future(pod.wait_healthy(timeout)) for pod in self.roster]
-        try:
-            pending = set(waits)
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                if any(task.result() for task in done):
-                    return
-        finally:
-            for task in waits:
-                task.cancel()
 
     # -- dispatch ------------------------------------------------------------------------------
     async def _admitted_dispatch(
@@ -526,7 +450,7 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
     async def _initialize_in_band(self, connection: VirtualConnection, message: Message) -> None:
         """`initialize` as the first WebSocket message (HTTP clients initialize by POST)."""
         call = Call(PROTOCOL, "initialize", routes.INITIALIZE)
-        answer = await self._initialize_answer(message)
+        answer = await initialize_answer(self.roster, message, self.config.connect_timeout_s)
         if "error" not in answer and not connection.initialized:
             connection.init_params = rpc.params_of(message) or {"protocolVersion": 1}
         call.finish(self.metrics, rpc.code_label(answer))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from router import __version__
-from router.acp.frontdoor import merge_capabilities
+from router.acp.initialize import merge_capabilities
 
 
 def pod(**caps: Any) -> dict[str, Any]:
