@@ -296,6 +296,9 @@ async def test_acp_requests_past_the_shared_bound_get_503_or_a_json_rpc_retry_hi
             # An ACP client connected before the bound filled up.
             socket = await asyncio.wait_for(
                 websockets.connect(url.replace("http://", "ws://")), TIMEOUT)
+            # And an HTTP client, which will answer an agent's request while the bound is full.
+            connected = await http.post(url, json=init)
+            connection_header = {"acp-connection-id": connected.headers["acp-connection-id"]}
             try:
                 held = await hold_calls(router, stub, on_b, 2)  # MACP fills the shared bound
                 began = time.monotonic()
@@ -303,6 +306,12 @@ async def test_acp_requests_past_the_shared_bound_get_503_or_a_json_rpc_retry_hi
                 assert posted.status_code == 503
                 assert posted.headers["Retry-After"] == "2"  # 1500 ms, in whole seconds
                 assert "--max-inflight-calls" in posted.json()["error"]
+                # A client's answer to an agent's request is never refused (no method: the
+                # agent is waiting on it); the router takes it as it would without a bound.
+                answered = await http.post(url, headers=connection_header,
+                                           json={"jsonrpc": "2.0", "id": "agent-1",
+                                                 "result": {}})
+                assert answered.status_code == 202, answered.text
 
                 await socket.send(json.dumps(init))
                 answer = json.loads(await asyncio.wait_for(socket.recv(), TIMEOUT))

@@ -255,7 +255,10 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
         session_id: str | None,
     ) -> PostResult:
         gate = self.admission
-        if gate.calls >= gate.call_limit:
+        # A client's answer to an agent's request (no "method") is never refused: the agent
+        # waits on it, and it finishes work already admitted.
+        if (gate.calls >= gate.call_limit
+                and not (isinstance(message, dict) and "method" not in message)):
             gate.refuse(PROTOCOL, CALL)
             return PostResult(503, {"error": gate.details(CALL)},
                               {"Retry-After": str(gate.retry_after_s())})
