@@ -57,8 +57,19 @@ async def test_drain_and_undrain_through_admin_api_and_cli_under_traffic(sim_pod
     assert all(own.values())
 
     def placed_on(name: str, since: float, until: float = float("inf")) -> set[str]:
-        started = {call.sid for call in traffic.calls
-                   if call.op == "start" and call.ok and since < call.started < until}
+        """Sessions on pod `name` whose start was first sent in (since, until) and acked.
+
+        A start is placed when its first attempt reaches the router: a retry of the same sid
+        (after a DEADLINE_EXCEEDED the pod may or may not have seen) goes where that attempt's
+        reservation is, drained since or not; the reservation wins over a later drain."""
+        first: dict[str, float] = {}
+        acked: set[str] = set()
+        for call in traffic.calls:
+            if call.op == "start":
+                first[call.sid] = min(first.get(call.sid, call.started), call.started)
+                if call.ok:
+                    acked.add(call.sid)
+        started = {sid for sid in acked if since < first[sid] < until}
         return started & set(by_name[name].sessions)
 
     def first_placement(name: str, since: float) -> float:
