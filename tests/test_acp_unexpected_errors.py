@@ -19,20 +19,14 @@ from acp.exceptions import RequestError
 from router.acp import jsonrpc as rpc
 from router.acp.frontdoor import AcpFrontDoor
 from tests.acp_support import acp_cluster
+from tests.metric_samples import requests_total
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def requests(frontdoor: AcpFrontDoor, method: str, code: str) -> float:
     """`macp_router_requests_total` of ACP `method` ended with `code`, any route and pod."""
-    total = 0.0
-    for family in frontdoor.metrics.registry.collect():
-        for sample in family.samples:
-            labels = sample.labels
-            if (sample.name == "macp_router_requests_total" and labels["protocol"] == "acp"
-                    and labels["method"] == method and labels["code"] == code):
-                total += sample.value
-    return total
+    return requests_total(frontdoor.metrics.registry, "acp", method, code)
 
 
 async def test_an_unexpected_exception_relaying_an_answer_is_answered_recorded_and_counted(

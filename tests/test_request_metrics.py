@@ -18,23 +18,15 @@ from macp.v1 import core_pb2
 
 from router.app import Router
 from tests.macp_calls import METADATA, TIMEOUT, get_session, start, stub
+from tests.metric_samples import requests_total
 from tests.waiting import eventually
 
 SHORT_DEADLINE_S = 0.5
 
 
 def requests(router: Router, method: str, code: str) -> float:
-    """`macp_router_requests_total` for `method` ended with `code`, over every route and pod."""
-    total = 0.0
-    for family in router.metrics.registry.collect():
-        if family.name != "macp_router_requests":
-            continue
-        for sample in family.samples:
-            labels = sample.labels
-            if (sample.name == "macp_router_requests_total" and labels["protocol"] == "macp"
-                    and labels["method"] == method and labels["code"] == code):
-                total += sample.value
-    return total
+    """`macp_router_requests_total` for MACP `method` ended with `code`, any route and pod."""
+    return requests_total(router.metrics.registry, "macp", method, code)
 
 
 async def _expect_code(call: object, code: grpc.StatusCode) -> None:
