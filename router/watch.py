@@ -5,6 +5,9 @@ credentials. The first events are the pod's snapshot (a CREATED per open session
 changes; each is applied to the locator (near-cache, then the store, write-behind).
 
 Invariants:
+- The feed is up only once the pod has sent the stream's response headers (the runtime sends
+  them after it has subscribed the stream to its lifecycle bus), then listed: `feed_up` never
+  claims a subscription the pod has not made yet.
 - After every (re)subscribe the feed reconciles with a full `ListSessions`: entries for the pod
   that the pod neither lists nor reported on the new stream are dropped, and listed states win
   over cached ones (a session resolved while the feed was down is not left open).
@@ -262,7 +265,8 @@ class WatchFeed:
         self._seen_on_connection = set()
         call = self.pod.unary_stream(WATCH_PATH)(b"", metadata=self.metadata)
         reader = asyncio.create_task(self._read(call), name=f"watch-read:{self.pod.name}")
-        reconcile = asyncio.create_task(self._reconcile(), name=f"reconcile:{self.pod.name}")
+        reconcile = asyncio.create_task(self._reconcile(call),
+                                        name=f"reconcile:{self.pod.name}")
         try:
             done, _ = await asyncio.wait({reader, reconcile},
                                          return_when=asyncio.FIRST_EXCEPTION)
@@ -304,10 +308,11 @@ class WatchFeed:
         self.metrics.record_watch_event(self.pod.name, EVENT_NAMES.get(event.event_type, ""))
         self._changed.set()
 
-    async def _reconcile(self) -> None:
+    async def _reconcile(self, call: grpc.aio.UnaryStreamCall) -> None:
         since = time.monotonic()
         self._reconciling = True
         try:
+            await self._subscribed(call)
             await self._reconcile_listing(since)
         finally:
             self._reconciling = False
@@ -319,6 +324,17 @@ class WatchFeed:
         self._set_up(True)
         self.reconciles += 1
         self._notify()
+
+    async def _subscribed(self, call: grpc.aio.UnaryStreamCall) -> None:
+        """Return once the pod answered the WatchSessions call with headers (or ended it: the
+        reader reports that); a pod that accepts the call but never answers is a feed error."""
+        try:
+            await asyncio.wait_for(call.initial_metadata(), self.list_timeout_s)
+        except TimeoutError:
+            raise FeedError(
+                f"pod {self.pod.name} accepted WatchSessions but sent no response headers "
+                f"within {self.list_timeout_s:g}s: is it overloaded or hung? The feed "
+                "reconnects; until it reconciles the pod takes no new sessions") from None
 
     async def _reconcile_listing(self, since: float) -> None:
         listed = await list_all_sessions(self.pod, self.metadata, self.list_timeout_s)

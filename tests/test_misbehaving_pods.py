@@ -98,6 +98,8 @@ class FaultyPod:
         async def watch(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             if pod.faults.get("WatchSessions") == "garbage":
                 yield GARBAGE
+            else:
+                await context.send_initial_metadata(())  # subscribed: headers, as the runtime
             await pod._drop.wait()  # an idle pod: no events until the stream is dropped
 
         async def stream(requests: AsyncIterator[bytes],

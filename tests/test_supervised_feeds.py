@@ -1,9 +1,10 @@
 """A watch feed that fails in a way nobody planned for is reported down, and comes back.
 
 The pod is a small raw-bytes grpc.aio server on loopback (`ScriptedPod`): health SERVING, an
-open WatchSessions that sends what the test pushes, and a ListSessions for the router's
-reconcile that the test can hold (so the feed's down state lasts until the test has looked at
-it) and that lists the sessions the test gives it.
+open WatchSessions that sends its headers once subscribed (as the runtime) and then what the
+test pushes, and a ListSessions for the router's reconcile that the test can hold (so the
+feed's down state lasts until the test has looked at it) and that lists the sessions the test
+gives it.
 
 Two faults: an unparsable event (bytes that are no WatchSessionsResponse), and an event whose
 handling raises an exception type the feed does not expect (protobuf's `DecodeError` raised
@@ -87,12 +88,13 @@ class ScriptedPod:
     def _handler(self) -> grpc.GenericRpcHandler:
         pod = self
 
-        async def watch(_request: bytes, _context: grpc.aio.ServicerContext
+        async def watch(_request: bytes, context: grpc.aio.ServicerContext
                         ) -> AsyncIterator[bytes]:
             pod.subscriptions += 1
             queue: asyncio.Queue[bytes] = asyncio.Queue()
             pod._watchers.append(queue)
             try:
+                await context.send_initial_metadata(())  # subscribed: as the runtime, headers now
                 while True:
                     yield await queue.get()
             finally:
