@@ -63,6 +63,8 @@ class ScriptedPod:
         self.sessions: list[str] = []
         self.listing_open = asyncio.Event()
         self.listing_open.set()
+        self.headers_open = asyncio.Event()  # cleared: WatchSessions subscribes, sends nothing
+        self.headers_open.set()
         self._watchers: list[asyncio.Queue[bytes]] = []
         self._server: grpc.aio.Server | None = None
 
@@ -94,6 +96,7 @@ class ScriptedPod:
             queue: asyncio.Queue[bytes] = asyncio.Queue()
             pod._watchers.append(queue)
             try:
+                await pod.headers_open.wait()
                 await context.send_initial_metadata(())  # subscribed: as the runtime, headers now
                 while True:
                     yield await queue.get()
@@ -193,6 +196,36 @@ async def assert_down_then_back(pod: ScriptedPod, router: Router, subscriptions:
     assert watch_up(router) == 1
     assert router.locator.near.get(SID) == "p", "the reconcile learned the pod's session"
     await eventually(lambda: readyz_feed_up(router), timeout=5, what="/readyz: feed up")
+
+
+async def test_a_feed_is_up_only_after_the_pod_answered_its_watch_with_headers():
+    """The reconcile lists only once the pod has answered WatchSessions: a feed never claims
+    a subscription the pod has not made. A pod that never answers is a feed error."""
+    pod = ScriptedPod()
+    pod.headers_open.clear()
+    await pod.start()
+    router = Router(RouterConfig(listen="127.0.0.1:0", pods=(PodSpec("p", pod.address),),
+                                 token="router", health_interval_ms=200))
+    try:
+        await router.start()
+        routed, feed = router.pods.get("p"), router.feeds["p"]
+        assert routed is not None
+        await eventually(lambda: pod.subscriptions == 1, timeout=5, what="the feed subscribed")
+        await asyncio.sleep(0.5)
+        assert pod.listings == 0 and not routed.feed_up, "listed before the pod answered"
+        pod.headers_open.set()
+        assert await router.wait_ready(10), feed.last_error
+        assert pod.listings == 1
+
+        feed.list_timeout_s = 0.5
+        pod.headers_open.clear()
+        pod.push(GARBAGE)  # the feed resubscribes; this time the pod never answers
+        await eventually(lambda: "sent no response headers within 0.5s" in feed.last_error,
+                         timeout=10, what="the feed gave up on a silent WatchSessions")
+        assert pod.listings == 1 and not routed.feed_up
+    finally:
+        await router.stop(grace=0)
+        await pod.stop()
 
 
 async def test_a_feed_hit_by_an_unparsable_event_is_reported_down_and_comes_back(scripted):
