@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import inspect
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
@@ -26,6 +29,37 @@ def _collect_grpc_garbage() -> Iterator[None]:
     """
     yield
     gc.collect()
+
+
+def _dump_tasks(loop: asyncio.AbstractEventLoop, test: str) -> None:
+    print(f"--- {test} is about to time out; every task of its event loop:", file=sys.stderr)
+    for task in asyncio.all_tasks(loop):
+        print(f"task {task.get_name()}:", file=sys.stderr)
+        task.print_stack(limit=12, file=sys.stderr)
+
+
+@pytest.fixture(autouse=True)
+def _tasks_dumped_before_a_timeout(request: pytest.FixtureRequest) -> Iterator[None]:
+    """For a coroutine test: 5 s before pytest-timeout fires, print where each task of the
+    test's loop waits. The timeout's own dump shows threads only, and a hung asyncio test is
+    a loop idling in select()."""
+    if not inspect.iscoroutinefunction(getattr(request.node, "obj", None)):
+        yield
+        return
+    marker = request.node.get_closest_marker("timeout")
+    timeout = float(marker.args[0]) if marker and marker.args else float(
+        request.config.getini("timeout") or 0)
+    handle = None
+    if timeout > 10:
+        asyncio_marker = request.node.get_closest_marker("asyncio")
+        scope = asyncio_marker.kwargs.get("loop_scope", "function") if asyncio_marker else (
+            "function")
+        loop = request.getfixturevalue(f"_{scope}_scoped_runner").get_loop()
+        handle = loop.call_later(timeout - 5, _dump_tasks, loop, request.node.nodeid)
+    yield
+    if handle is not None:
+        handle.cancel()
+
 
 PodsFactory = Callable[..., Awaitable[list[SimPod]]]
 RouterFactory = Callable[..., Awaitable[Router]]
