@@ -58,6 +58,7 @@ STATUS_METHOD = "session/status"
 LIVE = "live"
 NOT_FOUND = "not_found"
 SESSION_NOT_FOUND = -32002
+CLOSE_TIMEOUT_S = 5.0  # stop(): how long the agent connections get to close
 _SAFE_SID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
@@ -362,12 +363,25 @@ class AcpSimPod:
         log.info("ACP sim pod %s serving on %s", self.name, self.url)
 
     async def stop(self) -> None:
-        """Stop serving and drop every connection (clients see their streams end)."""
+        """Stop serving and drop every connection (clients see their streams end).
+
+        The HTTP server goes first: open WebSockets get a close frame (1001) and no request is
+        taken while the agent connections close. Those get `CLOSE_TIMEOUT_S`; one still
+        closing then is left behind with a warning, so a stop never hangs.
+        """
         self.unhang()
-        if self._acp is not None:
-            await self._acp.close()
         await self._http.aclose()
-        self._acp = None
+        acp, self._acp = self._acp, None
+        if acp is None:
+            return
+        closing = asyncio.ensure_future(acp.close())
+        done, _ = await asyncio.wait({closing}, timeout=CLOSE_TIMEOUT_S)
+        if closing in done:
+            closing.result()
+        else:
+            closing.cancel()  # not awaited: a task that ignores its cancel must not hold stop()
+            log.warning("ACP sim pod %s: its agent connections did not close within %g s; "
+                        "left closing", self.name, CLOSE_TIMEOUT_S)
 
     async def restart(self) -> None:
         """Stop, forget every live session (files stay), serve again on the same port."""
