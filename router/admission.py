@@ -91,27 +91,6 @@ class Admission:
         """The configured stream bound (0 = unbounded)."""
         return 0 if self.stream_limit == UNBOUNDED else self.stream_limit
 
-    # -- the hot path, for callers that prefer a method over the inline compare --------------
-    def try_call(self) -> bool:
-        """Take a call slot if one is free (True); the caller must `release_call` once."""
-        if self.calls >= self.call_limit:
-            return False
-        self.calls += 1
-        return True
-
-    def release_call(self) -> None:
-        self.calls -= 1
-
-    def try_stream(self) -> bool:
-        """Take a stream slot if one is free (True); the caller must `release_stream` once."""
-        if self.streams >= self.stream_limit:
-            return False
-        self.streams += 1
-        return True
-
-    def release_stream(self) -> None:
-        self.streams -= 1
-
     # -- the refusal path ------------------------------------------------------------------------
     def refuse(self, protocol: str, kind: str) -> int:
         """Count one refusal; returns the pushback (ms) the answer carries."""
