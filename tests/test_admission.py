@@ -333,3 +333,60 @@ async def test_acp_requests_past_the_shared_bound_get_503_or_a_json_rpc_retry_hi
                 await socket.close()
     finally:
         await acp_pod.stop()
+
+
+async def test_acp_sse_streams_hold_a_stream_slot_and_past_the_bound_get_503(
+    sim_pods, make_router, tmp_path: Path
+):
+    """An SSE stream (HTTP GET) counts against the stream bound it shares with MACP streams
+    while it is open; a GET past the bound is answered 503 with `Retry-After` at once."""
+    pytest.importorskip("acp", reason="the acp extra is not installed")
+    import httpx
+
+    from router.acp.config import AcpConfig, AcpPodSpec
+    from router.sim.acp_pod import AcpSimPod
+
+    acp_pod = AcpSimPod("x", "127.0.0.1:0", tmp_path)
+    await acp_pod.start()
+    try:
+        pods = await sim_pods(1)
+        router = await make_router(pods, max_inflight_streams=1, acp=AcpConfig(
+            listen="127.0.0.1:0", pods=(AcpPodSpec("x", acp_pod.url),),
+            health_interval_ms=200, connect_timeout_ms=1000))
+        assert router.acp is not None and await router.acp.wait_ready(TIMEOUT)
+        url = router.acp.url
+        async with httpx.AsyncClient(timeout=TIMEOUT) as http, \
+                grpc.aio.insecure_channel(router.address) as channel:
+            connected = await http.post(url, json={"jsonrpc": "2.0", "id": 1,
+                                                   "method": "initialize",
+                                                   "params": {"protocolVersion": 1}})
+            stream_headers = {"acp-connection-id": connected.headers["acp-connection-id"],
+                              "accept": "text/event-stream"}
+            async with http.stream("GET", url, headers=stream_headers) as first:
+                assert first.status_code == 200
+                assert router.admission.streams == 1
+                began = time.monotonic()
+                refused = await http.get(url, headers=stream_headers)
+                assert time.monotonic() - began < PROMPT_S
+                assert refused.status_code == 503, refused.text
+                assert refused.headers["Retry-After"] == "1"  # 100 ms, in whole seconds
+                assert "--max-inflight-streams" in refused.json()["error"]
+                assert refused_total(router, "acp", "stream") == 1
+
+                watch = core_pb2_grpc.MACPRuntimeServiceStub(channel).WatchSessions(
+                    core_pb2.WatchSessionsRequest(), metadata=OBSERVER, timeout=TIMEOUT)
+                with pytest.raises(grpc.aio.AioRpcError) as shared:
+                    await watch.read()
+                assert shared.value.code() is grpc.StatusCode.UNAVAILABLE  # one bound for both
+                assert refused_total(router, "macp", "stream") == 1
+            # acp's adapter never reads a GET: the disconnect is noticed by the gate, within a
+            # poll (before it, the slot stayed taken for ever, keepalives going nowhere).
+            await eventually(lambda: router.admission.streams == 0,
+                             what="the closed SSE stream gave its slot back")
+            assert router.metrics.registry.get_sample_value(
+                "macp_router_active_streams",
+                {"protocol": "acp", "method": "connection_stream"}) == 0
+            async with http.stream("GET", url, headers=stream_headers) as again:
+                assert again.status_code == 200
+    finally:
+        await acp_pod.stop()

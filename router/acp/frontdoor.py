@@ -38,13 +38,16 @@ Invariants:
   WebSocket request a JSON-RPC error (ROUTER_UNAVAILABLE, data.retryable and
   data.retryAfterMs) at once, before any parsing or routing; a WebSocket notification past the
   bound cannot be answered and is dropped (counted like every refusal). Answers the client
-  sends to an agent's request are never refused. SSE streams are not bounded here.
+  sends to an agent's request are never refused. An SSE stream (HTTP GET) holds a *stream*
+  slot of the same gate while it is open (MACP streams count there too); past that bound the
+  GET is answered 503 with `Retry-After` before acp's adapter sees it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -72,7 +75,7 @@ from router.acp.initialize import initialize_answer
 from router.acp.jsonrpc import Message
 from router.acp.pods import AcpPod, AcpPodRoster
 from router.acp.session_routes import AcpSessionRoutes
-from router.admission import CALL, Admission
+from router.admission import CALL, STREAM, Admission
 from router.core.call import Call
 from router.core.errors import outcome_of
 from router.core.session_router import SessionRouter
@@ -85,6 +88,62 @@ log = logging.getLogger("macp_router.acp")
 
 REAPER = "acp_reaper"
 """The idle-connection reaper's service name."""
+
+
+class _SseStreamGate:
+    """ASGI middleware for HTTP GETs (SSE streams): each holds a stream slot of `gate` until it
+    ends; past the bound it is answered 503 with `Retry-After`, before the app sees it. A
+    stream ends when its client disconnects: acp's adapter only writes to a stream (a closed
+    one too, silently) and never reads, so this layer reads the disconnect and cancels it."""
+
+    def __init__(self, app: Any, gate: Admission) -> None:
+        self.app = app
+        self.gate = gate
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") != "GET":
+            await self.app(scope, receive, send)
+            return
+        gate = self.gate
+        if gate.streams >= gate.stream_limit:
+            gate.refuse(PROTOCOL, STREAM)
+            body = json.dumps({"error": gate.details(STREAM)}).encode()
+            await send({"type": "http.response.start", "status": 503, "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(gate.retry_after_s()).encode()),
+            ]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        gate.streams += 1
+        try:
+            await self._until_done_or_disconnected(scope, receive, send)
+        finally:
+            gate.streams -= 1
+
+    async def _until_done_or_disconnected(self, scope: dict[str, Any], receive: Any,
+                                          send: Any) -> None:
+        disconnected = asyncio.Event()
+
+        async def read_until_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass  # the GET's (empty) body
+            disconnected.set()
+
+        async def receive_disconnect() -> dict[str, Any]:  # for an app that reads after all
+            await disconnected.wait()
+            return {"type": "http.disconnect"}
+
+        reader = asyncio.ensure_future(read_until_disconnect())
+        served = asyncio.ensure_future(self.app(scope, receive_disconnect, send))
+        try:
+            await asyncio.wait({reader, served}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (reader, served):
+                task.cancel()
+            await asyncio.gather(reader, served, return_exceptions=True)
+        if not served.cancelled() and served.exception() is not None:
+            raise served.exception()  # type: ignore[misc]
 
 
 class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
@@ -129,8 +188,9 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
         """Locate, relocate, place and settle: the session flow MACP uses too."""
         self.connections = ConnectionTable()
         self._watch_connections()
+        app = AcpAsgiApp(self)  # type: ignore[arg-type]  # duck-typed AcpServer core
         self._http = AsgiServer(
-            AcpAsgiApp(self),  # type: ignore[arg-type]  # duck-typed AcpServer core
+            _SseStreamGate(app, self.admission),
             config.listen, name="acp-frontdoor", graceful_timeout_s=config.shutdown_grace_s,
         )
         self._tasks: set[asyncio.Task[Any]] = set()
