@@ -145,6 +145,7 @@ class Router:
             scope=(DiscoveryScope(config.observer_tokens, dict(config.token_identities))
                    if config.scope_discovery else None),
             listings=Listings(idle_s=config.list_snapshot_idle_s,
+                              max_listings=config.list_snapshots,
                               max_bytes=config.list_snapshot_bytes, metrics=self.metrics),
         )
         self.metrics.add_broadcast_methods(

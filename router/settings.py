@@ -293,6 +293,11 @@ SETTINGS: tuple[Setting, ...] = (
             "listing is dropped (its next page is INVALID_ARGUMENT: list again)",
             group="security and limits", metavar="N",
             check=v.between(MIB, 2**40, low_text="1 MiB", high_text="1 TiB")),
+    Setting("list_snapshots", "int", 256,
+            "most ListSessions listings kept for paging at once (each costs one snapshot, "
+            "bounded in bytes by --list-snapshot-bytes); past it the least recently read "
+            "listing is dropped (its next page is INVALID_ARGUMENT: list again)",
+            group="security and limits", metavar="N", check=v.between(1, 1_000_000)),
     Setting("list_snapshot_idle_s", "float", 60.0,
             "a ListSessions listing whose next page is not asked for this long is dropped",
             group="security and limits", metavar="SECONDS", check=v.positive),

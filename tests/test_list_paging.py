@@ -104,6 +104,24 @@ async def test_a_listing_not_read_for_its_idle_time_expires(sim_pods, make_route
         assert "list again without a page_token" in details and "no longer holds" in details
 
 
+async def test_past_list_snapshots_the_least_recently_read_listing_is_dropped(
+    sim_pods, make_router
+):
+    pods = await sim_pods(2)
+    router = await make_router(pods, list_snapshots=2)
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        for _ in range(4):
+            await start(channel)
+        first, second = await page(channel, size=1), await page(channel, size=1)
+        await page(channel, second.next_page_token, size=1)  # the first is now the oldest read
+        third = await page(channel, size=1)
+        assert snapshots(router) == 2
+        details = await rejected(page(channel, first.next_page_token, size=1))
+        assert "list again without a page_token" in details
+        for listing in (second, third):
+            assert len((await page(channel, listing.next_page_token, size=1)).sessions) == 1
+
+
 async def test_an_altered_token_is_rejected(sim_pods, make_router):
     pods = await sim_pods(2)
     router = await make_router(pods)
