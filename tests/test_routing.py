@@ -513,6 +513,23 @@ async def test_watch_sessions_merges_every_pods_events(sim_pods, make_router):
         call.cancel()
 
 
+async def test_merged_watch_headers_come_once_every_pod_has_subscribed(sim_pods, make_router):
+    """As from the runtime: headers mean subscribed, so an event after them is never missed,
+    even on pods with no session to send."""
+    pods = await sim_pods(3)
+    router = await make_router(pods)
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        call = macp(channel).WatchSessions(core_pb2.WatchSessionsRequest(), metadata=METADATA,
+                                           timeout=TIMEOUT)
+        await asyncio.wait_for(call.initial_metadata(), TIMEOUT)  # no event has been sent
+        assert all(p.watcher_count >= 2 for p in pods), "headers before every pod subscribed"
+        async with grpc.aio.insecure_channel(pods[2].address) as direct:
+            sid = await start(direct)
+        reply = await asyncio.wait_for(call.read(), TIMEOUT)
+        assert reply.event.session.session_id == sid
+        call.cancel()
+
+
 async def test_register_policy_reaches_every_pod_and_is_replayed_to_a_fresh_pod(
     sim_pods, make_router
 ):

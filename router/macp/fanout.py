@@ -11,6 +11,8 @@ Invariants:
   this process did not issue, or whose listing it no longer holds, is INVALID_ARGUMENT.
 - A merged stream adds pods that become healthy while it is open, and ends (with that pod's
   status) when one pod's stream fails, so the client resubscribes instead of missing events.
+- A merged stream's headers go out once every pod has answered its own (the runtime sends
+  them once subscribed: from then on no event is missed), or with the first event or end.
 - A frame that does not parse never opens N streams (INVALID_ARGUMENT).
 """
 
@@ -194,29 +196,52 @@ class _Merge:
         self.calls: list[grpc.aio.UnaryStreamCall] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.pumped: set[str] = set()
+        self.unanswered = 0
+        """Pods added before the client got its headers that have not answered theirs."""
+        self.subscribed = asyncio.Event()
+        """Every such pod answered (or one sent something): the client may get its headers."""
 
     def add(self, pod: Pod) -> None:
         if pod.name not in self.pumped:
             self.pumped.add(pod.name)
+            if not self.subscribed.is_set():
+                self.unanswered += 1
             self.tasks.append(asyncio.create_task(self._pump(pod), name=f"merge:{pod.name}"))
+
+    def _answered(self) -> None:
+        self.unanswered -= 1
+        if self.unanswered <= 0:
+            self.subscribed.set()
 
     async def _pump(self, pod: Pod) -> None:
         upstream = pod.unary_stream(self.path)(
             self.request, metadata=tracing.stream_metadata(pod.name, pod.address, self.path,
                                                            self.metadata), timeout=self.timeout)
         self.calls.append(upstream)
+        answered = self.subscribed.is_set()
         try:
+            await upstream.initial_metadata()  # the pod has subscribed (or the call ended)
+            if not answered:
+                answered = True
+                self._answered()
             async for message in upstream:
                 await self.queue.put((pod, message, None))
+                self.subscribed.set()
         except grpc.aio.AioRpcError as exc:
             await self.queue.put((pod, None, exc))
+            self.subscribed.set()
             return
         await self.queue.put((pod, None, None))
+        self.subscribed.set()
 
     async def relay(
         self, context: grpc.aio.ServicerContext,
         visible: Callable[[core_pb2.SessionMetadata], bool] | None,
     ) -> None:
+        # Headers once every pod has subscribed, as the runtime sends them once it has: a
+        # client may read them as "no event from now on is missed".
+        await self.subscribed.wait()
+        await context.send_initial_metadata(())
         while True:
             pod, message, error = await self.queue.get()
             if message is not None:
