@@ -218,11 +218,10 @@ class _Merge:
             self.request, metadata=tracing.stream_metadata(pod.name, pod.address, self.path,
                                                            self.metadata), timeout=self.timeout)
         self.calls.append(upstream)
-        answered = self.subscribed.is_set()
+        counted = not self.subscribed.is_set()  # as in add(): the client waits for this pod
         try:
             await upstream.initial_metadata()  # the pod has subscribed (or the call ended)
-            if not answered:
-                answered = True
+            if counted:
                 self._answered()
             async for message in upstream:
                 await self.queue.put((pod, message, None))
