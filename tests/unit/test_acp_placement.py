@@ -76,7 +76,7 @@ class Routes(AcpSessionRoutes):
         request = {"jsonrpc": "2.0", "id": 7, "method": "session/new", "params": {"cwd": "/"}}
         before = len(client.answers)
         await self._route_new(client, request, None)  # type: ignore[arg-type]
-        await eventually(lambda: len(client.answers) > before, timeout=2,
+        await eventually(lambda: len(client.answers) > before, timeout=10,
                          what="the session/new answer")
         return client.answers[-1]
 

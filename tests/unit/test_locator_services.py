@@ -49,7 +49,7 @@ async def test_the_writer_and_sweeper_are_services_of_the_supervisor_given() -> 
     await locator.start(supervisor)
     assert sorted(state.name for state in supervisor.states()) == ["store_writer:macp",
                                                                      "sweeper:macp"]
-    await eventually(lambda: all(state.up for state in supervisor.states()), timeout=2,
+    await eventually(lambda: all(state.up for state in supervisor.states()), timeout=10,
                      what="both loops running")
     await locator.aclose()
     assert list(supervisor.states()) == [], "stopped and forgotten; the supervisor lives on"
@@ -68,7 +68,7 @@ async def test_a_store_writer_crash_is_counted_restarted_and_its_batch_written_l
 
     store.armed = True
     locator.observe("a", SID, OPEN)
-    await eventually(lambda: crashes == ["store_writer:macp"], timeout=2,
+    await eventually(lambda: crashes == ["store_writer:macp"], timeout=10,
                      what="the writer crashed once")
     assert writer.last_error.startswith("TypeError: unexpected reply type")
 

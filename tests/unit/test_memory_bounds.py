@@ -90,14 +90,14 @@ async def test_a_lookup_every_caller_cancelled_leaves_the_in_flight_table(make) 
     probe.gate.clear()
     locator = make(Roster("a", "b"), probe)
     callers = [asyncio.ensure_future(locator.lookup("s1")) for _ in range(4)]
-    await eventually(lambda: len(probe.calls) == 2, timeout=2, what="the fan-out started")
+    await eventually(lambda: len(probe.calls) == 2, timeout=10, what="the fan-out started")
     assert len(locator._inflight) == 1
     assert sample(locator.metrics, "macp_router_inflight_lookups", protocol="macp") == 1
     for caller in callers:
         caller.cancel()
     await asyncio.gather(*callers, return_exceptions=True)
     probe.gate.set()
-    await eventually(lambda: not locator._inflight, timeout=2, what="in-flight entry removed")
+    await eventually(lambda: not locator._inflight, timeout=10, what="in-flight entry removed")
     assert sample(locator.metrics, "macp_router_inflight_lookups", protocol="macp") == 0
 
 
@@ -106,7 +106,7 @@ async def test_closing_the_locator_mid_lookup_leaves_no_in_flight_entry(make) ->
     probe.gate.clear()
     locator = make(Roster("a", "b"), probe)
     caller = asyncio.ensure_future(locator.lookup("s1"))
-    await eventually(lambda: len(probe.calls) == 2, timeout=2, what="the fan-out started")
+    await eventually(lambda: len(probe.calls) == 2, timeout=10, what="the fan-out started")
     await locator.aclose()
     assert locator._inflight == {}
     caller.cancel()
@@ -122,7 +122,7 @@ async def test_a_lookup_cancelled_before_it_ever_ran_leaves_the_in_flight_table(
     task = locator._inflight["s1"]
     task.cancel()
     await asyncio.gather(caller, return_exceptions=True)
-    await eventually(lambda: not locator._inflight, timeout=2, what="in-flight entry removed")
+    await eventually(lambda: not locator._inflight, timeout=10, what="in-flight entry removed")
 
 
 async def test_many_concurrent_misses_leave_nothing_behind(make) -> None:

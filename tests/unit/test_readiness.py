@@ -81,7 +81,7 @@ async def test_a_crashed_service_is_listed_down_without_changing_readiness() -> 
     state = readiness([pod("a")], supervisor)
     await eventually(lambda: (supervisor.state("store_writer:macp").crashes == 1  # type: ignore[union-attr]
                               and supervisor.state("sweeper:macp").up),  # type: ignore[union-attr]
-                     timeout=2, what="one crashed, one running")
+                     timeout=10, what="one crashed, one running")
     state.refresh()
     assert state.snapshot["ready"] is True
     assert state.snapshot["services_down"] == ["store_writer:macp"]

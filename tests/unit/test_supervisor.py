@@ -27,7 +27,7 @@ async def test_a_crashing_service_is_logged_counted_and_restarted(caplog) -> Non
     supervisor = Supervisor(on_crash=lambda name, exc: crashes.append((name, str(exc))))
     with caplog.at_level(logging.ERROR, logger="router.supervisor"):
         state = supervisor.spawn("feed:a", flaky, backoff=FAST)
-        await eventually(lambda: runs == 3 and state.up, timeout=2, what="third run up")
+        await eventually(lambda: runs == 3 and state.up, timeout=10, what="third run up")
     await supervisor.aclose()
     assert crashes == [("feed:a", "bad event #1"), ("feed:a", "bad event #2")]
     assert state.crashes == 2 and state.starts == 3
@@ -53,7 +53,7 @@ async def test_an_exception_outside_the_services_own_handling_is_never_reported_
 
     supervisor = Supervisor(on_state=lambda s: seen.append(s.up))
     state = supervisor.spawn("feed:b", feed, backoff=Backoff(base_s=60, max_s=60))
-    await eventually(lambda: state.crashes == 1, timeout=2, what="first crash")
+    await eventually(lambda: state.crashes == 1, timeout=10, what="first crash")
     assert not state.up and state.last_error.startswith("DecodeError")
     assert [s.name for s in supervisor.down()] == ["feed:b"]
     await supervisor.aclose()
@@ -70,9 +70,9 @@ async def test_a_service_comes_back_up_after_its_backoff() -> None:
 
     supervisor = Supervisor()
     state = supervisor.spawn("feed:c", feed, backoff=Backoff(base_s=0.05, max_s=0.05))
-    await eventually(lambda: state.crashes >= 1, timeout=2, what="crash")
+    await eventually(lambda: state.crashes >= 1, timeout=10, what="crash")
     fail = False
-    await eventually(lambda: state.up, timeout=2, what="back up")
+    await eventually(lambda: state.up, timeout=10, what="back up")
     assert supervisor.down() == []
     await supervisor.aclose()
 
@@ -86,7 +86,7 @@ async def test_a_once_service_that_returns_is_not_restarted() -> None:
 
     supervisor = Supervisor()
     state = supervisor.spawn("replay:a", job, backoff=FAST, once=True)
-    await eventually(lambda: not state.up and state.starts == 1, timeout=2, what="done")
+    await eventually(lambda: not state.up and state.starts == 1, timeout=10, what="done")
     await asyncio.sleep(0.01)  # a restart, if any, would need only FAST's 2 ms
     assert runs == 1
     await supervisor.aclose()
@@ -157,10 +157,10 @@ async def test_a_finished_job_is_done_not_down_and_leaves_the_table() -> None:
     second = supervisor.spawn_job("replay:a", replay, backoff=FAST)  # same pod, still running
     assert first.name == "replay:a" and second.name.startswith("replay:a#")
     assert first.kind == second.kind == "replay"
-    await eventually(lambda: runs == ["replay", "replay"], timeout=2, what="both jobs run")
+    await eventually(lambda: runs == ["replay", "replay"], timeout=10, what="both jobs run")
     assert supervisor.running("replay:a") and supervisor.running(second.name)
     release.set()
-    await eventually(lambda: first.done and second.done, timeout=2, what="both jobs done")
+    await eventually(lambda: first.done and second.done, timeout=10, what="both jobs done")
     assert supervisor.down() == [] and list(supervisor.states()) == []
     assert not supervisor.running("replay:a")
     await supervisor.aclose()
@@ -178,7 +178,7 @@ async def test_a_job_that_raises_is_restarted_until_it_completes() -> None:
     crashed: list[str] = []
     supervisor = Supervisor(on_crash=lambda name, exc: crashed.append(name))
     state = supervisor.spawn_job("forget_pod:a", forget, backoff=FAST)
-    await eventually(lambda: state.done, timeout=2, what="the job completed")
+    await eventually(lambda: state.done, timeout=10, what="the job completed")
     assert attempts == 2 and crashed == ["forget_pod:a"] and state.crashes == 1
     await supervisor.aclose()
 
@@ -200,7 +200,7 @@ async def test_a_failing_state_callback_never_stops_a_service(caplog) -> None:
 
     with caplog.at_level(logging.ERROR, logger="router.supervisor"):
         state = supervisor.spawn("sweeper", body, backoff=FAST)
-        await eventually(lambda: runs == 2 and state.up, timeout=2, what="restarted and up")
+        await eventually(lambda: runs == 2 and state.up, timeout=10, what="restarted and up")
     assert "state callback failed for background service sweeper" in caplog.text
     assert "crash callback failed for background service sweeper" in caplog.text
     await supervisor.aclose()
@@ -219,7 +219,7 @@ async def test_a_service_not_yet_scheduled_is_starting_not_down() -> None:
     supervisor = Supervisor()
     state = supervisor.spawn("status", body)
     assert not state.up and supervisor.down() == []  # spawned, its task not run yet
-    await eventually(lambda: state.up, timeout=2, what="running")
+    await eventually(lambda: state.up, timeout=10, what="running")
     await supervisor.aclose()
     assert supervisor.down() == [state]
 
@@ -231,7 +231,7 @@ async def test_cancel_stops_a_service_at_once_for_a_synchronous_caller() -> None
 
     supervisor = Supervisor()
     state = supervisor.spawn("watch:a", feed)
-    await eventually(lambda: state.up, timeout=2, what="running")
+    await eventually(lambda: state.up, timeout=10, what="running")
     task = supervisor.cancel("watch:a")
     assert task is not None and supervisor.state("watch:a") is None
     assert not supervisor.running("watch:a")

@@ -19,9 +19,9 @@ async def test_the_watch_runs_as_the_token_file_service_and_takes_a_rotated_toke
     supervisor = Supervisor()
     credentials.start(supervisor)
     await eventually(lambda: (state := supervisor.state("token_file")) is not None and state.up,
-                     timeout=2, what="the watch running")
+                     timeout=10, what="the watch running")
     path.write_text("second\n")
-    await eventually(lambda: credentials.token == "second", timeout=2, what="rotated token")
+    await eventually(lambda: credentials.token == "second", timeout=10, what="rotated token")
     assert dict(credentials.metadata) == {"authorization": "Bearer second"}
     await credentials.aclose()
     assert supervisor.state("token_file") is None and not supervisor.closing
