@@ -99,7 +99,7 @@ async def test_a_listing_not_read_for_its_idle_time_expires(sim_pods, make_route
             await start(channel)
         first = await page(channel, size=2)
         assert first.next_page_token and snapshots(router) == 1
-        await eventually(lambda: snapshots(router) == 0, timeout=5)  # no call needed to free it
+        await eventually(lambda: snapshots(router) == 0, timeout=10)  # no call needed to free it
         details = await rejected(page(channel, first.next_page_token, size=2))
         assert "list again without a page_token" in details and "no longer holds" in details
 

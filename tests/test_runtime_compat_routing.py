@@ -299,7 +299,7 @@ async def test_stream_start_reservation_is_released_by_the_streams_own_refusal(
         await call.write(core_pb2.StreamSessionRequest(envelope=envelope))
         assert await call.code() is grpc.StatusCode.INVALID_ARGUMENT
     # Released now, not after the 30 s reservation grace.
-    await eventually(lambda: router.locator.near.entry(envelope.session_id) is None, timeout=2,
+    await eventually(lambda: router.locator.near.entry(envelope.session_id) is None, timeout=10,
                      what="the reservation released")
     assert await router.store.get(envelope.session_id) is None
 

@@ -176,7 +176,7 @@ async def assert_down_then_back(pod: ScriptedPod, router: Router, subscriptions:
     routed = router.pods.get("p")
     assert routed is not None
     feed = router.feeds["p"]
-    await eventually(lambda: not routed.feed_up, timeout=5, what="pod.feed_up False")
+    await eventually(lambda: not routed.feed_up, timeout=10, what="pod.feed_up False")
     assert watch_up(router) == 0
     await eventually(lambda: pod.subscriptions > subscriptions, timeout=10,
                      what="the feed resubscribed")
@@ -184,7 +184,7 @@ async def assert_down_then_back(pod: ScriptedPod, router: Router, subscriptions:
     async def readyz_says_down() -> bool:
         return not await readyz_feed_up(router)
 
-    await eventually(readyz_says_down, timeout=5, what="/readyz: feed down")
+    await eventually(readyz_says_down, timeout=10, what="/readyz: feed down")
     assert not routed.feed_up and watch_up(router) == 0, "still down: the reconcile is held"
     assert not routed.placeable and "feed" in routed.not_placeable_reason
     reconciles = feed.reconciles
@@ -195,7 +195,7 @@ async def assert_down_then_back(pod: ScriptedPod, router: Router, subscriptions:
                      what="the feed reconciled and is up again")
     assert watch_up(router) == 1
     assert router.locator.near.get(SID) == "p", "the reconcile learned the pod's session"
-    await eventually(lambda: readyz_feed_up(router), timeout=5, what="/readyz: feed up")
+    await eventually(lambda: readyz_feed_up(router), timeout=10, what="/readyz: feed up")
 
 
 async def test_a_feed_is_up_only_after_the_pod_answered_its_watch_with_headers():
@@ -210,7 +210,7 @@ async def test_a_feed_is_up_only_after_the_pod_answered_its_watch_with_headers()
         await router.start()
         routed, feed = router.pods.get("p"), router.feeds["p"]
         assert routed is not None
-        await eventually(lambda: pod.subscriptions == 1, timeout=5, what="the feed subscribed")
+        await eventually(lambda: pod.subscriptions == 1, timeout=10, what="the feed subscribed")
         await asyncio.sleep(0.5)
         assert pod.listings == 0 and not routed.feed_up, "listed before the pod answered"
         pod.headers_open.set()
@@ -272,13 +272,13 @@ async def test_a_crashed_service_is_down_in_readyz_the_pod_table_the_status_page
         raise LookupError("canary broke")
 
     state = router.supervisor.spawn("canary", canary, backoff=Backoff(base_s=60, max_s=60))
-    await eventually(lambda: state.crashes == 1, timeout=5, what="the canary crashed")
+    await eventually(lambda: state.crashes == 1, timeout=10, what="the canary crashed")
 
     async def readyz_lists_it_down() -> dict[str, Any] | None:
         answer = await asyncio.to_thread(readyz, router)
         return answer if answer.get("services_down") == ["canary"] else None
 
-    answer = await eventually(readyz_lists_it_down, timeout=5, what="/readyz: canary down")
+    answer = await eventually(readyz_lists_it_down, timeout=10, what="/readyz: canary down")
     assert answer["services"]["canary"]["up"] is False
     assert answer["services"]["canary"]["last_error"] == "LookupError: canary broke"
     assert answer["services"]["watch:p"]["up"] is True
@@ -318,7 +318,7 @@ async def test_while_stopping_readyz_says_shutting_down_and_in_flight_calls_fini
         call = asyncio.ensure_future(core_pb2_grpc.MACPRuntimeServiceStub(channel).ListSessions(
             core_pb2.ListSessionsRequest(), metadata=(("authorization", "Bearer client"),),
             timeout=10))
-        await eventually(lambda: pod.listing_waiters > 0, timeout=5,
+        await eventually(lambda: pod.listing_waiters > 0, timeout=10,
                          what="the call reached the pod")
         stopping = asyncio.ensure_future(router.stop(grace=5))
 
@@ -326,7 +326,7 @@ async def test_while_stopping_readyz_says_shutting_down_and_in_flight_calls_fini
             answer = await asyncio.to_thread(readyz, router)
             return answer["ready"] is False and answer["reason"] == "shutting down"
 
-        await eventually(readyz_says_shutting_down, timeout=5, what="/readyz: shutting down")
+        await eventually(readyz_says_shutting_down, timeout=10, what="/readyz: shutting down")
         assert not stopping.done(), "the in-flight call holds the stop within its grace"
         pod.sessions = [SID]
         pod.listing_open.set()
@@ -363,7 +363,7 @@ async def test_acp_front_door_services_run_under_the_routers_supervisor_and_show
             up = all(services.get(name, {}).get("up") for name in acp_services)
             return services if up else None
 
-        services = await eventually(readyz_lists_acp_services_up, timeout=5,
+        services = await eventually(readyz_lists_acp_services_up, timeout=10,
                                     what="/readyz: the ACP services up")
         assert services["watch:p"]["up"] is True
         async with grpc.aio.insecure_channel(router.address) as channel:
