@@ -54,8 +54,12 @@ def _tasks_dumped_before_a_timeout(request: pytest.FixtureRequest) -> Iterator[N
         asyncio_marker = request.node.get_closest_marker("asyncio")
         scope = asyncio_marker.kwargs.get("loop_scope", "function") if asyncio_marker else (
             "function")
-        loop = request.getfixturevalue(f"_{scope}_scoped_runner").get_loop()
-        handle = loop.call_later(timeout - 5, _dump_tasks, loop, request.node.nodeid)
+        try:  # pytest-asyncio >= 1.0 runs each loop in a Runner fixture of this name
+            loop = request.getfixturevalue(f"_{scope}_scoped_runner").get_loop()
+        except pytest.FixtureLookupError:
+            loop = None
+        if loop is not None:
+            handle = loop.call_later(timeout - 5, _dump_tasks, loop, request.node.nodeid)
     yield
     if handle is not None:
         handle.cancel()
