@@ -10,8 +10,8 @@ contact, no parsing).
 Two kinds, bounded separately (`--max-inflight-calls`, `--max-inflight-streams`; 0 = no bound):
 - "call": a unary MACP call, an ACP HTTP POST, an ACP WebSocket request; it holds its slot
   until the router has its answer (MACP) or has handed it to the pod (ACP).
-- "stream": a MACP server, bidi or client stream, or an ACP SSE stream (HTTP GET); it holds
-  its slot while it is open. Streams are
+- "stream": a MACP server, bidi or client stream, an ACP SSE stream (HTTP GET) or an ACP
+  WebSocket connection; it holds its slot while it is open. Streams are
   long-lived and few, calls are short and many: one bound for both would let a few thousand
   idle watchers lock out every unary call, or the reverse.
 

@@ -214,10 +214,11 @@ _MAX_INFLIGHT_CALLS_HELP = (
 )
 _MAX_INFLIGHT_STREAMS_HELP = (
     "admission control: client streams (MACP server, bidi and client streams; ACP SSE "
-    "streams) open at once in this router process, bounded apart from calls so idle "
-    "watchers cannot lock out unary calls nor the reverse; a new stream past it is refused "
-    "like a call. Size it by memory, not throughput: an open StreamSession cost the router "
-    "~55 KiB RSS and 4 asyncio tasks (measured), so 4096 is ~220 MiB. 0 = unbounded"
+    "streams and WebSocket connections) open at once in this router process, bounded apart "
+    "from calls so idle watchers cannot lock out unary calls nor the reverse; a new stream "
+    "past it is refused like a call. Size it by memory, not throughput: an open "
+    "StreamSession cost the router ~55 KiB RSS and 4 asyncio tasks (measured), so 4096 is "
+    "~220 MiB. 0 = unbounded"
 )
 
 _LOGS = (SERVE, *SIM_PODS)

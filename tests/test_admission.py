@@ -335,13 +335,16 @@ async def test_acp_requests_past_the_shared_bound_get_503_or_a_json_rpc_retry_hi
         await acp_pod.stop()
 
 
-async def test_acp_sse_streams_hold_a_stream_slot_and_past_the_bound_get_503(
+async def test_acp_sse_streams_and_websockets_hold_a_stream_slot_and_past_the_bound_get_503(
     sim_pods, make_router, tmp_path: Path
 ):
-    """An SSE stream (HTTP GET) counts against the stream bound it shares with MACP streams
-    while it is open; a GET past the bound is answered 503 with `Retry-After` at once."""
+    """An SSE stream (HTTP GET) and a WebSocket connection each count against the stream bound
+    they share with MACP streams while open; past the bound the GET, or the WebSocket upgrade,
+    is answered 503 with `Retry-After` at once."""
     pytest.importorskip("acp", reason="the acp extra is not installed")
     import httpx
+    import websockets
+    from websockets.exceptions import InvalidStatus
 
     from router.acp.config import AcpConfig, AcpPodSpec
     from router.sim.acp_pod import AcpSimPod
@@ -354,7 +357,7 @@ async def test_acp_sse_streams_hold_a_stream_slot_and_past_the_bound_get_503(
             listen="127.0.0.1:0", pods=(AcpPodSpec("x", acp_pod.url),),
             health_interval_ms=200, connect_timeout_ms=1000))
         assert router.acp is not None and await router.acp.wait_ready(TIMEOUT)
-        url = router.acp.url
+        url, ws_url = router.acp.url, router.acp.url.replace("http://", "ws://")
         async with httpx.AsyncClient(timeout=TIMEOUT) as http, \
                 grpc.aio.insecure_channel(router.address) as channel:
             connected = await http.post(url, json={"jsonrpc": "2.0", "id": 1,
@@ -373,11 +376,17 @@ async def test_acp_sse_streams_hold_a_stream_slot_and_past_the_bound_get_503(
                 assert "--max-inflight-streams" in refused.json()["error"]
                 assert refused_total(router, "acp", "stream") == 1
 
+                with pytest.raises(InvalidStatus) as upgrade:
+                    await asyncio.wait_for(websockets.connect(ws_url), TIMEOUT)
+                assert upgrade.value.response.status_code == 503
+                assert upgrade.value.response.headers["Retry-After"] == "1"
+                assert refused_total(router, "acp", "stream") == 2
+
                 watch = core_pb2_grpc.MACPRuntimeServiceStub(channel).WatchSessions(
                     core_pb2.WatchSessionsRequest(), metadata=OBSERVER, timeout=TIMEOUT)
                 with pytest.raises(grpc.aio.AioRpcError) as shared:
                     await watch.read()
-                assert shared.value.code() is grpc.StatusCode.UNAVAILABLE  # one bound for both
+                assert shared.value.code() is grpc.StatusCode.UNAVAILABLE  # one bound for all
                 assert refused_total(router, "macp", "stream") == 1
             # acp's adapter never reads a GET: the disconnect is noticed by the gate, within a
             # poll (before it, the slot stayed taken for ever, keepalives going nowhere).
@@ -386,6 +395,15 @@ async def test_acp_sse_streams_hold_a_stream_slot_and_past_the_bound_get_503(
             assert router.metrics.registry.get_sample_value(
                 "macp_router_active_streams",
                 {"protocol": "acp", "method": "connection_stream"}) == 0
+
+            socket = await asyncio.wait_for(websockets.connect(ws_url), TIMEOUT)
+            try:
+                assert router.admission.streams == 1
+                assert (await http.get(url, headers=stream_headers)).status_code == 503
+            finally:
+                await socket.close()
+            await eventually(lambda: router.admission.streams == 0,
+                             what="the closed WebSocket gave its slot back")
             async with http.stream("GET", url, headers=stream_headers) as again:
                 assert again.status_code == 200
     finally:

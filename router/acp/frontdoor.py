@@ -38,9 +38,10 @@ Invariants:
   WebSocket request a JSON-RPC error (ROUTER_UNAVAILABLE, data.retryable and
   data.retryAfterMs) at once, before any parsing or routing; a WebSocket notification past the
   bound cannot be answered and is dropped (counted like every refusal). Answers the client
-  sends to an agent's request are never refused. An SSE stream (HTTP GET) holds a *stream*
-  slot of the same gate while it is open (MACP streams count there too); past that bound the
-  GET is answered 503 with `Retry-After` before acp's adapter sees it.
+  sends to an agent's request are never refused. An SSE stream (HTTP GET) and a WebSocket
+  connection each hold a *stream* slot of the same gate while open (MACP streams count there
+  too); past that bound the GET, or the WebSocket upgrade, is answered 503 with `Retry-After`
+  before acp's adapter sees it.
 """
 
 from __future__ import annotations
@@ -90,36 +91,50 @@ REAPER = "acp_reaper"
 """The idle-connection reaper's service name."""
 
 
-class _SseStreamGate:
-    """ASGI middleware for HTTP GETs (SSE streams): each holds a stream slot of `gate` until it
-    ends; past the bound it is answered 503 with `Retry-After`, before the app sees it. A
-    stream ends when its client disconnects: acp's adapter only writes to a stream (a closed
-    one too, silently) and never reads, so this layer reads the disconnect and cancels it."""
+class _StreamGate:
+    """ASGI middleware: every SSE stream (HTTP GET) and WebSocket connection holds a stream slot
+    of `gate` until it ends; past the bound it is refused before the app sees it: 503 with
+    `Retry-After` (for a WebSocket, as the upgrade's answer). An SSE stream ends when its
+    client disconnects: acp's adapter only writes to a stream (a closed one too, silently) and
+    never reads, so this layer reads the disconnect and cancels it."""
 
     def __init__(self, app: Any, gate: Admission) -> None:
         self.app = app
         self.gate = gate
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") != "GET":
+        kind = scope["type"]
+        is_stream = kind == "websocket" or (kind == "http" and scope.get("method") == "GET")
+        if not is_stream:
             await self.app(scope, receive, send)
             return
         gate = self.gate
         if gate.streams >= gate.stream_limit:
-            gate.refuse(PROTOCOL, STREAM)
-            body = json.dumps({"error": gate.details(STREAM)}).encode()
-            await send({"type": "http.response.start", "status": 503, "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(gate.retry_after_s()).encode()),
-            ]})
-            await send({"type": "http.response.body", "body": body})
+            await self._refuse(kind, receive, send)
             return
         gate.streams += 1
         try:
-            await self._until_done_or_disconnected(scope, receive, send)
+            if kind == "websocket":  # the app reads the socket: it sees the disconnect itself
+                await self.app(scope, receive, send)
+            else:
+                await self._until_done_or_disconnected(scope, receive, send)
         finally:
             gate.streams -= 1
+
+    async def _refuse(self, kind: str, receive: Any, send: Any) -> None:
+        gate = self.gate
+        gate.refuse(PROTOCOL, STREAM)
+        body = json.dumps({"error": gate.details(STREAM)}).encode()
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode()),
+                   (b"retry-after", str(gate.retry_after_s()).encode())]
+        if kind == "websocket":
+            await receive()  # websocket.connect
+            prefix = "websocket.http.response"  # ASGI's denial response (hypercorn has it)
+        else:
+            prefix = "http.response"
+        await send({"type": f"{prefix}.start", "status": 503, "headers": headers})
+        await send({"type": f"{prefix}.body", "body": body})
 
     async def _until_done_or_disconnected(self, scope: dict[str, Any], receive: Any,
                                           send: Any) -> None:
@@ -190,7 +205,7 @@ class AcpFrontDoor(AcpSessionRoutes, AcpFanOutRoutes):
         self._watch_connections()
         app = AcpAsgiApp(self)  # type: ignore[arg-type]  # duck-typed AcpServer core
         self._http = AsgiServer(
-            _SseStreamGate(app, self.admission),
+            _StreamGate(app, self.admission),
             config.listen, name="acp-frontdoor", graceful_timeout_s=config.shutdown_grace_s,
         )
         self._tasks: set[asyncio.Task[Any]] = set()
