@@ -25,6 +25,12 @@ def list_calls(pods: list[SimPod]) -> dict[str, int]:
     return {pod.name: pod.calls["ListSessions"] for pod in pods}
 
 
+def list_calls_since(pods: list[SimPod], before: dict[str, int]) -> dict[str, int]:
+    """ListSessions calls each pod got since `before` (a `list_calls` reading)."""
+    now = list_calls(pods)
+    return {name: now[name] - before[name] for name in before}
+
+
 def snapshots(router: Router) -> float | None:
     return router.metrics.registry.get_sample_value("macp_router_list_snapshots")
 
@@ -64,8 +70,7 @@ async def test_a_client_reading_10_pages_costs_one_list_sessions_per_pod(sim_pod
         assert pages == 10
         assert len(seen) == 30 and set(seen) == sids  # no duplicates, no gaps, one snapshot
         assert late not in seen
-        assert {name: list_calls(pods)[name] - before[name] for name in before} == {
-            pod.name: 1 for pod in pods}
+        assert list_calls_since(pods, before) == {pod.name: 1 for pod in pods}
 
         # A listing that fits in one page keeps nothing.
         whole = await page(channel, size=1000)
@@ -87,8 +92,7 @@ async def test_the_sdk_lists_every_session_in_pages_with_one_fan_out(sim_pods, m
     finally:
         await client.close()
     assert sorted(s.session_id for s in listed) == sorted(sids)
-    assert {name: list_calls(pods)[name] - before[name] for name in before} == {
-        pod.name: 1 for pod in pods}
+    assert list_calls_since(pods, before) == {pod.name: 1 for pod in pods}
 
 
 async def test_a_listing_not_read_for_its_idle_time_expires(sim_pods, make_router):

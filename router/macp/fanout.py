@@ -224,14 +224,16 @@ class _Merge:
             if counted:
                 self._answered()
             async for message in upstream:
-                await self.queue.put((pod, message, None))
-                self.subscribed.set()
+                await self._put(pod, message, None)
         except grpc.aio.AioRpcError as exc:
-            await self.queue.put((pod, None, exc))
-            self.subscribed.set()
+            await self._put(pod, None, exc)
             return
-        await self.queue.put((pod, None, None))
-        self.subscribed.set()
+        await self._put(pod, None, None)
+
+    async def _put(self, pod: Pod, message: bytes | None,
+                   error: grpc.aio.AioRpcError | None) -> None:
+        await self.queue.put((pod, message, error))
+        self.subscribed.set()  # something to relay: the client's headers go out now at the latest
 
     async def relay(
         self, context: grpc.aio.ServicerContext,
